@@ -1,0 +1,35 @@
+# Two entry points, each doing all its set-up on a fresh machine:
+#   make run    the whole bake-off on the embedded default (SmolLM2-135M, two built-in tasks)
+#   make test   the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The CPU build of torch; GPU machines: see README ("GPU install").
+TORCH  ?= torch==2.13.0
+
+export DVC_NO_ANALYTICS = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+run: setup
+	$(BIN)/dvc config --local core.analytics false
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/tuneoff results
+
+test: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+
+clean:
+	rm -rf models data/prepared runs

@@ -1,0 +1,75 @@
+"""DVC stage `prepare@<task>`: raw task data -> data/prepared/<task>/.
+
+Writes the chat examples of each split as JSONL (what evaluate generates from), the train and
+val splits tokenized with the base model's chat template and packed into rows of
+`prepare.seq_len` tokens (what train reads), and meta.json (scorer, labels, counts).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from tuneoff.atomic import atomic_dir, write_json
+from tuneoff.errors import TuneoffError, user_errors
+from tuneoff.packing import pack, tokenize_chat
+from tuneoff.params import PrepareParams, TaskParams, read_params, section
+from tuneoff.tasks import build_task, split
+from pydantic import TypeAdapter, ValidationError
+
+BASE = Path("models/base")
+
+
+def task_params(name: str, data: dict):
+    tasks = data.get("tasks") or {}
+    if name not in tasks:
+        raise TuneoffError(f"params.yaml: no task {name!r} under 'tasks'; defined: {sorted(tasks)}")
+    try:
+        return TypeAdapter(TaskParams).validate_python(tasks[name])
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"][1:])
+        key = f"tasks.{name}" + (f".{loc}" if loc else "")
+        return_msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise TuneoffError(f"params.yaml: {key}: {return_msg}") from None
+
+
+@user_errors
+def main(task: str) -> None:
+    data = read_params()
+    prep = section(PrepareParams, "prepare", data=data)
+    spec = task_params(task, data)
+    built = build_task(spec, prep)
+    splits = split(built.examples, prep)
+    tokenizer = AutoTokenizer.from_pretrained(BASE)
+    out = Path("data/prepared") / task
+    meta = {"task": task, "kind": spec.kind, "scorer": built.scorer, "labels": built.labels,
+            "seq_len": prep.seq_len, "examples": {k: len(v) for k, v in splits.items()}}
+    with atomic_dir(out) as tmp:
+        for name, examples in splits.items():
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for ex in examples:
+                    f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+        for name in ("train", "val"):
+            packed = pack([tokenize_chat(tokenizer, ex["messages"]) for ex in splits[name]],
+                          prep.seq_len, tokenizer.pad_token_id)
+            save_file(packed.tensors(), tmp / f"{name}.safetensors")
+            slots = packed.input_ids.numel()
+            meta[name] = {"rows": len(packed.input_ids), "real_tokens": int(packed.real_tokens.sum()),
+                          "loss_tokens": int((packed.targets != -100).sum()),
+                          "padding_fraction": round(1 - int(packed.real_tokens.sum()) / slots, 4),
+                          "truncated": packed.truncated, "dropped": packed.dropped}
+        write_json(tmp / "meta.json", meta)
+    tr = meta["train"]
+    print(f"prepare@{task}: {meta['examples']} examples; train {tr['real_tokens']:,} tokens in {tr['rows']} rows "
+          f"of {prep.seq_len} ({tr['padding_fraction']:.1%} padding) -> {out}/")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m stages.prepare <task>")
+    main(sys.argv[1])

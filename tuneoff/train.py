@@ -1,0 +1,156 @@
+"""The one training loop every method shares.
+
+Batches are packed rows (see packing.py). The loss is the mean cross-entropy over assistant
+tokens, and the output layer only runs on those positions (`logits_to_keep` with a boolean
+mask): SmolLM2's 49,152 x 576 vocabulary projection is about a fifth of its FLOPs per token,
+and prompt positions carry no loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from tuneoff.packing import IGNORE
+from tuneoff.params import CommonTrainParams
+
+
+def load_rows(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.long() for k, v in load_file(path).items()}
+
+
+def plan_steps(real_tokens: torch.Tensor, batch_size: int, token_budget: int, seed: int) -> list[torch.Tensor]:
+    """Row indices for each optimizer step until `token_budget` real tokens are reached.
+    Rows are reshuffled every epoch from `seed`, so every method sees the same batches."""
+    gen = torch.Generator().manual_seed(seed)
+    steps, seen, order = [], 0, torch.empty(0, dtype=torch.long)
+    while seen < token_budget:
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(real_tokens), generator=gen)])
+        idx, order = order[:batch_size], order[batch_size:]
+        steps.append(idx)
+        seen += int(real_tokens[idx].sum())
+    return steps
+
+
+def autocast(dev: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the loss positions of rows[idx], and how many there are."""
+    ids, pos, targets = (rows[k][idx].to(dev, non_blocking=True) for k in ("input_ids", "position_ids", "targets"))
+    keep = targets != IGNORE
+    with autocast(dev, precision):
+        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep).logits
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+@torch.no_grad()
+def eval_loss(model, rows: dict[str, torch.Tensor], batch_size: int, dev, precision) -> float:
+    """Token-weighted mean loss over every row."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows["input_ids"]), batch_size):
+        loss, n = batch_loss(model, rows, torch.arange(start, min(start + batch_size, len(rows["input_ids"]))), dev, precision)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    real_tokens: int
+    loss_tokens: int
+    train_seconds: float
+    eval_seconds: float
+    final_train_loss: float
+    val_loss_before: float
+    val_loss: float
+
+
+def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev: torch.device, precision: str,
+          log_dir: Path, label: str) -> TrainResult:
+    """Train `model` on `common.token_budget` real tokens; log loss to log_dir/{loss,val_loss}.csv."""
+    steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": common.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(common.warmup_fraction * len(steps)), len(steps))
+
+    eval_seconds = 0.0
+    t = time.perf_counter()
+    val_before = eval_loss(model, val_rows, common.batch_size, dev, precision)
+    eval_seconds += time.perf_counter() - t
+
+    loss_log = open(log_dir / "loss.csv", "w", newline="")
+    val_log = open(log_dir / "val_loss.csv", "w", newline="")
+    loss_csv, val_csv = csv.writer(loss_log), csv.writer(val_log)
+    loss_csv.writerow(["step", "tokens", "train_loss", "lr"])
+    val_csv.writerow(["step", "val_loss"])
+    val_csv.writerow([0, round(val_before, 6)])
+
+    model.train()
+    real_tokens = loss_tokens = 0
+    window_loss, window_tokens, recent = torch.zeros((), device=dev), 0, []
+    train_seconds = 0.0
+    bar = tqdm(total=len(steps), desc=label, unit="step", file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 15)
+    start = time.perf_counter()
+    for step, idx in enumerate(steps, start=1):
+        loss_sum, n = batch_loss(model, train_rows, idx, dev, precision)
+        (loss_sum / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, common.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        real_tokens += int(train_rows["real_tokens"][idx].sum())
+        loss_tokens += n
+        window_loss += loss_sum.detach()
+        window_tokens += n
+        bar.update()
+        if step % common.log_every == 0 or step == len(steps):
+            mean = float(window_loss) / window_tokens  # the only host sync, once per log window
+            recent.append(mean)
+            loss_csv.writerow([step, real_tokens, round(mean, 6), f"{scheduler.get_last_lr()[0]:.3e}"])
+            loss_log.flush()
+            elapsed = train_seconds + time.perf_counter() - start
+            bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{real_tokens / elapsed:.0f}")
+            window_loss, window_tokens = torch.zeros((), device=dev), 0
+        if common.eval_every and step % common.eval_every == 0 and step != len(steps):
+            train_seconds += time.perf_counter() - start
+            t = time.perf_counter()
+            val_csv.writerow([step, round(eval_loss(model, val_rows, common.batch_size, dev, precision), 6)])
+            eval_seconds += time.perf_counter() - t
+            start = time.perf_counter()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    train_seconds += time.perf_counter() - start
+    bar.close()
+
+    t = time.perf_counter()
+    val_after = eval_loss(model, val_rows, common.batch_size, dev, precision)
+    eval_seconds += time.perf_counter() - t
+    val_csv.writerow([len(steps), round(val_after, 6)])
+    loss_log.close()
+    val_log.close()
+    last = recent[-max(1, len(recent) // 10):]  # the log windows of about the last 10% of steps
+    return TrainResult(len(steps), real_tokens, loss_tokens, train_seconds, eval_seconds,
+                       sum(last) / len(last), val_before, val_after)
