@@ -1,9 +1,10 @@
 """Chat formatting with loss on assistant tokens only, and packing into fixed-length rows.
 
 Packing puts several examples in one row so training does not burn compute on padding.
-Each example restarts its position ids at 0; transformers reads those restarts as sequence
-boundaries and builds a block-diagonal causal mask, so no token attends across examples
-(tests/test_packing.py checks the logits match unpacked examples).
+Each example restarts its position ids at 0; with no attention mask and no KV cache
+(use_cache=False), transformers reads those restarts as sequence boundaries and builds a
+block-diagonal causal mask, so no token attends across examples (tests/test_packing.py
+checks the logits match unpacked examples, and that a cache would break this).
 """
 
 from __future__ import annotations

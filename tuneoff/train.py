@@ -55,7 +55,9 @@ def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision) -> tup
     ids, pos, targets = (rows[k][idx].to(dev, non_blocking=True) for k in ("input_ids", "position_ids", "targets"))
     keep = targets != IGNORE
     with autocast(dev, precision):
-        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep).logits
+        # use_cache=False matters: transformers only reads position-id restarts as example
+        # boundaries when there is no KV cache
+        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False).logits
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return loss, int(keep.sum())
 

@@ -48,16 +48,16 @@ def build_task(params, prep: PrepareParams) -> Task:
 
 
 def split(examples: list[dict], prep: PrepareParams) -> dict[str, list[dict]]:
-    """Deterministic train/val/test split. A split an example already names is kept; val and
-    test are carved from the unassigned rest only when the data did not provide them."""
+    """Deterministic train/val/test split. Val or test examples the data names are kept; a
+    split the data does not provide is carved from the training pool."""
     given = {s: [ex for ex in examples if ex.get("split") == s] for s in SPLITS}
-    rest = [ex for ex in examples if "split" not in ex]
-    random.Random(prep.seed).shuffle(rest)
+    pool = given["train"] + [ex for ex in examples if "split" not in ex]
+    random.Random(prep.seed).shuffle(pool)
     for name, fraction in (("test", prep.test_fraction), ("val", prep.val_fraction)):
         if not given[name]:
             n = max(1, round(len(examples) * fraction))
-            given[name], rest = rest[:n], rest[n:]
-    given["train"] += rest
+            given[name], pool = pool[:n], pool[n:]
+    given["train"] = pool
     caps = {"val": prep.max_val_examples, "test": prep.max_test_examples}
     out = {}
     for name in SPLITS:

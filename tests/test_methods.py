@@ -1,0 +1,83 @@
+import importlib.util
+
+import pytest
+import torch
+
+from tuneoff import methods
+from tuneoff.errors import TuneoffError
+from tuneoff.params import FullParams, LoraParams, QloraParams
+from tuneoff.train import batch_loss, eval_loss, plan_steps
+
+CPU = torch.device("cpu")
+LORA = dict(lr=1e-3, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+
+
+def rows(tokenizer, n=4):
+    from tuneoff.packing import pack, tokenize_chat
+    from tuneoff.tasks import extraction
+
+    packed = pack([tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(n, 0)], 256,
+                  tokenizer.pad_token_id)
+    return {k: v.long() for k, v in packed.tensors().items()}
+
+
+def test_full_trains_every_weight(tiny_base):
+    model = methods.build("full", FullParams(lr=1e-4), tiny_base, "fp32", CPU, False)
+    trainable, total = methods.trainable_and_total(model)
+    assert trainable == total == sum(p.numel() for p in model.parameters())
+
+
+def test_lora_touches_only_the_named_modules(tiny_base):
+    model = methods.build("lora", LoraParams(**LORA), tiny_base, "fp32", CPU, False)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and (".q_proj." in n or ".v_proj." in n) for n in trainable)
+    # 2 layers x 2 modules x (A: r x 64 + B: out x r); v_proj out = 2 kv heads x 16 = 32
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
+
+
+@needs_bnb
+def test_qlora_base_layers_are_4bit(tiny_base):
+    import bitsandbytes as bnb
+
+    params = QloraParams(**LORA, quant_type="nf4", double_quant=True)
+    model = methods.build("qlora", params, tiny_base, "fp32", CPU, False)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    assert q_proj.base_layer.weight.quant_state.quant_type == "nf4"
+    assert isinstance(model.base_model.model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+
+
+@needs_bnb
+def test_qlora_trains_after_eval(tiny_base, tokenizer):
+    """A val-loss check in eval mode must not freeze the adapters (bitsandbytes CPU repacking)."""
+    params = QloraParams(**LORA, quant_type="nf4", double_quant=True)
+    model = methods.build("qlora", params, tiny_base, "fp32", CPU, False)
+    data = rows(tokenizer)
+    eval_loss(model, data, 2, CPU, "fp32")
+    model.train()
+    loss, n = batch_loss(model, data, torch.arange(len(data["input_ids"])), CPU, "fp32")
+    (loss / n).backward()
+    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_bad_target_module_fails_before_loading(tiny_base):
+    with pytest.raises(TuneoffError, match=r"train.lora.target_modules: \['qkv_proj'\] not in the model"):
+        methods.validate("lora", LoraParams(**{**LORA, "target_modules": ["q_proj", "qkv_proj"]}), tiny_base)
+
+
+def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_base, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(TuneoffError, match="train.qlora needs bitsandbytes"):
+        methods.validate("qlora", QloraParams(**LORA, quant_type="nf4", double_quant=True), tiny_base)
+
+
+def test_step_plan_meets_the_budget_and_is_shared():
+    real = torch.tensor([100, 90, 80, 70, 60])
+    steps = plan_steps(real, 2, 500, seed=3)
+    assert [s.tolist() for s in steps] == [s.tolist() for s in plan_steps(real, 2, 500, seed=3)]
+    seen = [int(real[s].sum()) for s in steps]
+    assert sum(seen) >= 500 and sum(seen) - seen[-1] < 500  # stops at the first step past the budget
+    assert all(len(s) == 2 for s in steps)

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuneoff.errors import TuneoffError
+from tuneoff.params import CommonTrainParams, LoraParams, QloraParams, section
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def params_with(tmp_path, **overrides) -> Path:
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_params_are_valid():
+    lora = section(LoraParams, "train", "lora", path=ROOT / "params.yaml")
+    qlora = section(QloraParams, "train", "qlora", path=ROOT / "params.yaml")
+    common = section(CommonTrainParams, "train", "common", path=ROOT / "params.yaml")
+    # the fair comparison: LoRA and QLoRA differ only in the quantized base
+    assert (lora.rank, lora.alpha, lora.target_modules) == (qlora.rank, qlora.alpha, qlora.target_modules)
+    assert common.token_budget > 0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train__lora__rank", 0, "train.lora.rank = 0: Input should be greater than 0"),
+    ("train__lora__rank", "sixteen", "train.lora.rank = 'sixteen'"),
+    ("train__common__precision", "fp8", "train.common.precision = 'fp8'"),
+    ("train__qlora__quant_type", "int3", "train.qlora.quant_type = 'int3'"),
+])
+def test_bad_values_name_the_key_and_value(tmp_path, key, value, message):
+    path = params_with(tmp_path, **{key: value})
+    model = {"lora": LoraParams, "qlora": QloraParams, "common": CommonTrainParams}[key.split("__")[1]]
+    with pytest.raises(TuneoffError) as e:
+        section(model, *key.split("__")[:2], path=path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_key_is_a_typo_not_ignored(tmp_path):
+    path = params_with(tmp_path, train__lora__rnak=8)
+    with pytest.raises(TuneoffError, match="unknown key 'train.lora.rnak'"):
+        section(LoraParams, "train", "lora", path=path)
+
+
+def test_missing_section_and_bad_yaml(tmp_path):
+    with pytest.raises(TuneoffError, match="missing key 'train.dora'"):
+        section(LoraParams, "train", "dora", path=ROOT / "params.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  lora: [1, 2\n")
+    with pytest.raises(TuneoffError, match=r"params.yaml line \d+: not valid YAML"):
+        section(LoraParams, "train", "lora", path=bad)

@@ -1,0 +1,109 @@
+"""`dvc repro` over the whole DAG on the tiny model, in a temporary copy of the project."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+TRAIN_KEYS = {
+    "params": {"trainable", "total", "trainable_percent"},
+    "tokens": {"budget", "real", "loss", "steps", "batch_rows"},
+    "loss": {"train_final", "val_before", "val"},
+    "memory": {"peak_memory_bytes", "measure", "load_peak_memory_bytes"},
+    "output": {"path", "bytes", "kind"},
+    "timing": {"load_seconds", "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second"},
+    "cost": {"device", "device_hours", "gpu_hours", "price_per_hour", "usd"},
+}
+
+
+def run(cmd, cwd):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_base):
+    """A copy of the project (what git would commit) set to the tiny model and a tiny budget."""
+    dest = tmp_path_factory.mktemp("project")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["base_model"].update(source="path", path=str(tiny_base))
+    params["tasks"]["extraction"]["n_examples"] = 60
+    params["tasks"]["iso_codes"]["n_facts"] = 30
+    params["prepare"].update(seq_len=256, max_val_examples=8, max_test_examples=8)
+    params["train"]["common"].update(batch_size=2, token_budget=1500, log_every=2, eval_every=2)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "copy"], dest)
+    return dest
+
+
+def test_repro_runs_every_stage_and_writes_the_metrics(project):
+    out = run(["dvc", "repro"], project)
+    for stage in ["import_base", "prepare@extraction", "prepare@iso_codes"] + [
+            f"train@{t}-{m}" for t in ("extraction", "iso_codes") for m in ("full", "lora", "qlora")]:
+        assert f"Running stage '{stage}'" in out
+    for task in ("extraction", "iso_codes"):
+        meta = json.loads((project / "data/prepared" / task / "meta.json").read_text())
+        assert meta["train"]["loss_tokens"] > 0 and all(meta["examples"][s] > 0 for s in ("train", "val", "test"))
+        runs = {m: json.loads((project / "runs" / task / m / "train.json").read_text()) for m in ("full", "lora", "qlora")}
+        for method, metrics in runs.items():
+            for group, keys in TRAIN_KEYS.items():
+                assert keys <= set(metrics[group]), (method, group)
+            assert metrics["device"] == "cpu" and metrics["memory"]["measure"].startswith("cpu_peak_rss")
+            assert metrics["tokens"]["real"] >= 1500 and metrics["memory"]["peak_memory_bytes"] > 0
+            assert metrics["cost"]["usd"] > 0 and metrics["cost"]["gpu_hours"] == 0
+            lines = (project / "runs" / task / method / "loss.csv").read_text().splitlines()
+            assert lines[0] == "step,tokens,train_loss,lr" and len(lines) > 2
+        # the same data and budget for every method; the same batches, so the same token counts
+        assert len({json.dumps(r["tokens"]) for r in runs.values()}) == 1
+        assert runs["full"]["params"]["trainable_percent"] == 100
+        assert runs["lora"]["params"]["trainable"] == runs["qlora"]["params"]["trainable"] < runs["full"]["params"]["trainable"]
+        assert (project / "runs" / task / "full/model/model.safetensors").is_file()
+        for m in ("lora", "qlora"):
+            assert (project / "runs" / task / m / "model/adapter_model.safetensors").is_file()
+            assert runs[m]["output"]["bytes"] < runs["full"]["output"]["bytes"] / 5
+        assert runs["lora"]["loss"]["val"] < runs["lora"]["loss"]["val_before"]
+
+
+def test_second_repro_does_nothing_and_rank_reruns_only_lora(project):
+    out = run(["dvc", "repro"], project)
+    assert "Running stage" not in out
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["lora"]["rank"] = 8
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], project)
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == ["train@extraction-lora", "train@iso_codes-lora"]
+
+
+def test_bad_params_fail_the_stage_with_one_line(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["lora"]["target_modules"] = ["q_proj", "query"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = (project / "runs/extraction/lora/train.json").read_bytes()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "extraction", "lora"], cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml: train.lora.target_modules: ['query']")
+    assert "Traceback" not in proc.stderr
+    assert (project / "runs/extraction/lora/train.json").read_bytes() == before  # nothing half-written

@@ -1,0 +1,137 @@
+import json
+
+import pytest
+
+from conftest import BANKING77
+from tuneoff.errors import TuneoffError
+from tuneoff.params import CsvTask, HfDiskTask, JsonlTask, PrepareParams
+from tuneoff.tasks import build_task, extraction, iso_codes, split
+from tuneoff.tasks.loaders import load_jsonl
+
+PREP = PrepareParams(seed=0, seq_len=256, val_fraction=0.1, test_fraction=0.1, max_val_examples=0, max_test_examples=0)
+
+
+def test_extraction_is_deterministic_json_with_the_promised_fields():
+    a, b = extraction.generate(50, 7), extraction.generate(50, 7)
+    assert a == b and a != extraction.generate(50, 8)
+    for ex in a:
+        record = json.loads(ex["messages"][-1]["content"])
+        assert list(record) == ["name", "order_id", "product", "issue", "urgency"]
+        assert record["issue"] in extraction.ISSUES and record["urgency"] in ("low", "normal", "high")
+        if record["order_id"]:
+            assert record["order_id"] in ex["messages"][1]["content"]
+
+
+def test_iso_codes_test_asks_trained_facts_in_a_held_out_phrasing():
+    examples = iso_codes.generate(60, 0, 0.1)
+    train = [ex for ex in examples if ex["split"] == "train"]
+    held_out = [ex for ex in examples if ex["split"] != "train"]
+    assert len(train) == 120 and len(held_out) == 60
+    trained_answers = {ex["messages"][-1]["content"] for ex in train}
+    trained_questions = {ex["messages"][1]["content"] for ex in train}
+    for ex in held_out:
+        assert ex["messages"][-1]["content"] in trained_answers  # the fact was trained
+        assert ex["messages"][1]["content"] not in trained_questions  # but never asked this way
+
+
+def test_split_is_deterministic_and_disjoint():
+    examples = extraction.generate(100, 0)
+    s1, s2 = split(examples, PREP), split(examples, PREP)
+    assert s1 == s2
+    assert {k: len(v) for k, v in s1.items()} == {"train": 80, "val": 10, "test": 10}
+    keys = [ex["messages"][1]["content"] for part in s1.values() for ex in part]
+    assert len(keys) == len(set(keys)) == 100
+
+
+def write(path, text, mode="w"):
+    if mode == "wb":
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_jsonl_chat_and_instruction_forms(tmp_path):
+    path = write(tmp_path / "d.jsonl", "\n".join([
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
+        json.dumps({"instruction": "Add", "input": "2 3", "output": "5"}),
+        "",
+    ]))
+    examples = load_jsonl(path, "Be brief.")
+    assert [m["role"] for m in examples[0]["messages"]] == ["system", "user", "assistant"]
+    assert examples[1]["messages"][1]["content"] == "Add\n\n2 3"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "line 2: not valid JSON"),
+    ('{"instruction": "a"}\n', 'line 1: missing key "output"'),
+    ('{"instruction": "a", "output": "  "}\n', 'line 1: key "output" is empty'),
+    ('{"messages": [{"role": "user", "content": "a"}]}\n', "line 1: messages has no assistant turn"),
+    ('{"messages": [{"role": "bot", "content": "a"}]}\n', 'line 1: messages[0] needs "role"'),
+    ("", "file is empty"),
+])
+def test_jsonl_errors_name_file_line_and_key(tmp_path, content, message):
+    path = write(tmp_path / "bad.jsonl", content)
+    with pytest.raises(TuneoffError) as e:
+        load_jsonl(path, "")
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_not_utf8_binary_and_missing_files(tmp_path):
+    with pytest.raises(TuneoffError, match="line 2: not valid UTF-8"):
+        load_jsonl(write(tmp_path / "latin1.jsonl", b'{"a": 1}\n{"b": "caf\xe9"}\n', "wb"), "")
+    with pytest.raises(TuneoffError, match="looks binary"):
+        load_jsonl(write(tmp_path / "x.jsonl", b"\x00\x01\x02", "wb"), "")
+    with pytest.raises(TuneoffError, match="file not found"):
+        load_jsonl(tmp_path / "nope.jsonl", "")
+
+
+def csv_task(path, **kw):
+    base = dict(kind="csv", path=str(path), test_path="", text_column="text", label_column="label",
+                labels_path="", labels_in_prompt=True, system_prompt="Classify.")
+    return CsvTask(**{**base, **kw})
+
+
+def test_csv_classification_and_its_errors(tmp_path):
+    path = write(tmp_path / "c.csv", "text,label\n" + "my card is lost,lost_card\n\"hi, there\",greeting\n" * 10)
+    task = build_task(csv_task(path), PREP)
+    assert task.scorer == "label" and task.labels == ["greeting", "lost_card"]
+    assert "Labels: greeting, lost_card." in task.examples[0]["messages"][0]["content"]
+    with pytest.raises(TuneoffError, match="no column 'category' \\(label_column\\)"):
+        build_task(csv_task(path, label_column="category"), PREP)
+    labels = write(tmp_path / "labels.json", '["lost_card"]')
+    with pytest.raises(TuneoffError, match="row 2: label 'greeting' is not in the label set"):
+        build_task(csv_task(path, labels_path=str(labels)), PREP)
+    empty = write(tmp_path / "e.csv", "text,label\nhello,\n")
+    with pytest.raises(TuneoffError, match="line 2: empty 'label'"):
+        build_task(csv_task(empty), PREP)
+
+
+@pytest.mark.skipif(not BANKING77.exists(), reason="../shared/data/banking77 not present")
+def test_banking77_through_the_csv_loader_with_params_only():
+    task = build_task(csv_task(BANKING77 / "train.csv", test_path=str(BANKING77 / "test.csv"),
+                               label_column="category", labels_path=str(BANKING77 / "categories.json"),
+                               labels_in_prompt=False), PREP)
+    parts = split(task.examples, PREP)
+    assert len(task.labels) == 77
+    assert len(parts["test"]) == 3080 and len(parts["train"]) + len(parts["val"]) == 10003
+
+
+def test_hf_dataset_on_disk_keeps_its_splits(tmp_path):
+    import datasets
+
+    rows = [{"instruction": f"Say {i}", "output": str(i)} for i in range(20)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:16]),
+                          "test": datasets.Dataset.from_list(rows[16:])}).save_to_disk(tmp_path / "ds")
+    task = build_task(HfDiskTask(kind="hf_disk", path=str(tmp_path / "ds"), system_prompt="", scorer="exact"), PREP)
+    parts = split(task.examples, PREP)
+    assert [ex["messages"][-1]["content"] for ex in parts["test"]] == ["16", "17", "18", "19"]
+    assert len(parts["val"]) == 2 and len(parts["train"]) == 14
+
+
+def test_jsonl_task_with_separate_test_file(tmp_path):
+    line = lambda i: json.dumps({"instruction": f"Say {i}", "output": str(i)})  # noqa: E731
+    train = write(tmp_path / "train.jsonl", "\n".join(line(i) for i in range(30)))
+    test = write(tmp_path / "test.jsonl", "\n".join(line(i) for i in range(100, 105)))
+    task = build_task(JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact"), PREP)
+    assert len(split(task.examples, PREP)["test"]) == 5
