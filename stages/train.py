@@ -25,7 +25,7 @@ BASE = Path("models/base")
 @user_errors
 def main(task: str, method: str) -> None:
     if method not in METHODS:
-        raise TuneoffError(f"unknown method {method!r}; allowed: {list(METHODS)}")
+        raise TuneoffError(f"params.yaml: bakeoff.methods: unknown method {method!r}; allowed: {list(METHODS)}")
     data = read_params()
     common = section(CommonTrainParams, "train", "common", data=data)
     params = section(methods.PARAMS_BY_METHOD[method], "train", method, data=data)
