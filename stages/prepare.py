@@ -19,30 +19,17 @@ from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.packing import pack, tokenize_chat
 from tuneoff.params import PrepareParams, TaskParams, read_params, section
 from tuneoff.tasks import build_task, split
-from pydantic import TypeAdapter, ValidationError
 
 BASE = Path("models/base")
-
-
-def task_params(name: str, data: dict):
-    tasks = data.get("tasks") or {}
-    if name not in tasks:
-        raise TuneoffError(f"params.yaml: no task {name!r} under 'tasks'; defined: {sorted(tasks)}")
-    try:
-        return TypeAdapter(TaskParams).validate_python(tasks[name])
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"][1:])
-        key = f"tasks.{name}" + (f".{loc}" if loc else "")
-        return_msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise TuneoffError(f"params.yaml: {key}: {return_msg}") from None
 
 
 @user_errors
 def main(task: str) -> None:
     data = read_params()
     prep = section(PrepareParams, "prepare", data=data)
-    spec = task_params(task, data)
+    spec = section(TaskParams, "tasks", task, data=data)
+    if not (BASE / "config.json").is_file():
+        raise TuneoffError(f"{BASE}/ has no model: run `dvc repro import_base` first")
     built = build_task(spec, prep)
     splits = split(built.examples, prep)
     tokenizer = AutoTokenizer.from_pretrained(BASE)

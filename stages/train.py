@@ -33,6 +33,8 @@ def main(task: str, method: str) -> None:
     prepared = Path("data/prepared") / task
     if not (prepared / "train.safetensors").is_file():
         raise TuneoffError(f"{prepared}/train.safetensors not found: run `dvc repro prepare@{task}` first")
+    if not (BASE / "config.json").is_file():
+        raise TuneoffError(f"{BASE}/ has no model: run `dvc repro import_base` first")
     methods.validate(method, params, BASE)
 
     dev = measure.device()
@@ -64,15 +66,17 @@ def main(task: str, method: str) -> None:
             "device": measure.device_name(dev),
             "precision": precision,
             "params": {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
-            "tokens": {"budget": common.token_budget, "real": result.real_tokens, "loss": result.loss_tokens,
+            "tokens": {"budget": common.token_budget, "real": result.real_tokens, "supervised": result.loss_tokens,
                        "steps": result.steps, "batch_rows": common.batch_size},
             "loss": {"train_final": round(result.final_train_loss, 6), "val_before": round(result.val_loss_before, 6),
                      "val": round(result.val_loss, 6)},
             "memory": {"peak_memory_bytes": train_memory["peak_bytes"], "measure": train_memory["measure"],
                        **({"peak_reserved_bytes": train_memory["peak_reserved_bytes"]} if dev.type == "cuda" else {}),
                        "load_peak_memory_bytes": load_memory["peak_bytes"]},
-            "output": {"path": str(out / "model"), "bytes": measure.dir_bytes(tmp / "model"),
-                       "kind": "model" if method == "full" else "adapter"},
+            # weights_bytes is what the method produced; folder_bytes adds config and tokenizer
+            "output": {"path": str(out / "model"), "kind": "model" if method == "full" else "adapter",
+                       "weights_bytes": measure.dir_bytes(tmp / "model", "*.safetensors"),
+                       "folder_bytes": measure.dir_bytes(tmp / "model")},
             # timing lives in its own keys: everything else is reproducible run to run on CPU
             "timing": {"load_seconds": round(load_seconds, 3), "train_seconds": round(result.train_seconds, 3),
                        "eval_seconds": round(result.eval_seconds, 3), "wall_seconds": round(wall, 3),

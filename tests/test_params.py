@@ -58,3 +58,16 @@ def test_missing_section_and_bad_yaml(tmp_path):
     bad.write_text("train:\n  lora: [1, 2\n")
     with pytest.raises(TuneoffError, match=r"params.yaml line \d+: not valid YAML"):
         section(LoraParams, "train", "lora", path=bad)
+
+
+def test_task_sections_name_the_task_key(tmp_path):
+    from tuneoff.params import TaskParams
+
+    path = params_with(tmp_path, tasks__banking77__text_colum="text")
+    with pytest.raises(TuneoffError, match="unknown key 'tasks.banking77.text_colum'"):
+        section(TaskParams, "tasks", "banking77", path=path)
+    path = params_with(tmp_path, tasks__extraction__kind="extract")
+    with pytest.raises(TuneoffError, match="tasks.extraction.kind = 'extract': allowed:"):
+        section(TaskParams, "tasks", "extraction", path=path)
+    with pytest.raises(TuneoffError, match="missing key 'tasks.nope'"):
+        section(TaskParams, "tasks", "nope", path=ROOT / "params.yaml")

@@ -15,10 +15,10 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 TRAIN_KEYS = {
     "params": {"trainable", "total", "trainable_percent"},
-    "tokens": {"budget", "real", "loss", "steps", "batch_rows"},
+    "tokens": {"budget", "real", "supervised", "steps", "batch_rows"},
     "loss": {"train_final", "val_before", "val"},
     "memory": {"peak_memory_bytes", "measure", "load_peak_memory_bytes"},
-    "output": {"path", "bytes", "kind"},
+    "output": {"path", "kind", "weights_bytes", "folder_bytes"},
     "timing": {"load_seconds", "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second"},
     "cost": {"device", "device_hours", "gpu_hours", "price_per_hour", "usd"},
 }
@@ -80,7 +80,7 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
         assert (project / "runs" / task / "full/model/model.safetensors").is_file()
         for m in ("lora", "qlora"):
             assert (project / "runs" / task / m / "model/adapter_model.safetensors").is_file()
-            assert runs[m]["output"]["bytes"] < runs["full"]["output"]["bytes"] / 5
+            assert runs[m]["output"]["weights_bytes"] < runs["full"]["output"]["weights_bytes"] / 5
         assert runs["lora"]["loss"]["val"] < runs["lora"]["loss"]["val_before"]
 
 

@@ -21,11 +21,11 @@ def results_table(runs: Path = Path("runs")) -> str:
                      f"{m['memory']['peak_memory_bytes'] / 2**30:.2f}",
                      f"{m['timing']['train_seconds']:.0f}", f"{m['timing']['tokens_per_second']:.0f}",
                      f"{m['loss']['val_before']:.3f} -> {m['loss']['val']:.3f}",
-                     f"{m['output']['bytes'] / 2**20:.1f}", "n/a" if usd is None else f"{usd:.4f}"])
+                     f"{m['output']['weights_bytes'] / 2**20:.1f}", "n/a" if usd is None else f"{usd:.4f}"])
     if not rows:
         return f"no results under {runs}/ yet: run `dvc repro` (or `make run`)"
     header = ["task", "method", "device", "prec", "trainable", "peak GiB", "train s", "tok/s",
-              "val loss", "out MiB", "USD"]
+              "val loss", "weights MiB", "USD"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     memory_kind = json.loads(next(runs.glob("*/*/train.json")).read_text())["memory"]["measure"]

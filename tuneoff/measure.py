@@ -96,5 +96,5 @@ def cost(seconds: float, device_key: str, price_per_hour: dict[str, float]) -> d
             "price_per_hour": price, "usd": None if price is None else round(hours * price, 6)}
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob(pattern) if f.is_file())

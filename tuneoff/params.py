@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from tuneoff.errors import TuneoffError
 
@@ -126,11 +126,6 @@ class CostParams(Section):
         return self
 
 
-class BakeoffParams(Section):
-    tasks: list[str] = Field(min_length=1)
-    methods: list[Literal["full", "lora", "qlora"]] = Field(min_length=1)
-
-
 def read_params(path: Path = PARAMS_FILE) -> dict:
     """The whole params file as a dict; a missing or malformed file is a one-line error."""
     try:
@@ -146,8 +141,9 @@ def read_params(path: Path = PARAMS_FILE) -> dict:
     return data
 
 
-def section(model: type[Section], *keys: str, path: Path = PARAMS_FILE, data: dict | None = None):
-    """Load params[keys[0]][keys[1]]... into `model`, or fail naming the key."""
+def section(model, *keys: str, path: Path = PARAMS_FILE, data: dict | None = None):
+    """Load params[keys[0]][keys[1]]... into `model` (a Section or a union of them, like
+    TaskParams), or fail naming the key."""
     node = read_params(path) if data is None else data
     dotted = ".".join(keys)
     for i, key in enumerate(keys):
@@ -155,14 +151,19 @@ def section(model: type[Section], *keys: str, path: Path = PARAMS_FILE, data: di
             raise TuneoffError(f"{path}: missing key {'.'.join(keys[: i + 1])!r}")
         node = node[key]
     try:
-        return model.model_validate(node)
+        return TypeAdapter(model).validate_python(node)
     except ValidationError as e:
-        raise TuneoffError(_describe(path, dotted, e)) from None
+        raise TuneoffError(_describe(path, dotted, e, node)) from None
 
 
-def _describe(path: Path, dotted: str, error: ValidationError) -> str:
+def _describe(path: Path, dotted: str, error: ValidationError, node) -> str:
     first = error.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+    parts = [str(p) for p in first["loc"]]
+    if parts and isinstance(node, dict) and parts[0] == node.get("kind"):
+        parts = parts[1:]  # a tagged union puts the tag first: tasks.x.csv.path -> tasks.x.path
+    if first["type"] == "union_tag_invalid":
+        return f"{path}: {dotted}.kind = {node.get('kind')!r}: allowed: {first['ctx']['expected_tags']}"
+    loc = ".".join(parts)
     key = f"{dotted}.{loc}" if loc else dotted
     if first["type"] == "extra_forbidden":
         return f"{path}: unknown key {key!r}"
