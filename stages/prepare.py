@@ -1,24 +1,23 @@
 """DVC stage `prepare@<task>`: raw task data -> data/prepared/<task>/.
 
-Writes the chat examples of each split as JSONL (what evaluate generates from), the train and
-val splits tokenized with the base model's chat template and packed into rows of
-`prepare.seq_len` tokens (what train reads), and meta.json (scorer, labels, counts).
+Writes the chat examples of each split as JSONL (what evaluate generates from), each split
+tokenized with the base model's chat template and packed into rows of `prepare.seq_len`
+tokens (what train and the loss checks read), and meta.json (scorer, labels, counts).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from tuneoff.atomic import atomic_dir, write_json
+from tuneoff.atomic import atomic_dir, write_json, write_jsonl
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.packing import pack, tokenize_chat
 from tuneoff.params import PrepareParams, TaskParams, read_params, section
-from tuneoff.tasks import build_task, split
+from tuneoff.tasks import SPLITS, build_task, split
 
 BASE = Path("models/base")
 
@@ -38,10 +37,8 @@ def main(task: str) -> None:
             "seq_len": prep.seq_len, "examples": {k: len(v) for k, v in splits.items()}}
     with atomic_dir(out) as tmp:
         for name, examples in splits.items():
-            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                for ex in examples:
-                    f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-        for name in ("train", "val"):
+            write_jsonl(tmp / f"{name}.jsonl", examples)
+        for name in SPLITS:  # packed test rows give evaluate its test loss
             packed = pack([tokenize_chat(tokenizer, ex["messages"]) for ex in splits[name]],
                           prep.seq_len, tokenizer.pad_token_id)
             save_file(packed.tensors(), tmp / f"{name}.safetensors")

@@ -6,7 +6,9 @@ Outputs runs/<task>/<method>/: model/ (full weights for `full`, the PEFT adapter
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,12 +55,15 @@ def main(task: str, method: str) -> None:
     train_rows, val_rows = load_rows(prepared / "train.safetensors"), load_rows(prepared / "val.safetensors")
 
     out = Path("runs") / task / method
-    with atomic_dir(out) as tmp:
+    out.mkdir(parents=True, exist_ok=True)
+    # the stage owns model/, train.json and the loss logs in `out`, not the folder: merge and
+    # evaluate write beside them. Each appears whole or not at all.
+    with atomic_dir(out / "model") as model_dir, tempfile.TemporaryDirectory(dir=out) as logs:
         peak.reset()  # training peak: weights + gradients + optimizer state + activations
-        result = train(model, train_rows, val_rows, common, params.lr, dev, precision, tmp, f"{task}/{method}")
+        result = train(model, train_rows, val_rows, common, params.lr, dev, precision, Path(logs), f"{task}/{method}")
         train_memory = peak.read()
-        methods.save(model, method, tmp / "model")
-        AutoTokenizer.from_pretrained(BASE).save_pretrained(tmp / "model")
+        methods.save(model, method, model_dir)
+        AutoTokenizer.from_pretrained(BASE).save_pretrained(model_dir)
         wall = time.perf_counter() - stage_start
         metrics = {
             "task": task,
@@ -75,8 +80,8 @@ def main(task: str, method: str) -> None:
                        "load_peak_memory_bytes": load_memory["peak_bytes"]},
             # weights_bytes is what the method produced; folder_bytes adds config and tokenizer
             "output": {"path": str(out / "model"), "kind": "model" if method == "full" else "adapter",
-                       "weights_bytes": measure.dir_bytes(tmp / "model", "*.safetensors"),
-                       "folder_bytes": measure.dir_bytes(tmp / "model")},
+                       "weights_bytes": measure.dir_bytes(model_dir, "*.safetensors"),
+                       "folder_bytes": measure.dir_bytes(model_dir)},
             # timing lives in its own keys: everything else is reproducible run to run on CPU
             "timing": {"load_seconds": round(load_seconds, 3), "train_seconds": round(result.train_seconds, 3),
                        "eval_seconds": round(result.eval_seconds, 3), "wall_seconds": round(wall, 3),
@@ -84,7 +89,9 @@ def main(task: str, method: str) -> None:
             # dollars are for the whole stage (load + train + val), which is what a rented device bills
             "cost": measure.cost(wall, measure.device_name(dev), prices),
         }
-        write_json(tmp / "train.json", metrics)
+        for name in ("loss.csv", "val_loss.csv"):
+            os.replace(Path(logs) / name, out / name)
+        write_json(out / "train.json", metrics)
     gib = train_memory["peak_bytes"] / 2**30
     print(f"train@{task}-{method}: {result.steps} steps, {result.real_tokens:,} tokens in {result.train_seconds:.0f} s "
           f"({metrics['timing']['tokens_per_second']:.0f} tok/s), val loss {result.val_loss_before:.3f} -> "

@@ -81,3 +81,23 @@ def test_step_plan_meets_the_budget_and_is_shared():
     seen = [int(real[s].sum()) for s in steps]
     assert sum(seen) >= 500 and sum(seen) - seen[-1] < 500  # stops at the first step past the budget
     assert all(len(s) == 2 for s in steps)
+
+
+def test_merge_check_catches_a_wrong_merge(tiny_base, tokenizer, tmp_path):
+    from tuneoff.merge import check_merge, load_adapter_model, logits_on
+
+    model = methods.build("lora", LoraParams(**LORA), tiny_base, "fp32", CPU, False)
+    for name, p in model.named_parameters():  # a trained adapter: B is no longer zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    data = rows(tokenizer)
+    adapter_model = load_adapter_model(tiny_base, tmp_path / "adapter", CPU)
+    reference = logits_on(adapter_model, data, CPU)
+    merged = adapter_model.merge_and_unload()
+    assert check_merge(reference, logits_on(merged, data, CPU), 1e-4, "test") < 1e-4
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():  # a merge that got one projection wrong
+        merged.model.layers[1].self_attn.v_proj.weight.mul_(1.05)
+    with pytest.raises(TuneoffError, match="merged model's logits differ"):
+        check_merge(reference, logits_on(merged, data, CPU), 1e-4, "test")

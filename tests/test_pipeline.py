@@ -48,6 +48,7 @@ def project(tmp_path_factory, tiny_base):
     params["tasks"]["extraction"]["n_examples"] = 60
     params["tasks"]["iso_codes"]["n_facts"] = 30
     params["prepare"].update(seq_len=256, max_val_examples=8, max_test_examples=8)
+    params["evaluate"].update(max_new_tokens=8, bootstrap_samples=200)
     params["train"]["common"].update(batch_size=2, token_budget=1500, log_every=2, eval_every=2)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dest)
@@ -58,8 +59,10 @@ def project(tmp_path_factory, tiny_base):
 
 def test_repro_runs_every_stage_and_writes_the_metrics(project):
     out = run(["dvc", "repro"], project)
-    for stage in ["import_base", "prepare@extraction", "prepare@iso_codes"] + [
-            f"train@{t}-{m}" for t in ("extraction", "iso_codes") for m in ("full", "lora", "qlora")]:
+    tasks = ("extraction", "iso_codes")
+    for stage in (["import_base"] + [f"{s}@{t}" for s in ("prepare", "evaluate_base", "evaluate_full") for t in tasks]
+                  + [f"train@{t}-{m}" for t in tasks for m in ("full", "lora", "qlora")]
+                  + [f"{s}@{t}-{m}" for s in ("merge", "evaluate") for t in tasks for m in ("lora", "qlora")]):
         assert f"Running stage '{stage}'" in out
     for task in ("extraction", "iso_codes"):
         meta = json.loads((project / "data/prepared" / task / "meta.json").read_text())
@@ -82,6 +85,24 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             assert (project / "runs" / task / m / "model/adapter_model.safetensors").is_file()
             assert runs[m]["output"]["weights_bytes"] < runs["full"]["output"]["weights_bytes"] / 5
         assert runs["lora"]["loss"]["val"] < runs["lora"]["loss"]["val_before"]
+        for model in ("base", "full", "lora", "qlora"):
+            ev = json.loads((project / "runs" / task / model / "eval.json").read_text())
+            m = ev["metrics"]
+            assert m["main_metric"] == ("exact_match") and 0 <= m["ci_low"] <= m["main"] <= m["ci_high"] <= 1
+            assert m["n"] == meta["examples"]["test"] and ev["test_loss"] > 0
+            preds = (project / "runs" / task / model / "predictions.jsonl").read_text().splitlines()
+            assert len(preds) == m["n"] and {"input", "expected", "produced", "correct"} <= set(json.loads(preds[0]))
+        for m in ("lora", "qlora"):
+            merge = json.loads((project / "runs" / task / m / "merge.json").read_text())
+            assert merge["max_abs_logit_diff"] <= merge["tolerance"] and merge["positions_checked"] > 0
+
+
+def test_merged_model_loads_without_peft(project):
+    code = ("import sys; sys.modules['peft'] = None\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained('runs/extraction/qlora/merged')\n"
+            "assert not any('lora' in n for n, _ in m.named_parameters())\n")
+    run([sys.executable, "-c", code], project)
 
 
 def test_second_repro_does_nothing_and_rank_reruns_only_lora(project):
@@ -92,7 +113,7 @@ def test_second_repro_does_nothing_and_rank_reruns_only_lora(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], project)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == ["train@extraction-lora", "train@iso_codes-lora"]
+    assert ran == sorted(f"{s}@{t}-lora" for s in ("train", "merge", "evaluate") for t in ("extraction", "iso_codes"))
 
 
 def test_bad_params_fail_the_stage_with_one_line(project):

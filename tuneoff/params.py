@@ -114,6 +114,18 @@ class QloraParams(LoraParams):
     double_quant: bool
 
 
+class MergeParams(Section):
+    tolerance: float = Field(gt=0)  # max |logit difference| allowed between adapter and merged model
+    check_rows: int = Field(gt=0)  # held-out val rows the check runs on
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(gt=0)  # prompts per generate() call
+    max_new_tokens: int = Field(gt=0)
+    bootstrap_samples: int = Field(ge=100)
+    seed: int
+
+
 class CostParams(Section):
     """Dollars = device-hours x the hourly price of the device the run used."""
 

@@ -1,0 +1,80 @@
+"""DVC stage `evaluate@<task>-<model>`: score a model on the task's held-out test split.
+
+<model> is `base` (the untuned base, always a row), `full`, or an adapter method, for which the
+merged model is evaluated: that is what would be deployed. Writes runs/<task>/<model>/eval.json
+and predictions.jsonl (input, expected, produced, correct) so a person can read the failures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tuneoff import measure
+from tuneoff.atomic import write_json, write_jsonl
+from tuneoff.errors import TuneoffError, user_errors
+from tuneoff.generate import generate
+from tuneoff.params import EvaluateParams, section
+from tuneoff.scoring import score
+from tuneoff.train import eval_loss, load_rows
+
+
+def model_dir(task: str, model: str) -> Path:
+    if model == "base":
+        return Path("models/base")
+    if model == "full":
+        return Path("runs") / task / "full" / "model"
+    return Path("runs") / task / model / "merged"
+
+
+@user_errors
+def main(task: str, model: str) -> None:
+    params = section(EvaluateParams, "evaluate")
+    prepared = Path("data/prepared") / task
+    source = model_dir(task, model)
+    for needed in (prepared / "test.jsonl", source / "config.json"):
+        if not needed.is_file():
+            raise TuneoffError(f"{needed} not found: run the stages before evaluate@{task}-{model}")
+    meta = json.loads((prepared / "meta.json").read_text())
+    examples = [json.loads(line) for line in (prepared / "test.jsonl").read_text().splitlines()]
+    conversations = [ex["messages"][:-1] for ex in examples]
+    references = [ex["messages"][-1]["content"] for ex in examples]
+
+    dev = measure.device()
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    net = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(dev).eval()
+    load_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    predictions = generate(net, tokenizer, conversations, params.batch_size, params.max_new_tokens, dev,
+                           f"evaluate {task}/{model}")
+    generate_seconds = time.perf_counter() - start
+    test_loss = eval_loss(net, load_rows(prepared / "test.safetensors"), params.batch_size, dev, "fp32")
+    metrics, rows = score(meta["scorer"], predictions, references, meta["labels"], params.bootstrap_samples,
+                          params.seed)
+
+    out = Path("runs") / task / model
+    write_jsonl(out / "predictions.jsonl", [
+        {"input": conv[-1]["content"], "expected": ref, "produced": pred, **row}
+        for conv, ref, pred, row in zip(conversations, references, predictions, rows)])
+    write_json(out / "eval.json", {
+        "task": task, "model": model, "evaluated": str(source), "scorer": meta["scorer"],
+        "metrics": metrics, "test_loss": round(test_loss, 6),
+        "timing": {"load_seconds": round(load_seconds, 3), "generate_seconds": round(generate_seconds, 3),
+                   "examples_per_second": round(len(examples) / generate_seconds, 3)},
+    })
+    print(f"evaluate@{task}-{model}: {metrics['main_metric']} {metrics['main']:.3f} "
+          f"[{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] on {len(examples)} test examples, "
+          f"test loss {test_loss:.3f} -> {out}/eval.json")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m stages.evaluate <task> <base|full|lora|qlora>")
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from tuneoff.scoring import bootstrap_ci, macro_f1, score
+
+RECORD = {"name": "Maria Garcia", "order_id": "ORD-12345", "product": "blender", "issue": "refund", "urgency": "high"}
+
+
+def test_json_fields_scores_exact_fields_and_malformed_output():
+    ref = json.dumps(RECORD)
+    wrong_urgency = json.dumps({**RECORD, "urgency": "low"})
+    preds = [ref, wrong_urgency, '{"name": "Maria Garcia", "order_id": ', "[1, 2]"]
+    metrics, rows = score("json_fields", preds, [ref] * 4, [], 200, 0)
+    assert [r["correct"] for r in rows] == [True, False, False, False]
+    assert [r["valid_json"] for r in rows] == [True, True, False, False]  # a JSON list is not a record
+    assert metrics["exact_match"] == 0.25 and metrics["valid_json"] == 0.5
+    assert metrics["field_accuracy"]["urgency"] == 0.25 and metrics["field_accuracy"]["name"] == 0.5
+    assert metrics["main_metric"] == "exact_match" and metrics["main"] == 0.25
+
+
+def test_exact_match_ignores_surrounding_whitespace_only():
+    metrics, rows = score("exact", [" NOR\n", "nor", "NOR."], ["NOR"] * 3, [], 200, 0)
+    assert [r["correct"] for r in rows] == [True, False, False]
+
+
+def test_label_accuracy_macro_f1_and_out_of_set_answers():
+    refs = ["a", "a", "b", "c"]
+    preds = ["a", "b", "b", "something else"]
+    metrics, _ = score("label", preds, refs, ["a", "b", "c"], 200, 0)
+    assert metrics["accuracy"] == 0.5 and metrics["in_label_set"] == 0.75
+    # F1: a = 2/3, b = 2/3, c = 0
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert macro_f1(refs, refs) == 1.0
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
+    small = [True, False] * 10
+    large = [True, False] * 500
+    lo_s, hi_s = bootstrap_ci(small, 1000, 0)
+    lo_l, hi_l = bootstrap_ci(large, 1000, 0)
+    assert lo_s < 0.5 < hi_s and lo_l < 0.5 < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 3
+    assert bootstrap_ci(small, 1000, 0) == (lo_s, hi_s)  # seeded

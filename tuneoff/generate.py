@@ -1,0 +1,29 @@
+"""Batched greedy generation with left padding, for evaluation."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def generate(model, tokenizer, conversations: list[list[dict]], batch_size: int, max_new_tokens: int,
+             dev: torch.device, label: str) -> list[str]:
+    """The model's greedy reply to each conversation (its last assistant turn removed by the caller).
+    Prompts are sorted by length so a batch pads little; replies come back in input order."""
+    tokenizer.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at the same column
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[str] = [""] * len(prompts)
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=label, unit="batch", file=sys.stderr,
+                      mininterval=1 if sys.stderr.isatty() else 15):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for i, row in zip(idx, out[:, enc["input_ids"].shape[1] :]):
+            replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return replies

@@ -1,0 +1,44 @@
+"""Merge a LoRA adapter into the full-precision base, and prove the merge is right.
+
+An adapter is always merged into the float base, never into 4-bit weights: merging into the
+quantized base is the most reported source of quality loss in QLoRA merges. A QLoRA adapter
+was trained against the NF4 base, so the merged model also differs from what was trained by
+the quantization error; that difference is measured and reported, not hidden.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tuneoff.errors import TuneoffError
+from tuneoff.packing import IGNORE
+
+
+@torch.no_grad()
+def logits_on(model, rows: dict[str, torch.Tensor], dev: torch.device) -> torch.Tensor:
+    """Float32 logits at the loss positions of `rows` (the positions a fine-tune was trained on)."""
+    model.eval()
+    keep = rows["targets"] != IGNORE
+    out = model(input_ids=rows["input_ids"].to(dev), position_ids=rows["position_ids"].to(dev),
+                logits_to_keep=keep.to(dev), use_cache=False)
+    return out.logits.float().cpu()
+
+
+def load_adapter_model(base_dir: Path, adapter_dir: Path, dev: torch.device):
+    """The float32 base with the adapter attached, unmerged."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(dev)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def check_merge(reference: torch.Tensor, merged: torch.Tensor, tolerance: float, what: str) -> float:
+    """Max |logit difference|; a difference beyond `tolerance` fails the stage."""
+    diff = float((reference - merged).abs().max())
+    if not diff <= tolerance:
+        raise TuneoffError(f"{what}: merged model's logits differ from the adapter model's by {diff:.3g} "
+                           f"(> merge.tolerance = {tolerance:g}); the merge is wrong, not saved")
+    return diff
