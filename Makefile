@@ -28,6 +28,7 @@ run: setup
 	$(BIN)/dvc config --local core.analytics false
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/tuneoff results
+	@echo "report: reports/report.md (charts: reports/*.png); decision: registry/decision.json"
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q

@@ -70,6 +70,7 @@ def main(task: str, method: str) -> None:
             "method": method,
             "device": measure.device_name(dev),
             "precision": precision,
+            "seed": common.seed,
             "params": {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
             "tokens": {"budget": common.token_budget, "real": result.real_tokens, "supervised": result.loss_tokens,
                        "steps": result.steps, "batch_rows": common.batch_size},

@@ -62,7 +62,8 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
     tasks = ("extraction", "iso_codes")
     for stage in (["import_base"] + [f"{s}@{t}" for s in ("prepare", "evaluate_base", "evaluate_full") for t in tasks]
                   + [f"train@{t}-{m}" for t in tasks for m in ("full", "lora", "qlora")]
-                  + [f"{s}@{t}-{m}" for s in ("merge", "evaluate") for t in tasks for m in ("lora", "qlora")]):
+                  + [f"{s}@{t}-{m}" for s in ("merge", "evaluate") for t in tasks for m in ("lora", "qlora")]
+                  + ["report", "register"]):
         assert f"Running stage '{stage}'" in out
     for task in ("extraction", "iso_codes"):
         meta = json.loads((project / "data/prepared" / task / "meta.json").read_text())
@@ -97,6 +98,22 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             assert merge["max_abs_logit_diff"] <= merge["tolerance"] and merge["positions_checked"] > 0
 
 
+    report = (project / "reports/report.md").read_text()
+    assert report.splitlines()[2] == "## extraction" and "| method | exact_match % [95% CI] |" in report
+    assert (project / "reports/extraction.png").stat().st_size > 10_000
+    comparison = json.loads((project / "reports/comparison.json").read_text())
+    assert [r["method"] for r in comparison["tasks"][0]["rows"]] == ["base", "full", "lora", "qlora"]
+    decisions = json.loads((project / "registry/decision.json").read_text())
+    stored = project / "registry/registry.json"
+    registry = json.loads(stored.read_text())["models"] if stored.exists() else {}
+    for task in ("extraction", "iso_codes"):
+        d = decisions[task]
+        assert d["rationale"]
+        if d["method"] is not None:  # a tiny random model may beat its base or not; both are valid outcomes
+            v = registry[f"{task}-model"][-1]
+            assert v["method"] == d["method"] and v["stage"] == "production" and v["lineage"]["outs"]
+
+
 def test_merged_model_loads_without_peft(project):
     code = ("import sys; sys.modules['peft'] = None\n"
             "from transformers import AutoModelForCausalLM\n"
@@ -113,7 +130,8 @@ def test_second_repro_does_nothing_and_rank_reruns_only_lora(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], project)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == sorted(f"{s}@{t}-lora" for s in ("train", "merge", "evaluate") for t in ("extraction", "iso_codes"))
+    assert ran == sorted([f"{s}@{t}-lora" for s in ("train", "merge", "evaluate") for t in ("extraction", "iso_codes")]
+                         + ["register", "report"])
 
 
 def test_bad_params_fail_the_stage_with_one_line(project):

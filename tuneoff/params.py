@@ -126,6 +126,13 @@ class EvaluateParams(Section):
     seed: int
 
 
+class RegisterParams(Section):
+    """Decision thresholds (tuneoff/decide.py) shared by the report and register stages."""
+
+    max_gap_points: float = Field(ge=0)  # largest acceptable gap to full fine-tuning, in points of the main metric
+    memory_budget_gb: float = Field(ge=0)  # peak memory the target device allows; 0 = no limit
+
+
 class CostParams(Section):
     """Dollars = device-hours x the hourly price of the device the run used."""
 

@@ -1,0 +1,57 @@
+"""DVC stage `register`: the recommended model of each task becomes a new registry version,
+with its lineage; registry/decision.json holds each decision and its rationale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuneoff.atomic import write_json
+from tuneoff.errors import TuneoffError, user_errors
+from tuneoff.params import read_params
+from tuneoff.registry import git_revision, lock_hashes, register
+
+REGISTRY = Path("registry")
+
+
+def deployable(task: str, method: str) -> tuple[Path, list[str]]:
+    """The folder that would be deployed, and the DVC stages that produced it."""
+    if method == "full":
+        return Path("runs") / task / "full" / "model", [f"train@{task}-full"]
+    return Path("runs") / task / method / "merged", [f"train@{task}-{method}", f"merge@{task}-{method}"]
+
+
+@user_errors
+def main() -> None:
+    comparison_file = Path("reports/comparison.json")
+    if not comparison_file.is_file():
+        raise TuneoffError(f"{comparison_file} not found: run `dvc repro report` first")
+    report = json.loads(comparison_file.read_text())
+    params = read_params()
+    revision = git_revision()
+    decisions = {}
+    for comparison in report["tasks"]:
+        task = comparison["task"]
+        decision = report["decisions"][task]
+        decisions[task] = dict(decision)
+        if decision["method"] is None:
+            print(f"register: {task}: nothing registered ({decision['rationale']})")
+            continue
+        row = next(r for r in comparison["rows"] if r["method"] == decision["method"])
+        path, stages = deployable(task, decision["method"])
+        version = register(REGISTRY, f"{task}-model", {
+            "method": decision["method"], "path": str(path), "main_metric": comparison["main_metric"],
+            "main": row["main"], "ci": [row["ci_low"], row["ci_high"]],
+            "lineage": {"git": revision, **lock_hashes(stages + [f"prepare@{task}", "import_base"])},
+            "params": {"train": params["train"], "prepare": params["prepare"], "task": params["tasks"][task]},
+            "metrics": {"eval": row["metrics"], "train": row["train"]},
+        })
+        decisions[task]["registered"] = {"name": f"{task}-model", "version": version["version"],
+                                         "stage": version["stage"], "reason": version["reason"]}
+        print(f"register: {task}-model v{version['version']} ({decision['method']}) -> {version['stage']}: "
+              f"{version['reason']}")
+    write_json(REGISTRY / "decision.json", decisions)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""DVC stage `report`: reports/comparison.json, reports/report.md and one PNG per task
+(quality vs cost, peak memory by method, loss curves), from this run's metrics files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneoff.atomic import atomic_dir, write_json
+from tuneoff.decide import decide
+from tuneoff.errors import user_errors
+from tuneoff.params import read_params, RegisterParams, section
+from tuneoff.report import compare_task, markdown, plot
+
+OUT = Path("reports")
+
+
+@user_errors
+def main() -> None:
+    data = read_params()
+    bakeoff = data.get("bakeoff") or {}
+    rules = section(RegisterParams, "decide", data=data)
+    comparisons = [compare_task(task, list(bakeoff["methods"])) for task in bakeoff["tasks"]]
+    decisions = {c["task"]: decide(c, rules) for c in comparisons}
+    with atomic_dir(OUT) as tmp:
+        write_json(tmp / "comparison.json", {"tasks": comparisons, "decisions": decisions})
+        (tmp / "report.md").write_text(markdown(comparisons, decisions), encoding="utf-8")
+        for c in comparisons:
+            plot(c, Path("runs"), tmp / f"{c['task']}.png")
+    for task, d in decisions.items():
+        print(f"report: {task}: recommend {d['method']}")
+    print(f"report -> {OUT}/report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""A small file registry of model versions and stages, updated under a lock.
+
+Why not GTO (DVC's git-tag registry): GTO records a version as a git tag on a commit, but a
+pipeline run registers its result before anyone commits it, and a scheduled run on a worker
+may not be allowed to push tags. A JSON file with each version's lineage (git revision,
+dvc.lock hashes of its inputs, params, metrics) works in both places and is readable by
+people; `gto` can be layered on top once a team tags releases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+from tuneoff.atomic import write_json
+
+
+def git_revision() -> dict:
+    def git(*args):
+        proc = subprocess.run(["git", *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    rev = git("rev-parse", "HEAD")
+    return {"commit": rev, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if rev else None}
+
+
+def lock_hashes(stages: list[str], lock_file: Path = Path("dvc.lock")) -> dict:
+    """sha256 of dvc.lock, and the md5 of each output the named stages recorded there."""
+    import yaml
+
+    if not lock_file.is_file():
+        return {"dvc_lock_sha256": None, "outs": {}}
+    text = lock_file.read_text()
+    entries = (yaml.safe_load(text) or {}).get("stages", {})
+    outs = {o["path"]: o.get("md5") for s in stages for o in entries.get(s, {}).get("outs", [])}
+    return {"dvc_lock_sha256": hashlib.sha256(text.encode()).hexdigest(), "outs": outs}
+
+
+def register(registry_dir: Path, name: str, entry: dict) -> dict:
+    """Add `entry` (needs "main") as the next version of model `name`. It is promoted to
+    production only if it beats the current production version's main metric; otherwise it
+    stays in staging. Returns the stored version with its stage and the reason."""
+    registry_dir.mkdir(parents=True, exist_ok=True)
+    path = registry_dir / "registry.json"
+    with FileLock(str(registry_dir / ".registry.lock")):
+        data = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+        versions = data["models"].setdefault(name, [])
+        production = next((v for v in versions if v["stage"] == "production"), None)
+        version = {"version": len(versions) + 1, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   **entry}
+        if production is None:
+            version.update(stage="production", reason="first version of this model")
+        elif entry["main"] > production["main"]:
+            production["stage"] = "archived"
+            version.update(stage="production", reason=f"beats production v{production['version']} "
+                                                      f"({entry['main']:.4f} > {production['main']:.4f})")
+        else:
+            version.update(stage="staging", reason=f"does not beat production v{production['version']} "
+                                                   f"({entry['main']:.4f} <= {production['main']:.4f}); left in staging")
+        versions.append(version)
+        write_json(path, data)
+    return version

@@ -1,0 +1,129 @@
+"""The comparison: one row per method per task, from the run's own metrics files, as JSON,
+Markdown and charts."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from tuneoff.errors import TuneoffError
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise TuneoffError(f"{path} not found: run the stages before report")
+    return json.loads(path.read_text())
+
+
+def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
+                 prepared: Path = Path("data/prepared")) -> dict:
+    """Rows for the untuned base and each method, and the conditions that make them comparable."""
+    base = _read(runs / task / "base" / "eval.json")
+    meta = _read(prepared / task / "meta.json")
+    rows = [{"method": "base", **_quality(base), "train": None}]
+    trains = {}
+    for method in methods:
+        train = trains[method] = _read(runs / task / method / "train.json")
+        rows.append({"method": method, **_quality(_read(runs / task / method / "eval.json")), "train": {
+            "peak_memory_bytes": train["memory"]["peak_memory_bytes"],
+            "memory_measure": train["memory"]["measure"],
+            "train_seconds": train["timing"]["train_seconds"],
+            "gpu_hours": train["cost"]["gpu_hours"],
+            "device_hours": train["cost"]["device_hours"],
+            "cost_usd": train["cost"]["usd"],
+            "trainable_percent": train["params"]["trainable_percent"],
+            "artifact_bytes": train["output"]["weights_bytes"],
+            "artifact_kind": train["output"]["kind"],
+            "device": train["device"],
+            "precision": train["precision"],
+        }})
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for r in rows:
+        r["gap_to_full_points"] = None if full is None else round(100 * (full["main"] - r["main"]), 2)
+    first = next(iter(trains.values()), None)
+    return {
+        "task": task,
+        "scorer": meta["scorer"],
+        "main_metric": base["metrics"]["main_metric"],
+        "rows": rows,
+        "conditions": {
+            "test_examples": meta["examples"]["test"], "train_examples": meta["examples"]["train"],
+            "token_budget": first and first["tokens"]["budget"], "seed": first and first["seed"],
+            "real_tokens": {m: t["tokens"]["real"] for m, t in trains.items()},
+            "same_tokens": len({t["tokens"]["real"] for t in trains.values()}) <= 1,
+        },
+    }
+
+
+def _quality(ev: dict) -> dict:
+    m = ev["metrics"]
+    return {"main": m["main"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "test_loss": ev["test_loss"],
+            "metrics": {k: v for k, v in m.items() if k not in ("main", "ci_low", "ci_high", "confusions")}}
+
+
+def _fmt_row(r: dict, main_metric: str) -> list[str]:
+    t = r["train"]
+    gap = "" if r["gap_to_full_points"] is None or r["method"] == "full" else f"{r['gap_to_full_points']:+.1f}"
+    cells = [r["method"], f"{100 * r['main']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]", gap,
+             f"{r['test_loss']:.3f}"]
+    if t is None:
+        return cells + ["(untuned)"] + [""] * 5
+    usd = "n/a" if t["cost_usd"] is None else f"{t['cost_usd']:.4f}"
+    return cells + [f"{t['peak_memory_bytes'] / 2**30:.2f}", f"{t['train_seconds']:.0f}", f"{t['gpu_hours']:.4f}",
+                    usd, f"{t['trainable_percent']:.2f}", f"{t['artifact_bytes'] / 2**20:.1f}"]
+
+
+def markdown(comparisons: list[dict], decisions: dict | None = None) -> str:
+    lines = ["# tuneoff bake-off report", ""]
+    for c in comparisons:
+        cond = c["conditions"]
+        device = next((r["train"]["device"] for r in c["rows"] if r["train"]), "?")
+        measure = next((r["train"]["memory_measure"] for r in c["rows"] if r["train"]), "?")
+        lines += [f"## {c['task']}", "",
+                  f"| method | {c['main_metric']} % [95% CI] | gap to full (points) | test loss | peak mem GiB "
+                  f"| train s | GPU-h | USD | trainable % | artifact MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(_fmt_row(r, c["main_metric"])) + " |" for r in c["rows"]]
+        lines += ["", f"Fair by construction: every method trained on the same {cond['train_examples']} training "
+                      f"examples with a budget of {cond['token_budget']:,} real tokens and seed {cond['seed']} "
+                      f"(same batches: {'yes' if cond['same_tokens'] else 'NO'}), and was scored on the same "
+                      f"{cond['test_examples']} held-out test examples. Device: {device}; peak memory is {measure}. "
+                      "Adapters are scored as merged into the full-precision base (what would be deployed).", ""]
+        if decisions and c["task"] in decisions:
+            lines += [f"**Recommendation: {decisions[c['task']]['method']}.** {decisions[c['task']]['rationale']}", ""]
+        lines += [f"![{c['task']}]({c['task']}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(comparison: dict, runs: Path, out: Path) -> None:
+    """Accuracy vs cost, peak memory by method, and training loss curves, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task, rows = comparison["task"], comparison["rows"]
+    trained = [r for r in rows if r["train"]]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    base = next(r for r in rows if r["method"] == "base")
+    for r in trained:
+        cost = r["train"]["cost_usd"] or 0.0
+        ax1.errorbar(cost, 100 * r["main"], yerr=[[100 * (r["main"] - r["ci_low"])], [100 * (r["ci_high"] - r["main"])]],
+                     fmt="o", capsize=4, label=r["method"])
+        ax1.annotate(r["method"], (cost, 100 * r["main"]), textcoords="offset points", xytext=(6, 4))
+    ax1.axhline(100 * base["main"], color="grey", linestyle="--", label="untuned base")
+    ax1.set(xlabel="cost (USD)", ylabel=f"{comparison['main_metric']} (%)", title=f"{task}: quality vs cost")
+    ax1.legend(fontsize=8)
+    ax2.bar([r["method"] for r in trained], [r["train"]["peak_memory_bytes"] / 2**30 for r in trained],
+            color=["C0", "C1", "C2", "C3"][: len(trained)])
+    ax2.set(ylabel="GiB", title=f"peak memory ({trained[0]['train']['memory_measure'] if trained else ''})")
+    for r in trained:
+        with open(runs / task / r["method"] / "loss.csv") as f:
+            log = list(csv.DictReader(f))
+        ax3.plot([int(x["tokens"]) for x in log], [float(x["train_loss"]) for x in log], label=r["method"])
+    ax3.set(xlabel="real tokens trained", ylabel="train loss", title="training loss")
+    ax3.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
