@@ -8,7 +8,7 @@ from pathlib import Path
 from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.decide import decide
 from tuneoff.errors import user_errors
-from tuneoff.params import read_params, RegisterParams, section
+from tuneoff.params import BakeoffParams, RegisterParams, read_params, section
 from tuneoff.report import compare_task, markdown, plot
 
 OUT = Path("reports")
@@ -17,9 +17,9 @@ OUT = Path("reports")
 @user_errors
 def main() -> None:
     data = read_params()
-    bakeoff = data.get("bakeoff") or {}
+    bakeoff = section(BakeoffParams, "bakeoff", data=data)
     rules = section(RegisterParams, "decide", data=data)
-    comparisons = [compare_task(task, list(bakeoff["methods"])) for task in bakeoff["tasks"]]
+    comparisons = [compare_task(task, list(bakeoff.methods)) for task in bakeoff.tasks]
     decisions = {c["task"]: decide(c, rules) for c in comparisons}
     with atomic_dir(OUT) as tmp:
         write_json(tmp / "comparison.json", {"tasks": comparisons, "decisions": decisions})

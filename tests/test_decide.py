@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from tuneoff.decide import decide
 from tuneoff.params import RegisterParams

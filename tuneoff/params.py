@@ -145,6 +145,14 @@ class CostParams(Section):
         return self
 
 
+class BakeoffParams(Section):
+    """What dvc.yaml's foreach/matrix run over; the report reads the same lists."""
+
+    tasks: list[str] = Field(min_length=1)
+    methods: list[Literal["full", "lora", "qlora"]] = Field(min_length=1)
+    adapter_methods: list[Literal["lora", "qlora"]]
+
+
 def read_params(path: Path = PARAMS_FILE) -> dict:
     """The whole params file as a dict; a missing or malformed file is a one-line error."""
     try:

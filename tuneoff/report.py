@@ -62,7 +62,7 @@ def _quality(ev: dict) -> dict:
             "metrics": {k: v for k, v in m.items() if k not in ("main", "ci_low", "ci_high", "confusions")}}
 
 
-def _fmt_row(r: dict, main_metric: str) -> list[str]:
+def _fmt_row(r: dict) -> list[str]:
     t = r["train"]
     gap = "" if r["gap_to_full_points"] is None or r["method"] == "full" else f"{r['gap_to_full_points']:+.1f}"
     cells = [r["method"], f"{100 * r['main']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]", gap,
@@ -84,7 +84,7 @@ def markdown(comparisons: list[dict], decisions: dict | None = None) -> str:
                   f"| method | {c['main_metric']} % [95% CI] | gap to full (points) | test loss | peak mem GiB "
                   f"| train s | GPU-h | USD | trainable % | artifact MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += ["| " + " | ".join(_fmt_row(r, c["main_metric"])) + " |" for r in c["rows"]]
+        lines += ["| " + " | ".join(_fmt_row(r)) + " |" for r in c["rows"]]
         lines += ["", f"Fair by construction: every method trained on the same {cond['train_examples']} training "
                       f"examples with a budget of {cond['token_budget']:,} real tokens and seed {cond['seed']} "
                       f"(same batches: {'yes' if cond['same_tokens'] else 'NO'}), and was scored on the same "
