@@ -114,6 +114,14 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             assert v["method"] == d["method"] and v["stage"] == "production" and v["lineage"]["outs"]
 
 
+def test_results_table_lists_every_run(project):
+    out = run([sys.executable, "-m", "tuneoff.cli", "results"], project)
+    rows = [line.split() for line in out.splitlines()[1:] if line.startswith(("extraction", "iso_codes"))]
+    assert sorted((r[0], r[1]) for r in rows) == sorted(
+        (t, m) for t in ("extraction", "iso_codes") for m in ("full", "lora", "qlora"))
+    assert "cpu_peak_rss" in out.splitlines()[-1]
+
+
 def test_merged_model_loads_without_peft(project):
     code = ("import sys; sys.modules['peft'] = None\n"
             "from transformers import AutoModelForCausalLM\n"
