@@ -19,24 +19,17 @@ from tuneoff import measure
 from tuneoff.atomic import write_json, write_jsonl
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.generate import generate
+from tuneoff.merge import deployable_dir
 from tuneoff.params import EvaluateParams, section
 from tuneoff.scoring import score
 from tuneoff.train import eval_loss, load_rows
-
-
-def model_dir(task: str, model: str) -> Path:
-    if model == "base":
-        return Path("models/base")
-    if model == "full":
-        return Path("runs") / task / "full" / "model"
-    return Path("runs") / task / model / "merged"
 
 
 @user_errors
 def main(task: str, model: str) -> None:
     params = section(EvaluateParams, "evaluate")
     prepared = Path("data/prepared") / task
-    source = model_dir(task, model)
+    source = Path("models/base") if model == "base" else deployable_dir(task, model)
     for needed in (prepared / "test.jsonl", source / "config.json"):
         if not needed.is_file():
             raise TuneoffError(f"{needed} not found: run the stages before evaluate@{task}-{model}")

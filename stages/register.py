@@ -8,17 +8,11 @@ from pathlib import Path
 
 from tuneoff.atomic import write_json
 from tuneoff.errors import TuneoffError, user_errors
+from tuneoff.merge import deployable_dir
 from tuneoff.params import read_params
 from tuneoff.registry import git_revision, lock_hashes, register
 
 REGISTRY = Path("registry")
-
-
-def deployable(task: str, method: str) -> tuple[Path, list[str]]:
-    """The folder that would be deployed, and the DVC stages that produced it."""
-    if method == "full":
-        return Path("runs") / task / "full" / "model", [f"train@{task}-full"]
-    return Path("runs") / task / method / "merged", [f"train@{task}-{method}", f"merge@{task}-{method}"]
 
 
 @user_errors
@@ -38,7 +32,9 @@ def main() -> None:
             print(f"register: {task}: nothing registered ({decision['rationale']})")
             continue
         row = next(r for r in comparison["rows"] if r["method"] == decision["method"])
-        path, stages = deployable(task, decision["method"])
+        method = decision["method"]
+        path = deployable_dir(task, method)
+        stages = [f"train@{task}-{method}"] + ([] if method == "full" else [f"merge@{task}-{method}"])
         version = register(REGISTRY, f"{task}-model", {
             "method": decision["method"], "path": str(path), "main_metric": comparison["main_metric"],
             "main": row["main"], "ci": [row["ci_low"], row["ci_high"]],

@@ -68,6 +68,6 @@ def decide(comparison: dict, rules: RegisterParams) -> dict:
                f"{best['gap_to_full_points']:.1f} points behind full ({pct(full['main'])}), above the "
                f"{rules.max_gap_points:g}-point threshold. Before paying for full fine-tuning in production, "
                "try LoRA at rank 64 on all linear layers." if best else "no adapter method qualified."))
-    if reasons and pick is not None and not why.startswith("full fine-tuning is out"):
+    if reasons and not why.startswith("full fine-tuning is out"):
         why += " Excluded: " + "; ".join(reasons) + "."
     return {"method": pick["method"], "rationale": why, "numbers": numbers}

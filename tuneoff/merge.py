@@ -17,6 +17,13 @@ from tuneoff.errors import TuneoffError
 from tuneoff.packing import IGNORE
 
 
+def deployable_dir(task: str, method: str) -> Path:
+    """The model folder that would be deployed: full weights for `full`, the merged model for adapters."""
+    if method == "full":
+        return Path("runs") / task / "full" / "model"
+    return Path("runs") / task / method / "merged"
+
+
 @torch.no_grad()
 def logits_on(model, rows: dict[str, torch.Tensor], dev: torch.device) -> torch.Tensor:
     """Float32 logits at the loss positions of `rows` (the positions a fine-tune was trained on)."""
