@@ -1,5 +1,7 @@
 """DVC stage `register`: the recommended model of each task becomes a new registry version,
-with its lineage; registry/decision.json holds each decision and its rationale."""
+with its lineage; registry/decision.json holds each decision and its rationale. A version
+promoted to production is published to models/production/<task>/, the path dvc.yaml's
+`artifacts:` section names (`dvc artifacts get . <task>-model`)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from tuneoff.atomic import write_json
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.merge import deployable_dir
 from tuneoff.params import read_params
-from tuneoff.registry import git_revision, lock_hashes, register
+from tuneoff import methods
+from tuneoff.registry import git_revision, lock_hashes, publish, register
 
 REGISTRY = Path("registry")
+PRODUCTION = Path("models/production")
 
 
 @user_errors
@@ -23,6 +27,7 @@ def main() -> None:
     report = json.loads(comparison_file.read_text())
     params = read_params()
     revision = git_revision()
+    PRODUCTION.mkdir(parents=True, exist_ok=True)  # the stage's output, even before any version is promoted
     decisions = {}
     for comparison in report["tasks"]:
         task = comparison["task"]
@@ -34,16 +39,20 @@ def main() -> None:
         row = next(r for r in comparison["rows"] if r["method"] == decision["method"])
         method = decision["method"]
         path = deployable_dir(task, method)
-        stages = [f"train@{task}-{method}"] + ([] if method == "full" else [f"merge@{task}-{method}"])
+        stages = ([methods.train_stage(task, method), f"prepare@{task}", "import_base"]
+                  + ([] if method == "full" else [f"merge@{task}-{method}"]) + (["quantize"] if method == "qlora" else []))
         version = register(REGISTRY, f"{task}-model", {
             "method": decision["method"], "path": str(path), "main_metric": comparison["main_metric"],
             "main": row["main"], "ci": [row["ci_low"], row["ci_high"]],
-            "lineage": {"git": revision, **lock_hashes(stages + [f"prepare@{task}", "import_base"])},
+            "lineage": {"git": revision, **lock_hashes(stages)},
             "params": {"train": params["train"], "prepare": params["prepare"], "task": params["tasks"][task]},
             "metrics": {"eval": row["metrics"], "train": row["train"]},
         })
         decisions[task]["registered"] = {"name": f"{task}-model", "version": version["version"],
                                          "stage": version["stage"], "reason": version["reason"]}
+        if version["stage"] == "production":
+            publish(path, PRODUCTION / task)
+            decisions[task]["registered"]["published"] = str(PRODUCTION / task)
         print(f"register: {task}-model v{version['version']} ({decision['method']}) -> {version['stage']}: "
               f"{version['reason']}")
     write_json(REGISTRY / "decision.json", decisions)

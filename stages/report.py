@@ -1,5 +1,6 @@
 """DVC stage `report`: reports/comparison.json, reports/report.md and one PNG per task
-(quality vs cost, peak memory by method, loss curves), from this run's metrics files."""
+(quality vs cost, peak memory by method, loss curves), from this run's metrics files; plus
+curves.csv and tradeoff.csv for `dvc plots show`."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.decide import decide
 from tuneoff.errors import user_errors
 from tuneoff.params import BakeoffParams, RegisterParams, read_params, section
-from tuneoff.report import compare_task, markdown, plot
+from tuneoff.report import compare_task, markdown, plot, read_json, write_plot_data
 
 OUT = Path("reports")
+QUANTIZE = Path("models/quantize.json")
 
 
 @user_errors
@@ -21,9 +23,11 @@ def main() -> None:
     rules = section(RegisterParams, "decide", data=data)
     comparisons = [compare_task(task, list(bakeoff.methods)) for task in bakeoff.tasks]
     decisions = {c["task"]: decide(c, rules) for c in comparisons}
+    quantization = read_json(QUANTIZE) if bakeoff.nf4_methods else None
     with atomic_dir(OUT) as tmp:
-        write_json(tmp / "comparison.json", {"tasks": comparisons, "decisions": decisions})
-        (tmp / "report.md").write_text(markdown(comparisons, decisions), encoding="utf-8")
+        write_json(tmp / "comparison.json", {"tasks": comparisons, "decisions": decisions, "quantization": quantization})
+        (tmp / "report.md").write_text(markdown(comparisons, decisions, quantization), encoding="utf-8")
+        write_plot_data(comparisons, Path("runs"), tmp)
         for c in comparisons:
             plot(c, Path("runs"), tmp / f"{c['task']}.png")
     for task, d in decisions.items():

@@ -1,4 +1,4 @@
-"""DVC stage `train@<task>-<method>`: one method on one task's prepared data.
+"""DVC stages `train@<task>-<method>` and `train_nf4@<task>-qlora`: one method on one task's prepared data.
 
 Outputs runs/<task>/<method>/: model/ (full weights for `full`, the PEFT adapter for `lora` and
 `qlora`), train.json (cost and quality metrics) and loss.csv / val_loss.csv for `dvc plots`.
@@ -21,13 +21,10 @@ from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.params import METHODS, CommonTrainParams, CostParams, read_params, section
 from tuneoff.train import load_rows, train
 
-BASE = Path("models/base")
-
-
 @user_errors
 def main(task: str, method: str) -> None:
     if method not in METHODS:
-        raise TuneoffError(f"params.yaml: bakeoff.methods: unknown method {method!r}; allowed: {list(METHODS)}")
+        raise TuneoffError(f"params.yaml: bakeoff: unknown method {method!r}; allowed: {list(METHODS)}")
     data = read_params()
     common = section(CommonTrainParams, "train", "common", data=data)
     params = section(methods.PARAMS_BY_METHOD[method], "train", method, data=data)
@@ -35,9 +32,10 @@ def main(task: str, method: str) -> None:
     prepared = Path("data/prepared") / task
     if not (prepared / "train.safetensors").is_file():
         raise TuneoffError(f"{prepared}/train.safetensors not found: run `dvc repro prepare@{task}` first")
-    if not (BASE / "config.json").is_file():
-        raise TuneoffError(f"{BASE}/ has no model: run `dvc repro import_base` first")
-    methods.validate(method, params, BASE)
+    base = methods.base_dir(method)
+    if not (base / "config.json").is_file():
+        raise TuneoffError(f"{base}/ has no model: run `dvc repro {'quantize' if method == 'qlora' else 'import_base'}` first")
+    methods.validate(method, params, base)
 
     dev = measure.device()
     precision = measure.resolve_precision(common.precision, dev)
@@ -48,7 +46,7 @@ def main(task: str, method: str) -> None:
     stage_start = time.perf_counter()
 
     peak.reset()
-    model = methods.build(method, params, BASE, precision, dev, common.gradient_checkpointing)
+    model = methods.build(method, params, base, precision, dev, common.gradient_checkpointing)
     load_seconds = time.perf_counter() - stage_start
     load_memory = peak.read()
     trainable, total = methods.trainable_and_total(model)
@@ -63,7 +61,7 @@ def main(task: str, method: str) -> None:
         result = train(model, train_rows, val_rows, common, params.lr, dev, precision, Path(logs), f"{task}/{method}")
         train_memory = peak.read()
         methods.save(model, method, model_dir)
-        AutoTokenizer.from_pretrained(BASE).save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
         wall = time.perf_counter() - stage_start
         metrics = {
             "task": task,

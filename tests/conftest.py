@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -68,3 +69,17 @@ def tokenizer(tiny_base):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def tiny_nf4(tiny_base, tmp_path_factory) -> Path:
+    """The tiny base quantized as the quantize stage does it (needs bitsandbytes)."""
+    pytest.importorskip("bitsandbytes")
+    from tuneoff import quantize
+    from tuneoff.params import QuantizeParams
+
+    path = tmp_path_factory.mktemp("tiny-nf4")
+    model = quantize.quantize(tiny_base, QuantizeParams(quant_type="nf4", double_quant=True, check_rows=2),
+                              torch.device("cpu"))
+    model.save_pretrained(path)
+    return path

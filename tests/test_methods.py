@@ -37,22 +37,38 @@ def test_lora_touches_only_the_named_modules(tiny_base):
 
 
 @needs_bnb
-def test_qlora_base_layers_are_4bit(tiny_base):
+def test_qlora_trains_on_the_saved_4bit_base(tiny_base, tiny_nf4):
     import bitsandbytes as bnb
 
-    params = QloraParams(**LORA, quant_type="nf4", double_quant=True)
-    model = methods.build("qlora", params, tiny_base, "fp32", CPU, False)
+    model = methods.build("qlora", QloraParams(**LORA), tiny_nf4, "bf16", CPU, False)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.compute_dtype == torch.bfloat16
     assert q_proj.base_layer.weight.quant_state.quant_type == "nf4"
+    assert q_proj.base_layer.weight.quant_state.nested  # double quantization survived save and load
     assert isinstance(model.base_model.model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    # 4 bits per weight: the saved base is far smaller than the float one
+    assert sum(f.stat().st_size for f in tiny_nf4.glob("*.safetensors")) < 0.5 * sum(
+        f.stat().st_size for f in tiny_base.glob("*.safetensors"))
 
 
 @needs_bnb
-def test_qlora_trains_after_eval(tiny_base, tokenizer):
+def test_quantization_error_is_measured(tiny_base, tiny_nf4, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tuneoff import quantize
+    from tuneoff.merge import logits_on
+
+    data = rows(tokenizer)
+    ref = logits_on(AutoModelForCausalLM.from_pretrained(tiny_base), data, CPU)
+    error = quantize.logit_error(ref, logits_on(quantize.load(tiny_nf4, torch.float32, CPU), data, CPU))
+    assert 0 < error["mean_abs_logit_diff"] < error["max_abs_logit_diff"] and error["kl_divergence"] > 0
+    assert quantize.logit_error(ref, ref)["max_abs_logit_diff"] == 0 and quantize.logit_error(ref, ref)["top1_agreement"] == 1
+
+
+@needs_bnb
+def test_qlora_trains_after_eval(tiny_nf4, tokenizer):
     """A val-loss check in eval mode must not freeze the adapters (bitsandbytes CPU repacking)."""
-    params = QloraParams(**LORA, quant_type="nf4", double_quant=True)
-    model = methods.build("qlora", params, tiny_base, "fp32", CPU, False)
+    model = methods.build("qlora", QloraParams(**LORA), tiny_nf4, "fp32", CPU, False)
     data = rows(tokenizer)
     eval_loss(model, data, 2, CPU, "fp32")
     model.train()
@@ -70,8 +86,8 @@ def test_bad_target_module_fails_before_loading(tiny_base):
 def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_base, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(TuneoffError, match="train.qlora needs bitsandbytes"):
-        methods.validate("qlora", QloraParams(**LORA, quant_type="nf4", double_quant=True), tiny_base)
+    with pytest.raises(TuneoffError, match="qlora needs bitsandbytes"):
+        methods.validate("qlora", QloraParams(**LORA), tiny_base)
 
 
 def test_step_plan_meets_the_budget_and_is_shared():

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from tuneoff.errors import TuneoffError
-from tuneoff.params import CommonTrainParams, LoraParams, QloraParams, section
+from tuneoff.params import BakeoffParams, CommonTrainParams, LoraParams, QloraParams, QuantizeParams, section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +35,25 @@ def test_shipped_params_are_valid():
     ("train__lora__rank", 0, "train.lora.rank = 0: Input should be greater than 0"),
     ("train__lora__rank", "sixteen", "train.lora.rank = 'sixteen'"),
     ("train__common__precision", "fp8", "train.common.precision = 'fp8'"),
-    ("train__qlora__quant_type", "int3", "train.qlora.quant_type = 'int3'"),
+    ("quantize__quant_type", "int3", "quantize.quant_type = 'int3'"),
 ])
 def test_bad_values_name_the_key_and_value(tmp_path, key, value, message):
     path = params_with(tmp_path, **{key: value})
-    model = {"lora": LoraParams, "qlora": QloraParams, "common": CommonTrainParams}[key.split("__")[1]]
+    model = {"lora": LoraParams, "qlora": QloraParams, "common": CommonTrainParams,
+             "quant_type": QuantizeParams}[key.split("__")[1]]
     with pytest.raises(TuneoffError) as e:
         section(model, *key.split("__")[:2], path=path)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bakeoff_method_lists_must_agree(tmp_path):
+    assert section(BakeoffParams, "bakeoff", path=ROOT / "params.yaml").methods == ["full", "lora", "qlora"]
+    path = params_with(tmp_path, bakeoff__float_methods=["full"])  # lora dropped, still listed as an adapter
+    with pytest.raises(TuneoffError, match=r"params.yaml: bakeoff: adapter_methods must list the adapter methods that train, \['qlora'\]"):
+        section(BakeoffParams, "bakeoff", path=path)
+    path = params_with(tmp_path, bakeoff__nf4_methods=["lora"])
+    with pytest.raises(TuneoffError, match="bakeoff.nf4_methods.0 = 'lora'"):
+        section(BakeoffParams, "bakeoff", path=path)
 
 
 def test_unknown_key_is_a_typo_not_ignored(tmp_path):

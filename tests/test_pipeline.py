@@ -60,8 +60,8 @@ def project(tmp_path_factory, tiny_base):
 def test_repro_runs_every_stage_and_writes_the_metrics(project):
     out = run(["dvc", "repro"], project)
     tasks = ("extraction", "iso_codes")
-    for stage in (["import_base"] + [f"{s}@{t}" for s in ("prepare", "evaluate_base", "evaluate_full") for t in tasks]
-                  + [f"train@{t}-{m}" for t in tasks for m in ("full", "lora", "qlora")]
+    for stage in (["import_base", "quantize"] + [f"{s}@{t}" for s in ("prepare", "evaluate_base", "evaluate_full") for t in tasks]
+                  + [f"train@{t}-{m}" for t in tasks for m in ("full", "lora")] + [f"train_nf4@{t}-qlora" for t in tasks]
                   + [f"{s}@{t}-{m}" for s in ("merge", "evaluate") for t in tasks for m in ("lora", "qlora")]
                   + ["report", "register"]):
         assert f"Running stage '{stage}'" in out
@@ -96,6 +96,19 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
         for m in ("lora", "qlora"):
             merge = json.loads((project / "runs" / task / m / "merge.json").read_text())
             assert merge["max_abs_logit_diff"] <= merge["tolerance"] and merge["positions_checked"] > 0
+            check = json.loads((project / "runs" / task / m / "eval.json").read_text())["adapter_check"]
+            assert check["examples"] == meta["examples"]["test"] and 0 <= check["same_predictions"] <= 1
+            assert check["adapter_base"] == ("models/base-nf4" if m == "qlora" else "models/base")
+        # the model QLoRA trained (adapter on NF4) differs from its float merge by the quantization error
+        gap = json.loads((project / "runs" / task / "qlora/merge.json").read_text())["vs_trained_4bit"]
+        assert gap["mean_abs_logit_diff"] > 0 and gap["positions"] > 0
+
+    quantized = json.loads((project / "models/quantize.json").read_text())
+    assert quantized["quant_type"] == "nf4" and quantized["double_quant"] is True
+    assert quantized["size"]["compression"] > 2
+    for task in tasks:
+        error = quantized["error"][task]
+        assert 0 < error["mean_abs_logit_diff"] <= error["max_abs_logit_diff"] and error["val_loss_quantized"] > 0
 
 
     report = (project / "reports/report.md").read_text()
@@ -112,6 +125,23 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
         if d["method"] is not None:  # a tiny random model may beat its base or not; both are valid outcomes
             v = registry[f"{task}-model"][-1]
             assert v["method"] == d["method"] and v["stage"] == "production" and v["lineage"]["outs"]
+            published = project / "models/production" / task
+            assert (published / "model.safetensors").read_bytes() == (project / v["path"] / "model.safetensors").read_bytes()
+    for name in ("curves.csv", "tradeoff.csv"):
+        assert len((project / "reports" / name).read_text().splitlines()) > 6
+
+
+def test_dvc_plots_and_artifacts_are_declared(project):
+    out = run(["dvc", "plots", "show", "--json"], project)
+    plots = json.loads(out[out.index("{"):])["data"]
+    specs = [p["content"] for key in ("reports/curves.csv", "reports/tradeoff.csv")
+             for p in plots[key]]
+    assert len(specs) == 2 and all(spec["facet"]["column"]["field"] == "task" for spec in specs)
+    curves = specs[0]["data"]["values"]
+    assert {row["method"] for row in curves} == {"full", "lora", "qlora"}
+    listed = yaml.safe_load((project / "dvc.yaml").read_text())["artifacts"]
+    assert {name: a["path"] for name, a in listed.items()} == {f"{t}-model": f"models/production/{t}"
+                                                               for t in ("extraction", "iso_codes")}
 
 
 def test_results_table_lists_every_run(project):
@@ -140,6 +170,17 @@ def test_second_repro_does_nothing_and_rank_reruns_only_lora(project):
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == sorted([f"{s}@{t}-lora" for s in ("train", "merge", "evaluate") for t in ("extraction", "iso_codes")]
                          + ["register", "report"])
+
+
+def test_quantize_params_rerun_only_qlora(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["quantize"]["double_quant"] = False
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], project)
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == sorted(["quantize", "register", "report"] + [f"train_nf4@{t}-qlora" for t in ("extraction", "iso_codes")]
+                         + [f"{s}@{t}-qlora" for s in ("merge", "evaluate") for t in ("extraction", "iso_codes")])
+    assert json.loads((project / "models/quantize.json").read_text())["double_quant"] is False
 
 
 def test_bad_params_fail_the_stage_with_one_line(project):

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from tuneoff import quantize
 from tuneoff.errors import TuneoffError
 from tuneoff.packing import IGNORE
 
@@ -35,10 +36,14 @@ def logits_on(model, rows: dict[str, torch.Tensor], dev: torch.device) -> torch.
 
 
 def load_adapter_model(base_dir: Path, adapter_dir: Path, dev: torch.device):
-    """The float32 base with the adapter attached, unmerged."""
+    """The base in `base_dir` with the adapter attached, unmerged, computing in float32. A
+    4-bit base (the quantize stage's) loads as 4-bit: that is the model QLoRA trained."""
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(dev)
+    if hasattr(AutoConfig.from_pretrained(base_dir), "quantization_config"):
+        base = quantize.load(base_dir, torch.float32, dev)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(dev)
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 

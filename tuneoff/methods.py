@@ -2,7 +2,8 @@
 
 - full:  every weight trains, float32 master weights (bf16 autocast when precision is bf16).
 - lora:  PEFT LoRA adapters on a frozen base held in the compute dtype.
-- qlora: the same adapters on a frozen 4-bit (NF4, double-quantized) bitsandbytes base.
+- qlora: the same adapters on a frozen 4-bit (NF4, double-quantized) bitsandbytes base,
+         quantized once by the quantize stage (tuneoff/quantize.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,23 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tuneoff import quantize
 from tuneoff.errors import TuneoffError
 from tuneoff.params import FullParams, LoraParams, QloraParams
 
 PARAMS_BY_METHOD = {"full": FullParams, "lora": LoraParams, "qlora": QloraParams}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+FLOAT_BASE, NF4_BASE = Path("models/base"), Path("models/base-nf4")
+
+
+def base_dir(method: str) -> Path:
+    """The base a method trains on: QLoRA's is the quantize stage's 4-bit copy."""
+    return NF4_BASE if method == "qlora" else FLOAT_BASE
+
+
+def train_stage(task: str, method: str) -> str:
+    """The dvc.yaml stage that trains `method` on `task`."""
+    return f"{'train_nf4' if method == 'qlora' else 'train'}@{task}-{method}"
 
 
 def linear_module_names(base_dir: Path) -> set[str]:
@@ -37,31 +50,18 @@ def validate(method: str, params, base_dir: Path) -> None:
             raise TuneoffError(f"params.yaml: train.{method}.target_modules: {missing} not in the model; "
                                f"it has {sorted(available)}")
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise TuneoffError("params.yaml: train.qlora needs bitsandbytes: pip install 'bitsandbytes>=0.48'")
+        raise TuneoffError("params.yaml: qlora needs bitsandbytes: pip install 'bitsandbytes>=0.48'")
 
 
 def build(method: str, params, base_dir: Path, precision: str, dev: torch.device, gradient_checkpointing: bool):
-    """The trainable model for `method`, on `dev`."""
+    """The trainable model for `method`, on `dev`, from `base_dir` (the 4-bit copy for qlora: base_dir())."""
     compute_dtype = DTYPES[precision]
     if method == "full":
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(dev)
     elif method == "lora":
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=compute_dtype).to(dev)
     else:
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=params.quant_type,
-                                   bnb_4bit_use_double_quant=params.double_quant,
-                                   bnb_4bit_compute_dtype=compute_dtype)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=compute_dtype,
-                                                     device_map={"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"})
-        # bitsandbytes (0.50) on an avx512_bf16 CPU repacks a 4-bit weight for inference the
-        # first time the layer runs in eval mode without grad, and from then on no gradient
-        # flows through it: a val-loss check before training silently froze QLoRA. Keep the
-        # training layout (tests/test_methods.py::test_qlora_trains_after_eval).
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        model = quantize.load(base_dir, compute_dtype, dev)
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -109,9 +109,13 @@ class LoraParams(Section):
     target_modules: list[str] = Field(min_length=1)
 
 
-class QloraParams(LoraParams):
+QloraParams = LoraParams  # QLoRA trains the same adapters; the 4-bit base comes from the quantize stage
+
+
+class QuantizeParams(Section):
     quant_type: Literal["nf4", "fp4"]
-    double_quant: bool
+    double_quant: bool  # quantize the per-block scales too (~0.4 bits/parameter saved)
+    check_rows: int = Field(gt=0)  # val rows per task the quantization error is measured on
 
 
 class MergeParams(Section):
@@ -124,6 +128,7 @@ class EvaluateParams(Section):
     max_new_tokens: int = Field(gt=0)
     bootstrap_samples: int = Field(ge=100)
     seed: int
+    adapter_check_examples: int = Field(ge=0)  # test examples the unmerged adapter is also scored on; 0 = skip
 
 
 class RegisterParams(Section):
@@ -146,11 +151,30 @@ class CostParams(Section):
 
 
 class BakeoffParams(Section):
-    """What dvc.yaml's foreach/matrix run over; the report reads the same lists."""
+    """What dvc.yaml's foreach/matrix run over; the report reads the same lists.
+
+    The methods are listed by the base they train on, because DVC cannot give one matrix
+    stage different dependencies per method: `train` runs float_methods on models/base,
+    `train_nf4` runs nf4_methods on models/base-nf4 (the quantize stage).
+    """
 
     tasks: list[str] = Field(min_length=1)
-    methods: list[Literal["full", "lora", "qlora"]] = Field(min_length=1)
+    float_methods: list[Literal["full", "lora"]]
+    nf4_methods: list[Literal["qlora"]]
     adapter_methods: list[Literal["lora", "qlora"]]
+
+    @property
+    def methods(self) -> list[str]:
+        return [m for m in METHODS if m in self.float_methods or m in self.nf4_methods]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BakeoffParams":
+        if not self.methods:
+            raise ValueError("float_methods and nf4_methods are both empty: nothing to compare")
+        if set(self.adapter_methods) != {m for m in self.methods if m != "full"}:
+            raise ValueError(f"adapter_methods must list the adapter methods that train, "
+                             f"{[m for m in self.methods if m != 'full']}; got {self.adapter_methods}")
+        return self
 
 
 def read_params(path: Path = PARAMS_FILE) -> dict:
@@ -196,4 +220,6 @@ def _describe(path: Path, dotted: str, error: ValidationError, node) -> str:
         return f"{path}: unknown key {key!r}"
     if first["type"] == "missing":
         return f"{path}: missing key {key!r}"
+    if first["type"] == "value_error" and not loc:  # a check across keys: its message names them
+        return f"{path}: {key}: {first['ctx']['error']}"
     return f"{path}: {key} = {first.get('input')!r}: {first['msg']}"

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from filelock import FileLock
 
-from tuneoff.atomic import write_json
+from tuneoff.atomic import atomic_dir, write_json
 
 
 def git_revision() -> dict:
@@ -65,3 +67,17 @@ def register(registry_dir: Path, name: str, entry: dict) -> dict:
         versions.append(version)
         write_json(path, data)
     return version
+
+
+def publish(source: Path, dest: Path) -> None:
+    """Make `dest` a copy of the model folder `source` (hard links where the filesystem allows:
+    a model's weights are not duplicated on disk), replacing what was there in one step."""
+    with atomic_dir(dest) as tmp:
+        for f in sorted(Path(source).rglob("*")):
+            if f.is_file():
+                target = tmp / f.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(f, target)
+                except OSError:
+                    shutil.copy2(f, target)

@@ -10,7 +10,7 @@ from pathlib import Path
 from tuneoff.errors import TuneoffError
 
 
-def _read(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise TuneoffError(f"{path} not found: run the stages before report")
     return json.loads(path.read_text())
@@ -19,13 +19,13 @@ def _read(path: Path) -> dict:
 def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
                  prepared: Path = Path("data/prepared")) -> dict:
     """Rows for the untuned base and each method, and the conditions that make them comparable."""
-    base = _read(runs / task / "base" / "eval.json")
-    meta = _read(prepared / task / "meta.json")
+    base = read_json(runs / task / "base" / "eval.json")
+    meta = read_json(prepared / task / "meta.json")
     rows = [{"method": "base", **_quality(base), "train": None}]
     trains = {}
     for method in methods:
-        train = trains[method] = _read(runs / task / method / "train.json")
-        rows.append({"method": method, **_quality(_read(runs / task / method / "eval.json")), "train": {
+        train = trains[method] = read_json(runs / task / method / "train.json")
+        rows.append({"method": method, **_quality(read_json(runs / task / method / "eval.json")), "train": {
             "peak_memory_bytes": train["memory"]["peak_memory_bytes"],
             "memory_measure": train["memory"]["measure"],
             "train_seconds": train["timing"]["train_seconds"],
@@ -59,7 +59,8 @@ def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
 def _quality(ev: dict) -> dict:
     m = ev["metrics"]
     return {"main": m["main"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "test_loss": ev["test_loss"],
-            "metrics": {k: v for k, v in m.items() if k not in ("main", "ci_low", "ci_high", "confusions")}}
+            "metrics": {k: v for k, v in m.items() if k not in ("main", "ci_low", "ci_high", "confusions")},
+            "adapter_check": ev.get("adapter_check")}
 
 
 def _fmt_row(r: dict) -> list[str]:
@@ -74,7 +75,24 @@ def _fmt_row(r: dict) -> list[str]:
                     usd, f"{t['trainable_percent']:.2f}", f"{t['artifact_bytes'] / 2**20:.1f}"]
 
 
-def markdown(comparisons: list[dict], decisions: dict | None = None) -> str:
+def _adapter_note(c: dict) -> str:
+    checks = [(r["method"], r["adapter_check"]) for r in c["rows"] if r.get("adapter_check")]
+    if not checks:
+        return ""
+    parts = [f"{m} {100 * a['adapter_main']:.1f}% as trained vs {100 * a['merged_main']:.1f}% merged "
+             f"({100 * a['same_predictions']:.0f}% identical answers)" for m, a in checks]
+    return f" Adapter before merging, on the first {checks[0][1]['examples']} test examples: {'; '.join(parts)}."
+
+
+def _quantize_note(quantization: dict | None) -> str:
+    if not quantization:
+        return ""
+    size, name = quantization["size"], quantization["quant_type"].upper() + (" + double quant" if quantization["double_quant"] else "")
+    return (f"QLoRA's base is {name}: {size['float_bytes'] / 2**20:.0f} MiB -> {size['quantized_bytes'] / 2**20:.0f} MiB "
+            f"on disk ({size['compression']:.1f}x smaller).")
+
+
+def markdown(comparisons: list[dict], decisions: dict | None = None, quantization: dict | None = None) -> str:
     lines = ["# tuneoff bake-off report", ""]
     for c in comparisons:
         cond = c["conditions"]
@@ -89,11 +107,42 @@ def markdown(comparisons: list[dict], decisions: dict | None = None) -> str:
                       f"examples with a budget of {cond['token_budget']:,} real tokens and seed {cond['seed']} "
                       f"(same batches: {'yes' if cond['same_tokens'] else 'NO'}), and was scored on the same "
                       f"{cond['test_examples']} held-out test examples. Device: {device}; peak memory is {measure}. "
-                      "Adapters are scored as merged into the full-precision base (what would be deployed).", ""]
+                      "Adapters are scored as merged into the full-precision base (what would be deployed)."
+                      + _adapter_note(c), ""]
+        error = (quantization or {}).get("error", {}).get(c["task"])
+        if error:
+            lines += [_quantize_note(quantization) + f" Quantizing moved val loss {error['val_loss_float']:.3f} -> "
+                      f"{error['val_loss_quantized']:.3f} (mean |logit diff| {error['mean_abs_logit_diff']:.3f}, "
+                      f"top-1 agreement {100 * error['top1_agreement']:.1f}%).", ""]
         if decisions and c["task"] in decisions:
-            lines += [f"**Recommendation: {decisions[c['task']]['method']}.** {decisions[c['task']]['rationale']}", ""]
+            lines += [f"**Recommendation: {decisions[c['task']]['method'] or 'none'}.** {decisions[c['task']]['rationale']}", ""]
         lines += [f"![{c['task']}]({c['task']}.png)", ""]
     return "\n".join(lines)
+
+
+def _loss_log(runs: Path, task: str, method: str) -> list[dict]:
+    with open(runs / task / method / "loss.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def write_plot_data(comparisons: list[dict], runs: Path, out_dir: Path) -> None:
+    """Long-format CSVs behind dvc.yaml's top-level plots: loss curves, and quality vs cost."""
+    with open(out_dir / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "method", "step", "tokens", "train_loss"])
+        for c in comparisons:
+            for r in c["rows"]:
+                if r["train"]:
+                    w.writerows([c["task"], r["method"], x["step"], x["tokens"], x["train_loss"]]
+                                for x in _loss_log(runs, c["task"], r["method"]))
+    with open(out_dir / "tradeoff.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "method", "main_percent", "cost_usd", "peak_memory_gib", "train_seconds"])
+        for c in comparisons:
+            for r in c["rows"]:
+                t = r["train"] or {}
+                w.writerow([c["task"], r["method"], round(100 * r["main"], 2), t.get("cost_usd", 0.0) or 0.0,
+                            round(t.get("peak_memory_bytes", 0) / 2**30, 3), t.get("train_seconds", 0.0)])
 
 
 def plot(comparison: dict, runs: Path, out: Path) -> None:
@@ -119,8 +168,7 @@ def plot(comparison: dict, runs: Path, out: Path) -> None:
             color=["C0", "C1", "C2", "C3"][: len(trained)])
     ax2.set(ylabel="GiB", title=f"peak memory ({trained[0]['train']['memory_measure'] if trained else ''})")
     for r in trained:
-        with open(runs / task / r["method"] / "loss.csv") as f:
-            log = list(csv.DictReader(f))
+        log = _loss_log(runs, task, r["method"])
         ax3.plot([int(x["tokens"]) for x in log], [float(x["train_loss"]) for x in log], label=r["method"])
     ax3.set(xlabel="real tokens trained", ylabel="train loss", title="training loss")
     ax3.legend(fontsize=8)

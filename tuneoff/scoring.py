@@ -67,6 +67,12 @@ def bootstrap_ci(correct: list[bool], samples: int, seed: int, level: float = 0.
     return lo, hi
 
 
+def main_score(scorer: str, predictions: list[str], references: list[str], labels: list[str]) -> float:
+    """The main metric alone (no CI)."""
+    rows = [per_example(scorer, p, r) for p, r in zip(predictions, references)]
+    return aggregate(scorer, rows, predictions, references, labels)[MAIN_METRIC[scorer]]
+
+
 def score(scorer: str, predictions: list[str], references: list[str], labels: list[str],
           bootstrap_samples: int, seed: int) -> tuple[dict, list[dict]]:
     """Metrics (with `main`, its name and its 95% CI) and the per-example results."""

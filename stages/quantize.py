@@ -1,0 +1,87 @@
+"""DVC stage `quantize`: models/base -> models/base-nf4/, the 4-bit base every QLoRA run trains on.
+
+Writes models/quantize.json: size on disk against the float base, and the quantization error
+on each task's val rows (logit difference, KL divergence, top-1 agreement, val loss before and
+after quantizing).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tuneoff import measure, quantize
+from tuneoff.atomic import atomic_dir, write_json
+from tuneoff.errors import TuneoffError, user_errors
+from tuneoff.merge import logits_on
+from tuneoff.methods import FLOAT_BASE, NF4_BASE
+from tuneoff.params import BakeoffParams, QuantizeParams, read_params, section
+from tuneoff.train import eval_loss, load_rows
+
+METRICS = Path("models/quantize.json")
+
+
+def measure_on(model, tasks: dict[str, dict], dev: torch.device) -> tuple[dict, dict]:
+    """Logits at the check rows' loss positions, and val loss, for each task."""
+    logits = {task: logits_on(model, rows["check"], dev) for task, rows in tasks.items()}
+    losses = {task: eval_loss(model, rows["val"], 4, dev, "fp32") for task, rows in tasks.items()}
+    return logits, losses
+
+
+@user_errors
+def main() -> None:
+    data = read_params()
+    params = section(QuantizeParams, "quantize", data=data)
+    tasks = {}
+    for task in section(BakeoffParams, "bakeoff", data=data).tasks:
+        path = Path("data/prepared") / task / "val.safetensors"
+        if not path.is_file():
+            raise TuneoffError(f"{path} not found: run `dvc repro prepare@{task}` first")
+        val = load_rows(path)
+        tasks[task] = {"val": val, "check": {k: v[: params.check_rows] for k, v in val.items()}}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TuneoffError("params.yaml: quantize needs bitsandbytes: pip install 'bitsandbytes>=0.48'")
+
+    dev = measure.device()
+    start = time.perf_counter()
+    float_model = AutoModelForCausalLM.from_pretrained(FLOAT_BASE, dtype=torch.float32).to(dev)
+    float_logits, float_loss = measure_on(float_model, tasks, dev)
+    del float_model
+    gc.collect()
+
+    model = quantize.quantize(FLOAT_BASE, params, dev)
+    nf4_logits, nf4_loss = measure_on(model, tasks, dev)
+    with atomic_dir(NF4_BASE) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(FLOAT_BASE).save_pretrained(tmp)
+    # a saved 4-bit checkpoint must load back to the model that was measured
+    reloaded = quantize.load(NF4_BASE, torch.float32, dev)
+    first = next(iter(tasks))
+    if not torch.equal(logits_on(reloaded, tasks[first]["check"], dev), nf4_logits[first]):
+        raise TuneoffError(f"{NF4_BASE}: the saved 4-bit model does not reload to the quantized weights")
+
+    float_bytes = measure.dir_bytes(FLOAT_BASE, "*.safetensors")
+    nf4_bytes = measure.dir_bytes(NF4_BASE, "*.safetensors")
+    write_json(METRICS, {
+        "quant_type": params.quant_type, "double_quant": params.double_quant,
+        "size": {"float_bytes": float_bytes, "quantized_bytes": nf4_bytes,
+                 "compression": round(float_bytes / nf4_bytes, 3)},
+        "error": {task: {**quantize.logit_error(float_logits[task], nf4_logits[task]),
+                         "val_loss_float": round(float_loss[task], 6), "val_loss_quantized": round(nf4_loss[task], 6)}
+                  for task in tasks},
+        "seconds": round(time.perf_counter() - start, 3),
+    })
+    for task in tasks:
+        print(f"quantize: {task}: val loss {float_loss[task]:.4f} -> {nf4_loss[task]:.4f}, "
+              f"mean |logit diff| {(float_logits[task] - nf4_logits[task]).abs().mean():.3f}")
+    print(f"quantize: {params.quant_type}{' + double quant' if params.double_quant else ''}: "
+          f"{float_bytes / 2**20:.0f} MiB -> {nf4_bytes / 2**20:.0f} MiB -> {NF4_BASE}/")
+
+
+if __name__ == "__main__":
+    main()
