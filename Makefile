@@ -26,8 +26,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(BIN)/dvc config --local core.analytics false
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	$(BIN)/tuneoff results
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/tuneoff run
 	@echo "report: reports/report.md (charts: reports/*.png); decision: registry/decision.json"
 
 test: setup

@@ -20,6 +20,7 @@ from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.merge import check_merge, load_adapter_model, logits_on
 from tuneoff.params import MergeParams, section
+from tuneoff.tracking import flat, stage_run
 from tuneoff.train import load_rows
 
 BASE = methods.FLOAT_BASE
@@ -49,12 +50,17 @@ def main(task: str, method: str) -> None:
     with atomic_dir(run / "merged") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(BASE).save_pretrained(tmp)
-    write_json(run / "merge.json", {
+    metrics = {
         "task": task, "method": method, "merged_into": str(BASE), "dtype": "float32",
         "max_abs_logit_diff": diff, "tolerance": params.tolerance,
         "positions_checked": int(with_adapter.shape[0]), **vs_trained,
         "weights_bytes": measure.dir_bytes(run / "merged", "*.safetensors"),
-    })
+    }
+    write_json(run / "merge.json", metrics)
+    with stage_run("merge", {"merge": params.model_dump()}, task=task, method=method) as tracker:
+        tracker.summary(flat({"merge": metrics}))
+        tracker.artifact(f"{task}-{method}-merged", "model", run / "merged",
+                         {**metrics, "adapter": f"{task}-{method}", "standalone": True})
     print(f"merge@{task}-{method}: max |logit diff| {diff:.2e} (tolerance {params.tolerance:g}) over "
           f"{with_adapter.shape[0]} positions -> {run}/merged/")
 

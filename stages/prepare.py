@@ -18,6 +18,7 @@ from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.packing import pack, tokenize_chat
 from tuneoff.params import PrepareParams, TaskParams, read_params, section
 from tuneoff.tasks import SPLITS, build_task, split
+from tuneoff.tracking import flat, stage_run
 
 BASE = Path("models/base")
 
@@ -48,6 +49,10 @@ def main(task: str) -> None:
                           "padding_fraction": round(1 - int(packed.real_tokens.sum()) / slots, 4),
                           "truncated": packed.truncated, "dropped": packed.dropped}
         write_json(tmp / "meta.json", meta)
+    with stage_run("prepare", {"prepare": prep.model_dump(), f"tasks.{task}": spec.model_dump()}, task=task,
+                   data=data) as tracker:
+        tracker.summary(flat({k: v for k, v in meta.items() if k not in ("labels", "task")}))
+        tracker.artifact(f"{task}-data", "dataset", out, meta)
     tr = meta["train"]
     print(f"prepare@{task}: {meta['examples']} examples; train {tr['real_tokens']:,} tokens in {tr['rows']} rows "
           f"of {prep.seq_len} ({tr['padding_fraction']:.1%} padding) -> {out}/")

@@ -21,6 +21,7 @@ from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.merge import logits_on
 from tuneoff.methods import FLOAT_BASE, NF4_BASE
 from tuneoff.params import BakeoffParams, QuantizeParams, read_params, section
+from tuneoff.tracking import flat, stage_run
 from tuneoff.train import eval_loss, load_rows
 
 METRICS = Path("models/quantize.json")
@@ -59,15 +60,14 @@ def main() -> None:
     with atomic_dir(NF4_BASE) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(FLOAT_BASE).save_pretrained(tmp)
-    # a saved 4-bit checkpoint must load back to the model that was measured
-    reloaded = quantize.load(NF4_BASE, torch.float32, dev)
-    first = next(iter(tasks))
-    if not torch.equal(logits_on(reloaded, tasks[first]["check"], dev), nf4_logits[first]):
-        raise TuneoffError(f"{NF4_BASE}: the saved 4-bit model does not reload to the quantized weights")
+        # the saved 4-bit checkpoint must load back to the model that was measured, or it is not kept
+        first = next(iter(tasks))
+        if not torch.equal(logits_on(quantize.load(tmp, torch.float32, dev), tasks[first]["check"], dev), nf4_logits[first]):
+            raise TuneoffError(f"{NF4_BASE}: the saved 4-bit model does not reload to the quantized weights")
 
     float_bytes = measure.dir_bytes(FLOAT_BASE, "*.safetensors")
     nf4_bytes = measure.dir_bytes(NF4_BASE, "*.safetensors")
-    write_json(METRICS, {
+    metrics = {
         "quant_type": params.quant_type, "double_quant": params.double_quant,
         "size": {"float_bytes": float_bytes, "quantized_bytes": nf4_bytes,
                  "compression": round(float_bytes / nf4_bytes, 3)},
@@ -75,7 +75,10 @@ def main() -> None:
                          "val_loss_float": round(float_loss[task], 6), "val_loss_quantized": round(nf4_loss[task], 6)}
                   for task in tasks},
         "seconds": round(time.perf_counter() - start, 3),
-    })
+    }
+    write_json(METRICS, metrics)
+    with stage_run("quantize", {"quantize": params.model_dump(), "bakeoff.tasks": list(tasks)}, data=data) as tracker:
+        tracker.summary(flat(metrics))
     for task in tasks:
         print(f"quantize: {task}: val loss {float_loss[task]:.4f} -> {nf4_loss[task]:.4f}, "
               f"mean |logit diff| {(float_logits[task] - nf4_logits[task]).abs().mean():.3f}")

@@ -11,7 +11,8 @@ from pathlib import Path
 from tuneoff.atomic import write_json
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.merge import deployable_dir
-from tuneoff.params import read_params
+from tuneoff.params import TrackingParams, read_params, section
+from tuneoff.tracking import flat, stage_run
 from tuneoff import methods
 from tuneoff.registry import git_revision, lock_hashes, publish, register
 
@@ -26,6 +27,7 @@ def main() -> None:
         raise TuneoffError(f"{comparison_file} not found: run `dvc repro report` first")
     report = json.loads(comparison_file.read_text())
     params = read_params()
+    tracking_params = section(TrackingParams, "tracking", data=params)
     revision = git_revision()
     PRODUCTION.mkdir(parents=True, exist_ok=True)  # the stage's output, even before any version is promoted
     decisions = {}
@@ -53,6 +55,12 @@ def main() -> None:
         if version["stage"] == "production":
             publish(path, PRODUCTION / task)
             decisions[task]["registered"]["published"] = str(PRODUCTION / task)
+        with stage_run("register", {"decide": params["decide"]}, task=task, method=method) as tracker:
+            tracker.summary(flat({"registered": decisions[task]["registered"], "main": row["main"]}))
+            # the same version and stage as the local registry, as artifact aliases and a registry link
+            tracker.link(f"{task}-model", "model", path, {k: v for k, v in version.items() if k != "params"},
+                         f"{tracking_params.registry}/{task}-model",
+                         (f"v{version['version']}-local", version["stage"]))
         print(f"register: {task}-model v{version['version']} ({decision['method']}) -> {version['stage']}: "
               f"{version['reason']}")
     write_json(REGISTRY / "decision.json", decisions)

@@ -10,7 +10,8 @@ from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.decide import decide
 from tuneoff.errors import user_errors
 from tuneoff.params import BakeoffParams, RegisterParams, read_params, section
-from tuneoff.report import compare_task, markdown, plot, read_json, write_plot_data
+from tuneoff.report import COLUMNS, compare_task, comparison_rows, markdown, plot, read_json, write_plot_data
+from tuneoff.tracking import flat, group_id, stage_run
 
 OUT = Path("reports")
 QUANTIZE = Path("models/quantize.json")
@@ -30,8 +31,17 @@ def main() -> None:
         write_plot_data(comparisons, Path("runs"), tmp)
         for c in comparisons:
             plot(c, Path("runs"), tmp / f"{c['task']}.png")
+    with stage_run("report", {"bakeoff": bakeoff.model_dump(), "decide": rules.model_dump()}, data=data) as tracker:
+        tracker.table("report/comparison", COLUMNS, [[row[c] for c in COLUMNS] for row in comparison_rows(comparisons, decisions)])
+        for c in comparisons:
+            tracker.image(f"report/{c['task']}", OUT / f"{c['task']}.png")
+        tracker.summary(flat({"decision": {task: {"method": d["method"], "rationale": d["rationale"]}
+                                           for task, d in decisions.items()}}))
+        url = tracker.publish_report(f"tuneoff bake-off {group_id()}", (OUT / "report.md").read_text())
     for task, d in decisions.items():
         print(f"report: {task}: recommend {d['method']}")
+    if url:
+        print(f"report: W&B Report {url}")
     print(f"report -> {OUT}/report.md")
 
 

@@ -19,6 +19,7 @@ from tuneoff import measure, methods
 from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.params import METHODS, CommonTrainParams, CostParams, read_params, section
+from tuneoff.tracking import flat, stage_run
 from tuneoff.train import load_rows, train
 
 @user_errors
@@ -37,60 +38,67 @@ def main(task: str, method: str) -> None:
         raise TuneoffError(f"{base}/ has no model: run `dvc repro {'quantize' if method == 'qlora' else 'import_base'}` first")
     methods.validate(method, params, base)
 
-    dev = measure.device()
-    precision = measure.resolve_precision(common.precision, dev)
-    if precision == "bf16" and dev.type == "cpu" and not measure.cpu_has_fast_bf16():
-        print("warning: precision bf16 on a CPU without AMX is slower than fp32 here", file=sys.stderr)
-    torch.manual_seed(common.seed)
-    peak = measure.PeakMemory(dev)
-    stage_start = time.perf_counter()
+    sections = {"train.common": common.model_dump(), f"train.{method}": params.model_dump(), "cost": {"price_per_hour": prices}}
+    with stage_run("train", sections, task=task, method=method, data=data) as tracker:
+        dev = measure.device()
+        precision = measure.resolve_precision(common.precision, dev)
+        if precision == "bf16" and dev.type == "cpu" and not measure.cpu_has_fast_bf16():
+            print("warning: precision bf16 on a CPU without AMX is slower than fp32 here", file=sys.stderr)
+        torch.manual_seed(common.seed)
+        peak = measure.PeakMemory(dev)
+        stage_start = time.perf_counter()
 
-    peak.reset()
-    model = methods.build(method, params, base, precision, dev, common.gradient_checkpointing)
-    load_seconds = time.perf_counter() - stage_start
-    load_memory = peak.read()
-    trainable, total = methods.trainable_and_total(model)
-    train_rows, val_rows = load_rows(prepared / "train.safetensors"), load_rows(prepared / "val.safetensors")
+        peak.reset()
+        model = methods.build(method, params, base, precision, dev, common.gradient_checkpointing)
+        load_seconds = time.perf_counter() - stage_start
+        load_memory = peak.read()
+        trainable, total = methods.trainable_and_total(model)
+        train_rows, val_rows = load_rows(prepared / "train.safetensors"), load_rows(prepared / "val.safetensors")
 
-    out = Path("runs") / task / method
-    out.mkdir(parents=True, exist_ok=True)
-    # the stage owns model/, train.json and the loss logs in `out`, not the folder: merge and
-    # evaluate write beside them. Each appears whole or not at all.
-    with atomic_dir(out / "model") as model_dir, tempfile.TemporaryDirectory(dir=out) as logs:
-        peak.reset()  # training peak: weights + gradients + optimizer state + activations
-        result = train(model, train_rows, val_rows, common, params.lr, dev, precision, Path(logs), f"{task}/{method}")
-        train_memory = peak.read()
-        methods.save(model, method, model_dir)
-        AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
-        wall = time.perf_counter() - stage_start
-        metrics = {
-            "task": task,
-            "method": method,
-            "device": measure.device_name(dev),
-            "precision": precision,
-            "seed": common.seed,
-            "params": {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
-            "tokens": {"budget": common.token_budget, "real": result.real_tokens, "supervised": result.loss_tokens,
-                       "steps": result.steps, "batch_rows": common.batch_size},
-            "loss": {"train_final": round(result.final_train_loss, 6), "val_before": round(result.val_loss_before, 6),
-                     "val": round(result.val_loss, 6)},
-            "memory": {"peak_memory_bytes": train_memory["peak_bytes"], "measure": train_memory["measure"],
-                       **({"peak_reserved_bytes": train_memory["peak_reserved_bytes"]} if dev.type == "cuda" else {}),
-                       "load_peak_memory_bytes": load_memory["peak_bytes"]},
-            # weights_bytes is what the method produced; folder_bytes adds config and tokenizer
-            "output": {"path": str(out / "model"), "kind": "model" if method == "full" else "adapter",
-                       "weights_bytes": measure.dir_bytes(model_dir, "*.safetensors"),
-                       "folder_bytes": measure.dir_bytes(model_dir)},
-            # timing lives in its own keys: everything else is reproducible run to run on CPU
-            "timing": {"load_seconds": round(load_seconds, 3), "train_seconds": round(result.train_seconds, 3),
-                       "eval_seconds": round(result.eval_seconds, 3), "wall_seconds": round(wall, 3),
-                       "tokens_per_second": round(result.real_tokens / result.train_seconds, 2)},
-            # dollars are for the whole stage (load + train + val), which is what a rented device bills
-            "cost": measure.cost(wall, measure.device_name(dev), prices),
-        }
-        for name in ("loss.csv", "val_loss.csv"):
-            os.replace(Path(logs) / name, out / name)
-        write_json(out / "train.json", metrics)
+        out = Path("runs") / task / method
+        out.mkdir(parents=True, exist_ok=True)
+        # the stage owns model/, train.json and the loss logs in `out`, not the folder: merge and
+        # evaluate write beside them. Each appears whole or not at all.
+        with atomic_dir(out / "model") as model_dir, tempfile.TemporaryDirectory(dir=out) as logs:
+            peak.reset()  # training peak: weights + gradients + optimizer state + activations
+            result = train(model, train_rows, val_rows, common, params.lr, dev, precision, Path(logs), f"{task}/{method}",
+                           tracker)
+            train_memory = peak.read()
+            methods.save(model, method, model_dir)
+            AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
+            wall = time.perf_counter() - stage_start
+            metrics = {
+                "task": task,
+                "method": method,
+                "device": measure.device_name(dev),
+                "precision": precision,
+                "seed": common.seed,
+                "params": {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
+                "tokens": {"budget": common.token_budget, "real": result.real_tokens, "supervised": result.loss_tokens,
+                           "steps": result.steps, "batch_rows": common.batch_size},
+                "loss": {"train_final": round(result.final_train_loss, 6), "val_before": round(result.val_loss_before, 6),
+                         "val": round(result.val_loss, 6)},
+                "memory": {"peak_memory_bytes": train_memory["peak_bytes"], "measure": train_memory["measure"],
+                           **({"peak_reserved_bytes": train_memory["peak_reserved_bytes"]} if dev.type == "cuda" else {}),
+                           "load_peak_memory_bytes": load_memory["peak_bytes"]},
+                # weights_bytes is what the method produced; folder_bytes adds config and tokenizer
+                "output": {"path": str(out / "model"), "kind": "model" if method == "full" else "adapter",
+                           "weights_bytes": measure.dir_bytes(model_dir, "*.safetensors"),
+                           "folder_bytes": measure.dir_bytes(model_dir)},
+                # timing lives in its own keys: everything else is reproducible run to run on CPU
+                "timing": {"load_seconds": round(load_seconds, 3), "train_seconds": round(result.train_seconds, 3),
+                           "eval_seconds": round(result.eval_seconds, 3), "wall_seconds": round(wall, 3),
+                           "tokens_per_second": round(result.real_tokens / result.train_seconds, 2)},
+                # dollars are for the whole stage (load + train + val), which is what a rented device bills
+                "cost": measure.cost(wall, measure.device_name(dev), prices),
+            }
+            for name in ("loss.csv", "val_loss.csv"):
+                os.replace(Path(logs) / name, out / name)
+            write_json(out / "train.json", metrics)
+        tracker.summary(flat({k: v for k, v in metrics.items() if k not in ("task", "method")}))
+        tracker.artifact(f"{task}-{method}", "model", out / "model", {
+            "task": task, "method": method, "kind": metrics["output"]["kind"], "trained_on": f"{task}-data",
+            "base": str(base), "metrics": metrics})
     gib = train_memory["peak_bytes"] / 2**30
     print(f"train@{task}-{method}: {result.steps} steps, {result.real_tokens:,} tokens in {result.train_seconds:.0f} s "
           f"({metrics['timing']['tokens_per_second']:.0f} tok/s), val loss {result.val_loss_before:.3f} -> "

@@ -4,10 +4,14 @@ both built here from a config, so no test touches a hub."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -18,6 +22,7 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "wandb-test-key-0123456789abcdef0123456789abcdef"  # set for the runs; must never reach a file
 BANKING77 = ROOT.parent / "shared" / "data" / "banking77"
 
 
@@ -83,3 +88,37 @@ def tiny_nf4(tiny_base, tmp_path_factory) -> Path:
                               torch.device("cpu"))
     model.save_pretrained(path)
     return path
+
+
+def run(cmd, cwd, env: dict | None = None) -> str:
+    """Run a command in `cwd` with this venv's tools and offline W&B; fail the test on failure."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "WANDB_MODE": "offline", "WANDB_API_KEY": API_KEY,
+           "TUNEOFF_RUN_GROUP": "bakeoff-test", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def make_project(dest: Path, tiny_base: Path) -> Path:
+    """A copy of the project (what git would commit) in `dest`, set to the tiny model and a tiny
+    budget, committed to its own git repository."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["base_model"].update(source="path", path=str(tiny_base))
+    params["tasks"]["extraction"]["n_examples"] = 60
+    params["tasks"]["iso_codes"]["n_facts"] = 30
+    params["prepare"].update(seq_len=256, max_val_examples=8, max_test_examples=8)
+    params["evaluate"].update(max_new_tokens=8, bootstrap_samples=200)
+    params["train"]["common"].update(batch_size=2, token_budget=1500, log_every=2, eval_every=2)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "copy"], dest)
+    return dest

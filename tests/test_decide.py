@@ -61,3 +61,17 @@ def test_promotion_only_when_production_is_beaten(tmp_path):
     stored = json.loads((tmp_path / "registry.json").read_text())["models"]["t-model"]
     assert [v["stage"] for v in stored] == ["archived", "staging", "production"]
     assert [v["version"] for v in stored] == [1, 2, 3]
+
+
+def failed(method):
+    return {"method": method, "failed": "CUDA out of memory", "main": None, "ci_low": None, "ci_high": None,
+            "test_loss": None, "metrics": {}, "gap_to_full_points": None, "train": None}
+
+
+def test_a_failed_method_is_excluded_and_named():
+    c = comparison(base=0.30, full=0.90, lora=0.89, qlora=0.885)
+    c["rows"][2] = failed("lora")
+    d = decide(c, RULES)
+    assert d["method"] == "qlora" and "lora failed (CUDA out of memory)" in d["rationale"]
+    c["rows"][0] = failed("base")
+    assert decide(c, RULES)["method"] is None

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import API_KEY, make_project, run
 
 pytestmark = pytest.mark.slow
 TRAIN_KEYS = {
@@ -24,37 +23,9 @@ TRAIN_KEYS = {
 }
 
 
-def run(cmd, cwd):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_base):
-    """A copy of the project (what git would commit) set to the tiny model and a tiny budget."""
-    dest = tmp_path_factory.mktemp("project")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["base_model"].update(source="path", path=str(tiny_base))
-    params["tasks"]["extraction"]["n_examples"] = 60
-    params["tasks"]["iso_codes"]["n_facts"] = 30
-    params["prepare"].update(seq_len=256, max_val_examples=8, max_test_examples=8)
-    params["evaluate"].update(max_new_tokens=8, bootstrap_samples=200)
-    params["train"]["common"].update(batch_size=2, token_budget=1500, log_every=2, eval_every=2)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "copy"], dest)
-    return dest
+    return make_project(tmp_path_factory.mktemp("project"), tiny_base)
 
 
 def test_repro_runs_every_stage_and_writes_the_metrics(project):
@@ -129,6 +100,47 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             assert (published / "model.safetensors").read_bytes() == (project / v["path"] / "model.safetensors").read_bytes()
     for name in ("curves.csv", "tradeoff.csv"):
         assert len((project / "reports" / name).read_text().splitlines()) > 6
+
+
+def test_wandb_offline_runs_hold_each_stage(project):
+    from wandb_records import read_runs
+
+    runs = {r.name: r for r in read_runs(project / "wandb")}
+    tasks = ("extraction", "iso_codes")
+    assert {f"train@{t}-{m}" for t in tasks for m in ("full", "lora", "qlora")} | {"report", "quantize"} <= set(runs)
+    assert {r.group for r in runs.values()} == {"bakeoff-test"} and all(r.exit_code == 0 for r in runs.values())
+
+    train = runs["train@extraction-lora"]
+    assert train.job_type == "train" and {"extraction", "lora"} <= set(train.tags)
+    # config: exactly the params sections the stage read, plus git and dvc.lock
+    assert set(train.config["params"]) == {"train.common", "train.lora", "cost"}
+    assert train.config["params"]["train.lora"]["rank"] == 16 and train.config["git"]["commit"]
+    metrics = json.loads((project / "runs/extraction/lora/train.json").read_text())
+    assert train.summary["cost/usd"] == metrics["cost"]["usd"]
+    assert train.summary["memory/peak_memory_bytes"] == metrics["memory"]["peak_memory_bytes"]
+    steps = [h for h in train.history if "train/loss" in h]
+    assert len(steps) >= 2 and all({"train/lr", "train/tokens_per_second", "memory/current_bytes"} <= set(h) for h in steps)
+    (model,) = train.artifacts
+    assert model["name"] == "extraction-lora" and model["type"] == "model"
+    assert model["metadata"]["trained_on"] == "extraction-data" and any(f.endswith("adapter_model.safetensors") for f in model["files"])
+    assert runs["prepare@extraction"].artifacts[0]["type"] == "dataset"
+    assert runs["merge@extraction-qlora"].artifacts[0]["name"] == "extraction-qlora-merged"
+
+    evaluate = runs["evaluate@extraction-qlora"]
+    ev = json.loads((project / "runs/extraction/qlora/eval.json").read_text())
+    assert evaluate.summary["eval/main"] == ev["metrics"]["main"] and evaluate.summary["eval/ci_low"] == ev["metrics"]["ci_low"]
+    assert evaluate.summary["eval/predictions"]["nrows"] == ev["metrics"]["n"]
+    assert "eval/adapter_check/same_predictions" in evaluate.summary
+
+    report = runs["report"]
+    assert report.summary["report/comparison"]["nrows"] == 8  # 2 tasks x (base + 3 methods)
+    assert report.summary["report/extraction"]["_type"] == "image-file"
+    assert set(report.config["params"]) == {"bakeoff", "decide"}
+
+
+def test_api_key_is_in_no_file_the_run_wrote(project):
+    leaked = [str(p) for p in project.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
+    assert not leaked
 
 
 def test_dvc_plots_and_artifacts_are_declared(project):

@@ -1,4 +1,5 @@
-"""The `tuneoff` command: run the bake-off (a thin wrapper over `dvc repro`) and show its results."""
+"""The `tuneoff` command: run the bake-off (the Prefect flow over the DVC stages), show its results,
+deploy the flows to a Prefect server, and upload offline W&B runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tuneoff.errors import TuneoffError, user_errors
+from tuneoff.params import TrackingParams, section
 
 
 def results_table(runs: Path = Path("runs")) -> str:
@@ -35,15 +39,55 @@ def results_table(runs: Path = Path("runs")) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tuneoff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the bake-off: `dvc repro` in the current project")
+    run = sub.add_parser("run", help="run the bake-off flow in the current project")
+    run.add_argument("--gpu-pool", help="dispatch the per-method stages to this Prefect work pool")
+    run.add_argument("--repo", help="git URL the workers clone (default: this folder)")
+    deploy = sub.add_parser("deploy", help="deploy the unit and scheduled-retrain flows (see flows/deploy.py)")
+    deploy.add_argument("--gpu-pool", required=True)
+    deploy.add_argument("--cpu-pool", required=True)
+    deploy.add_argument("--source", default=str(Path.cwd()))
+    deploy.add_argument("--image")
     sub.add_parser("results", help="print the per-method results table")
+    sub.add_parser("sync", help="upload the offline W&B runs (needs WANDB_API_KEY)")
     args = parser.parse_args(argv)
-    if args.command == "run":
-        env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-        code = subprocess.call(["dvc", "repro"], env=env)
-        if code:
-            sys.exit(code)
+    if args.command == "sync":
+        sys.exit(sync())
+    if args.command == "deploy":
+        from flows.deploy import deploy as deploy_flows
+
+        deploy_flows(args.gpu_pool, args.cpu_pool, args.source, args.image)
+        return
+    failed = run_flow(args.gpu_pool, args.repo) if args.command == "run" else []
     print(results_table())
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (see runs/<task>/<method>/failed.json and the report)")
+
+
+def run_flow(gpu_pool: str | None, repo: str | None) -> list[str]:
+    """The bake-off flow, here; against $PREFECT_API_URL if set, else a temporary local Prefect server."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    sys.path.insert(0, str(Path.cwd()))  # flows/ lives in the project
+    from flows.bakeoff import bakeoff
+
+    outcome = bakeoff(gpu_pool=gpu_pool, repo=repo)
+    for unit, result in outcome.items():
+        print(f"{unit}: {result['state']}" + (f" on {result['host']}" if "host" in result else "")
+              + (f" ({result['error'].splitlines()[-1]})" if "error" in result else ""))
+    return [unit for unit, result in outcome.items() if result["state"] != "completed"]
+
+
+@user_errors
+def sync() -> int:
+    """`wandb sync` over the offline runs under tracking.dir that were not uploaded yet."""
+    tracking = section(TrackingParams, "tracking")
+    runs = sorted(str(p) for p in (Path(tracking.dir) / "wandb").glob("offline-run-*"))
+    if not runs:
+        raise TuneoffError(f"no offline W&B runs under {Path(tracking.dir) / 'wandb'}/")
+    if not os.environ.get("WANDB_API_KEY"):
+        raise TuneoffError("WANDB_API_KEY is not set: `wandb login` or export it, then sync again")
+    return subprocess.call(["wandb", "sync", "--skip-synced", "--project", tracking.project,
+                            *(["--entity", tracking.entity] if tracking.entity else []), *runs])
 
 
 if __name__ == "__main__":

@@ -24,8 +24,14 @@ def decide(comparison: dict, rules: RegisterParams) -> dict:
     metric = comparison["main_metric"]
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     reasons, eligible = [], []
+    if base.get("failed"):
+        return {"method": None, "numbers": {}, "rationale": f"The untuned base was not evaluated ({base['failed']}): "
+                                                            "without it no method can be judged; nothing is registered."}
     for name, r in rows.items():
         if name == "base":
+            continue
+        if r.get("failed"):
+            reasons.append(f"{name} failed ({r['failed']})")
             continue
         if r["ci_high"] <= base["main"]:
             reasons.append(f"{name} does not beat the untuned base ({pct(r['main'])} vs {pct(base['main'])})")
@@ -45,7 +51,7 @@ def decide(comparison: dict, rules: RegisterParams) -> dict:
                              "raise the token budget or check the data before spending more."}
 
     cost = lambda r: (r["train"]["cost_usd"] or 0.0, r["train"]["peak_memory_bytes"])  # noqa: E731
-    full_ok = full is not None and full in eligible
+    full_ok = full is not None and any(r is full for r in eligible)
     adapters = [r for r in eligible if r["method"] != "full"]
     close = [r for r in adapters if not full_ok or r["gap_to_full_points"] <= rules.max_gap_points]
     if close:

@@ -48,14 +48,19 @@ def resolve_precision(precision: str, dev: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def _vmhwm_bytes() -> int | None:
+def _status_bytes(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def current_memory_bytes(dev: torch.device) -> int | None:
+    """Memory in use now: allocated CUDA memory on a GPU, the resident set on a CPU."""
+    return torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _status_bytes("VmRSS")
 
 
 @dataclass
@@ -82,7 +87,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.dev)
             return {"peak_bytes": torch.cuda.max_memory_allocated(self.dev),
                     "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.dev), "measure": self.measure}
-        hwm = _vmhwm_bytes() if self.measure == "cpu_peak_rss" else None
+        hwm = _status_bytes("VmHWM") if self.measure == "cpu_peak_rss" else None
         peak = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"peak_bytes": peak, "measure": self.measure}
 

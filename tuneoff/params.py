@@ -7,6 +7,7 @@ the key, the value given and what is allowed.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -147,6 +148,36 @@ class CostParams(Section):
     def _has_cpu(self) -> "CostParams":
         if "cpu" not in self.price_per_hour:
             raise ValueError("price_per_hour needs a 'cpu' entry")
+        return self
+
+
+class TrackingParams(Section):
+    """Weights & Biases (tuneoff/tracking.py). Read by every stage, but not a DVC param: where
+    runs are logged does not change what a stage computes."""
+
+    enabled: bool
+    project: str
+    entity: str  # "" = the API key's default entity
+    dir: str  # offline runs are written to <dir>/wandb/offline-run-*
+    system_metrics_seconds: float = Field(gt=0)
+    registry: str  # the W&B registry the register stage links production models into (online only)
+
+
+class RetrainParams(Section):
+    """Scheduled retraining (flows/retrain.py): when, what, and where."""
+
+    cron: str  # the retrain deployment's schedule, e.g. "0 3 * * 1" (Mondays 03:00 UTC)
+    scope: Literal["bakeoff", "production"]  # rerun every method, or only each task's production method
+    gpu_pool: str  # "" = run the GPU stages where the flow runs
+
+    @model_validator(mode="after")
+    def _cron(self) -> "RetrainParams":
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(self.cron, datetime.now())
+        except CronSimError as e:
+            raise ValueError(f"cron {self.cron!r} is not a cron expression ({e})") from None
         return self
 
 

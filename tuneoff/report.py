@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from tuneoff.errors import TuneoffError
+from tuneoff.scoring import MAIN_METRIC
 
 
 def read_json(path: Path) -> dict:
@@ -19,13 +20,20 @@ def read_json(path: Path) -> dict:
 def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
                  prepared: Path = Path("data/prepared")) -> dict:
     """Rows for the untuned base and each method, and the conditions that make them comparable."""
-    base = read_json(runs / task / "base" / "eval.json")
     meta = read_json(prepared / task / "meta.json")
-    rows = [{"method": "base", **_quality(base), "train": None}]
-    trains = {}
-    for method in methods:
-        train = trains[method] = read_json(runs / task / method / "train.json")
-        rows.append({"method": method, **_quality(read_json(runs / task / method / "eval.json")), "train": {
+    rows, trains = [], {}
+    for method in ["base", *methods]:
+        failed = runs / task / method / "failed.json"
+        if failed.is_file():  # the flow gave up on this method; it stays a row
+            rows.append({"method": method, "failed": read_json(failed)["error"].strip().splitlines()[-1][:300],
+                         "main": None, "ci_low": None, "ci_high": None, "test_loss": None, "metrics": {},
+                         "adapter_check": None, "train": None})
+            continue
+        ev = read_json(runs / task / method / "eval.json")
+        train = None
+        if method != "base":
+            train = trains[method] = read_json(runs / task / method / "train.json")
+        rows.append({"method": method, **_quality(ev), "train": train and {
             "peak_memory_bytes": train["memory"]["peak_memory_bytes"],
             "memory_measure": train["memory"]["measure"],
             "train_seconds": train["timing"]["train_seconds"],
@@ -38,14 +46,14 @@ def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
             "device": train["device"],
             "precision": train["precision"],
         }})
-    full = next((r for r in rows if r["method"] == "full"), None)
+    full = next((r for r in rows if r["method"] == "full" and r["main"] is not None), None)
     for r in rows:
-        r["gap_to_full_points"] = None if full is None else round(100 * (full["main"] - r["main"]), 2)
+        r["gap_to_full_points"] = None if full is None or r["main"] is None else round(100 * (full["main"] - r["main"]), 2)
     first = next(iter(trains.values()), None)
     return {
         "task": task,
         "scorer": meta["scorer"],
-        "main_metric": base["metrics"]["main_metric"],
+        "main_metric": MAIN_METRIC[meta["scorer"]],
         "rows": rows,
         "conditions": {
             "test_examples": meta["examples"]["test"], "train_examples": meta["examples"]["train"],
@@ -64,6 +72,8 @@ def _quality(ev: dict) -> dict:
 
 
 def _fmt_row(r: dict) -> list[str]:
+    if r.get("failed"):
+        return [r["method"], f"failed: {r['failed'][:80]}"] + [""] * 8
     t = r["train"]
     gap = "" if r["gap_to_full_points"] is None or r["method"] == "full" else f"{r['gap_to_full_points']:+.1f}"
     cells = [r["method"], f"{100 * r['main']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]", gap,
@@ -125,6 +135,29 @@ def _loss_log(runs: Path, task: str, method: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+COST_COLUMNS = ["peak_memory_gib", "train_seconds", "gpu_hours", "cost_usd", "trainable_percent", "artifact_mib"]
+COLUMNS = (["task", "method", "main_metric", "main", "ci_low", "ci_high", "gap_to_full_points", "test_loss"]
+           + COST_COLUMNS + ["recommended"])
+
+
+def comparison_rows(comparisons: list[dict], decisions: dict) -> list[dict]:
+    """One flat row per task and method: the report table, for W&B and other tools (None = untuned base)."""
+    rows = []
+    for c in comparisons:
+        for r in c["rows"]:
+            if r.get("failed"):
+                continue
+            t = r["train"]
+            cost = {"peak_memory_gib": round(t["peak_memory_bytes"] / 2**30, 3), "train_seconds": t["train_seconds"],
+                    "gpu_hours": t["gpu_hours"], "cost_usd": t["cost_usd"], "trainable_percent": t["trainable_percent"],
+                    "artifact_mib": round(t["artifact_bytes"] / 2**20, 2)} if t else {}
+            rows.append({"task": c["task"], "method": r["method"], "main_metric": c["main_metric"], "main": r["main"],
+                         "ci_low": r["ci_low"], "ci_high": r["ci_high"], "gap_to_full_points": r["gap_to_full_points"],
+                         "test_loss": r["test_loss"], **{k: cost.get(k) for k in COST_COLUMNS},
+                         "recommended": decisions[c["task"]]["method"] == r["method"]})
+    return rows
+
+
 def write_plot_data(comparisons: list[dict], runs: Path, out_dir: Path) -> None:
     """Long-format CSVs behind dvc.yaml's top-level plots: loss curves, and quality vs cost."""
     with open(out_dir / "curves.csv", "w", newline="") as f:
@@ -140,6 +173,8 @@ def write_plot_data(comparisons: list[dict], runs: Path, out_dir: Path) -> None:
         w.writerow(["task", "method", "main_percent", "cost_usd", "peak_memory_gib", "train_seconds"])
         for c in comparisons:
             for r in c["rows"]:
+                if r.get("failed"):
+                    continue
                 t = r["train"] or {}
                 w.writerow([c["task"], r["method"], round(100 * r["main"], 2), t.get("cost_usd", 0.0) or 0.0,
                             round(t.get("peak_memory_bytes", 0) / 2**30, 3), t.get("train_seconds", 0.0)])
@@ -161,7 +196,8 @@ def plot(comparison: dict, runs: Path, out: Path) -> None:
         ax1.errorbar(cost, 100 * r["main"], yerr=[[100 * (r["main"] - r["ci_low"])], [100 * (r["ci_high"] - r["main"])]],
                      fmt="o", capsize=4, label=r["method"])
         ax1.annotate(r["method"], (cost, 100 * r["main"]), textcoords="offset points", xytext=(6, 4))
-    ax1.axhline(100 * base["main"], color="grey", linestyle="--", label="untuned base")
+    if base["main"] is not None:
+        ax1.axhline(100 * base["main"], color="grey", linestyle="--", label="untuned base")
     ax1.set(xlabel="cost (USD)", ylabel=f"{comparison['main_metric']} (%)", title=f"{task}: quality vs cost")
     ax1.legend(fontsize=8)
     ax2.bar([r["method"] for r in trained], [r["train"]["peak_memory_bytes"] / 2**30 for r in trained],

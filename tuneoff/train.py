@@ -23,7 +23,9 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from tuneoff.packing import IGNORE
+from tuneoff import measure
 from tuneoff.params import CommonTrainParams
+from tuneoff.tracking import NoTracker
 
 
 def load_rows(path: Path) -> dict[str, torch.Tensor]:
@@ -88,8 +90,9 @@ class TrainResult:
 
 
 def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev: torch.device, precision: str,
-          log_dir: Path, label: str) -> TrainResult:
-    """Train `model` on `common.token_budget` real tokens; log loss to log_dir/{loss,val_loss}.csv."""
+          log_dir: Path, label: str, tracker: NoTracker = NoTracker()) -> TrainResult:
+    """Train `model` on `common.token_budget` real tokens; log loss to log_dir/{loss,val_loss}.csv
+    and to `tracker` (train/loss, train/lr, tokens/s, memory, val/loss)."""
     steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -134,12 +137,17 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
             loss_csv.writerow([step, real_tokens, round(mean, 6), f"{scheduler.get_last_lr()[0]:.3e}"])
             loss_log.flush()
             elapsed = train_seconds + time.perf_counter() - start
+            tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens": real_tokens,
+                         "train/tokens_per_second": real_tokens / elapsed,
+                         "memory/current_bytes": measure.current_memory_bytes(dev)}, step=step)
             bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{real_tokens / elapsed:.0f}")
             window_loss, window_tokens = torch.zeros((), device=dev), 0
         if common.eval_every and step % common.eval_every == 0 and step != len(steps):
             train_seconds += time.perf_counter() - start
             t = time.perf_counter()
-            val_csv.writerow([step, round(eval_loss(model, val_rows, common.batch_size, dev, precision), 6)])
+            val = eval_loss(model, val_rows, common.batch_size, dev, precision)
+            val_csv.writerow([step, round(val, 6)])
+            tracker.log({"val/loss": val}, step=step)
             eval_seconds += time.perf_counter() - t
             start = time.perf_counter()
     if dev.type == "cuda":
@@ -151,6 +159,7 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     val_after = eval_loss(model, val_rows, common.batch_size, dev, precision)
     eval_seconds += time.perf_counter() - t
     val_csv.writerow([len(steps), round(val_after, 6)])
+    tracker.log({"val/loss": val_after}, step=len(steps))
     loss_log.close()
     val_log.close()
     last = recent[-max(1, len(recent) // 10):]  # the log windows of about the last 10% of steps

@@ -1,0 +1,200 @@
+"""Prefect orchestration with real components: a Prefect server on 127.0.0.1 (its own
+PREFECT_HOME, SQLite), a process work pool named like the GPU pool, real worker processes, a DVC
+remote in a temporary folder, and the tiny model."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_project, run
+
+pytestmark = pytest.mark.slow
+POOL = "gpu"
+UNITS = ("base", "full", "lora", "qlora")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server; yields the environment that points clients and workers at it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 120, "the Prefect server")
+        yield env
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_base, server):
+    """The tiny project with a local-folder DVC remote, committed; the pool and deployments created."""
+    dest = make_project(tmp_path_factory.mktemp("flow-project"), tiny_base)
+    remote = tmp_path_factory.mktemp("dvc-remote")
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], dest)
+    run(["git", "commit", "-qam", "DVC remote"], dest)
+    run(["prefect", "work-pool", "create", POOL, "--type", "process"], dest, server)
+    run(["prefect", "work-pool", "create", "cpu", "--type", "process"], dest, server)
+    run([sys.executable, "-m", "flows.deploy", "--gpu-pool", POOL, "--cpu-pool", "cpu", "--source", str(dest)], dest,
+        server)
+    return dest
+
+
+def start_worker(project: Path, server: dict, name: str, runs_dir: Path) -> subprocess.Popen:
+    env = {**server, "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule", "TUNEOFF_OFFLINE_RUNS": str(runs_dir),
+           "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    log = open(project.parent / f"{name}.log", "w")
+    return subprocess.Popen(["prefect", "worker", "start", "--pool", POOL, "--name", name, "--type", "process"],
+                            cwd=project.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def unit_runs(server: dict) -> list:
+    """Every flow run of the bakeoff-unit deployment, as the server has it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    os.environ["PREFECT_API_URL"] = server["PREFECT_API_URL"]
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[POOL])))
+
+
+def states(server: dict, flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return [s.type.value for s in sorted(client.read_flow_run_states(flow_run_id), key=lambda s: s.timestamp)]
+
+
+def test_job_template_is_accepted_by_the_server_and_a_bad_one_is_not(project, server):
+    template = ROOT / "infra/k8s/gpu-pool-job-template.json"
+    run(["prefect", "work-pool", "create", "gpu-k8s", "--type", "kubernetes", "--base-job-template", str(template)],
+        project, server)
+    bad = project.parent / "bad-template.json"
+    doc = json.loads(template.read_text())
+    doc["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["runtimeClassName"] = "{{ runtime_class }}"
+    bad.write_text(json.dumps(doc))
+    proc = subprocess.run(["prefect", "work-pool", "create", "gpu-bad", "--type", "kubernetes", "--base-job-template",
+                           str(bad)], cwd=project, env=server, capture_output=True, text=True)
+    assert proc.returncode != 0 and "undeclared variable(s): runtime_class" in proc.stdout + proc.stderr
+
+
+def test_dispatch_runs_every_method_on_the_worker(project, server, tmp_path):
+    worker = start_worker(project, server, "gpu-worker-1", tmp_path / "wandb")
+    try:
+        start = time.monotonic()
+        out = run([sys.executable, "-m", "tuneoff.cli", "run", "--gpu-pool", POOL], project, server)
+        flow_seconds = time.monotonic() - start
+    finally:
+        stop(worker)
+    for unit in UNITS:
+        assert f"{unit}: completed on" in out
+    runs = unit_runs(server)
+    assert sorted(r.parameters["unit"] for r in runs) == sorted(UNITS)
+    assert all(r.state.is_completed() and r.work_pool_name == POOL for r in runs)
+    # outputs came back through the DVC remote: the cache here has the adapters the workers trained
+    status = json.loads(run(["dvc", "status", "--json"], project) or "{}")
+    assert status == {}
+    assert "Running stage" not in run(["dvc", "repro"], project)
+    assert (project / "runs/extraction/lora/model/adapter_model.safetensors").is_file()
+    assert (project / "reports/report.md").read_text().startswith("# tuneoff bake-off report")
+    # every stage on the workers logged to the same W&B group as the orchestrator
+    from wandb_records import read_runs
+
+    worker_runs = read_runs(tmp_path / "wandb")
+    assert {r.name for r in worker_runs} >= {"train@extraction-lora", "evaluate@iso_codes-base"}
+    assert {r.group for r in worker_runs} == {"bakeoff-test"}
+    print(f"dispatched bake-off: {flow_seconds:.0f} s")
+
+
+def test_a_killed_worker_is_retried_on_a_restarted_one(project, server, tmp_path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["common"]["seed"] = 1  # every unit reruns
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "seed 1"], project)
+    before = {r.id for r in unit_runs(server)}
+    first = start_worker(project, server, "gpu-worker-2", tmp_path / "wandb")
+    env = {**os.environ, **server, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"}
+    flow = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", "run", "--gpu-pool", POOL], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = None
+    try:
+        running = wait_for(lambda: [r for r in unit_runs(server) if r.id not in before and r.state.is_running()],
+                           300, "a unit running on the first worker")
+        time.sleep(3)
+        os.killpg(first.pid, signal.SIGTERM)  # a preempted node: the worker and its flow runs get SIGTERM
+        first.wait(60)
+        victim = running[0].id
+        wait_for(lambda: "SCHEDULED" in states(server, victim)[1:], 60, "the killed run to be rescheduled")
+        second = start_worker(project, server, "gpu-worker-3", tmp_path / "wandb")
+        output, _ = flow.communicate(timeout=900)
+    finally:
+        for proc in (flow, first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill() if proc is flow else stop(proc)
+    assert flow.returncode == 0, output[-3000:]
+    history = states(server, victim)
+    assert history.index("SCHEDULED", 1) > history.index("RUNNING") and history[-1] == "COMPLETED"
+    assert all(f"{u}: completed" in output for u in UNITS)
+    assert json.loads(run(["dvc", "status", "--json"], project) or "{}") == {}
+
+
+def test_retrain_is_scheduled_and_retrains_nothing_when_nothing_changed(project, server):
+    from prefect.client.orchestration import get_client
+
+    os.environ["PREFECT_API_URL"] = server["PREFECT_API_URL"]
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/scheduled")
+    cron = yaml.safe_load((project / "params.yaml").read_text())["retrain"]["cron"]
+    assert [s.schedule.cron for s in deployment.schedules] == [cron]
+    lock = (project / "dvc.lock").read_bytes()
+    out = run([sys.executable, "-c", "from flows.retrain import retrain; print('result', retrain())"], project, server)
+    assert "result {'retrained': False, 'changed': []}" in out
+    assert (project / "dvc.lock").read_bytes() == lock

@@ -1,0 +1,62 @@
+"""infra/ files checked by the libraries that consume them (the Prefect server check of the job
+template is in test_flows.py, where a server runs)."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+INFRA = ROOT / "infra"
+
+
+class _Response:
+    def __init__(self, doc):
+        self.data = json.dumps(doc)
+
+
+def k8s(doc, kind=None):
+    """Deserialize with the Kubernetes client's models, which reject missing required fields."""
+    from kubernetes import client
+
+    return client.ApiClient().deserialize(_Response(doc), f"V1{kind or doc['kind']}")
+
+
+def test_worker_manifest_is_valid_kubernetes():
+    docs = list(yaml.safe_load_all((INFRA / "k8s/worker.yaml").read_text()))
+    objects = {(d["kind"], k8s(d).metadata.name) for d in docs}
+    assert ("Deployment", "tuneoff-gpu-worker") in objects and ("Role", "tuneoff-worker") in objects
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["prefect", "worker", "start"]
+    # secrets by reference only
+    assert all("valueFrom" in e or e["name"] == "PREFECT_SERVER_ANALYTICS_ENABLED" for e in container["env"])
+    with pytest.raises(ValueError, match="name"):
+        k8s({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+             "spec": {"selector": {}, "template": {"spec": {"containers": [{"image": "x"}]}}}})
+
+
+def test_job_template_renders_to_a_valid_gpu_job():
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((INFRA / "k8s/gpu-pool-job-template.json").read_text())
+    props = template["variables"]["properties"]
+    values = {k: v["default"] for k, v in props.items() if "default" in v}
+    values.update(name="bakeoff-unit-abc", command="prefect flow-run execute", labels={"team": "ml"}, env={})
+    job = apply_values(template["job_configuration"]["job_manifest"], values)
+    spec = k8s(job, "Job").spec.template.spec
+    (container,) = spec.containers
+    assert container.resources.requests["nvidia.com/gpu"] == "1" and spec.tolerations[0].key == "nvidia.com/gpu"
+    assert spec.node_selector == props["node_selector"]["default"]
+    env = {e.name: e for e in container.env}
+    assert env["WANDB_API_KEY"].value_from.secret_key_ref.name == "tuneoff-wandb" and env["WANDB_API_KEY"].value is None
+    assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"].value == "reschedule"
+
+
+@pytest.mark.parametrize("name, kind", [("fsdp.yaml", "FSDP"), ("deepspeed-zero3.yaml", "DEEPSPEED")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(INFRA / "accelerate" / name))
+    assert config.distributed_type.value == kind and config.mixed_precision == "bf16"

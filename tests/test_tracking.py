@@ -1,0 +1,52 @@
+"""The tracking seam: off means off, and a broken W&B never fails a stage."""
+
+from tuneoff import tracking
+from tuneoff.params import TrackingParams
+
+PARAMS = dict(enabled=True, project="tuneoff-test", entity="", system_metrics_seconds=5, registry="wandb-registry-model")
+
+
+def test_disabled_tracking_is_a_no_op(tmp_path):
+    tracker = tracking.start(TrackingParams(**PARAMS | {"enabled": False, "dir": str(tmp_path)}), "train", {})
+    assert type(tracker) is tracking.NoTracker
+    tracker.log({"train/loss": 1.0})
+    assert not any(tmp_path.iterdir())
+
+
+def test_unwritable_tracking_dir_warns_and_the_stage_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(tracking, "_warned", False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    tracker = tracking.start(TrackingParams(**PARAMS | {"dir": str(blocker / "wandb")}), "train", {}, task="t")
+    tracker.log({"train/loss": 1.0})
+    tracker.finish()
+    assert type(tracker) is tracking.NoTracker
+    err = capsys.readouterr().err
+    assert err.count("warning: W&B tracking failed") == 1
+
+
+def test_a_failing_wandb_call_disables_tracking_once(tmp_path, monkeypatch, capsys):
+    from wandb_records import read_runs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(tracking, "_warned", False)
+    tracker = tracking.start(TrackingParams(**PARAMS | {"dir": str(tmp_path)}), "report", {"bakeoff": {"tasks": ["t"]}})
+    tracker.summary({"before": 1})
+    tracker.image("report/chart", tmp_path / "missing.png")  # W&B raises: no such image
+    tracker.summary({"after": 2})  # a no-op now
+    tracker.finish()
+    assert capsys.readouterr().err.count("warning: W&B tracking failed") == 1
+    (run,) = read_runs(tmp_path / "wandb")
+    assert run.summary["before"] == 1 and "after" not in run.summary and run.exit_code == 1
+
+
+def test_flat_keys():
+    assert tracking.flat({"cost": {"usd": 1.5, "gpu_hours": 0}, "seed": 0}) == {"cost/usd": 1.5, "cost/gpu_hours": 0, "seed": 0}
+
+
+def test_group_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(tracking.GROUP_ENV, "bakeoff-42")
+    assert tracking.group_id() == "bakeoff-42"
+    monkeypatch.delenv(tracking.GROUP_ENV)
+    assert tracking.group_id().startswith("bakeoff-")
