@@ -22,6 +22,7 @@ runs/<task>/<method>/failed.json; the report shows it as failed and the other me
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -38,8 +39,12 @@ from tuneoff.params import BakeoffParams, read_params, section
 from tuneoff.tracking import GROUP_ENV
 
 UNIT_DEPLOYMENT = "bakeoff-unit"
-BEFORE = ["import_base", "prepare", "quantize"]  # CPU stages the units depend on
 AFTER = ["report", "register"]
+
+
+def before_stages(tasks: list[str]) -> list[str]:
+    """The CPU stages the units depend on."""
+    return ["import_base", *(f"prepare@{t}" for t in tasks), "quantize"]
 
 
 def unit_targets(unit: str, tasks: list[str]) -> list[str]:
@@ -73,10 +78,11 @@ def run_here(unit: str, targets: list[str]) -> str:
 
 
 @task(retries=2, retry_delay_seconds=[10, 30])
-def dispatch(unit: str, targets: list[str], pool: str, repo: str, revision: str, lock: str, group: str) -> dict:
+def dispatch(unit: str, targets: list[str], upstream: list[str], pool: str, repo: str, revision: str, lock: str,
+             group: str) -> dict:
     """Run a unit on a worker in `pool`; its outputs come back through the DVC remote."""
     run = run_deployment(f"{UNIT_DEPLOYMENT}/{pool}", parameters={
-        "repo": repo, "revision": revision, "unit": unit, "targets": targets, "upstream": BEFORE, "lock": lock,
+        "repo": repo, "revision": revision, "unit": unit, "targets": targets, "upstream": upstream, "lock": lock,
         "group": group}, flow_run_name=f"{unit}@{revision[:8]}", as_subflow=False)
     if not run.state.is_completed():
         raise RuntimeError(f"unit {unit}: flow run {run.name} ended {run.state.type.value}: {run.state.message}")
@@ -113,16 +119,16 @@ def keep_offline_runs(wandb_dir: Path) -> None:
 
 
 def collect(work: Path, targets: list[str]) -> dict:
-    """The dvc.lock entries of `targets`, and the text of their uncached outputs (metrics, plots)."""
+    """The dvc.lock entries of `targets`, and their uncached outputs (metrics, plots) as base64."""
     from dvc.repo import Repo
 
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
     files = {}
     with Repo(str(work)) as repo:
         for stage in repo.index.stages:
-            if stage.addressing in targets:
-                files.update({out.def_path: (work / out.def_path).read_text() for out in stage.outs
-                              if not out.use_cache})
+            if stage.name in targets:  # (addressing is relative to the cwd, not the repo)
+                files.update({out.def_path: base64.b64encode((work / out.def_path).read_bytes()).decode()
+                              for out in stage.outs if not out.use_cache})
     return {"lock": {t: lock[t] for t in targets}, "files": files}
 
 
@@ -132,9 +138,9 @@ def apply(result: dict) -> None:
     lock = yaml.safe_load(lock_path.read_text())
     lock["stages"].update(result["lock"])
     lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
-    for path, text in result["files"].items():
+    for path, data in result["files"].items():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        Path(path).write_bytes(base64.b64decode(data))
     sh("dvc", "pull", "--quiet", *result["lock"])
 
 
@@ -166,14 +172,19 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
     for t in tasks:
         for u in units:
             (Path("runs") / t / u / "failed.json").unlink(missing_ok=True)
-    repro(BEFORE)
+    before = before_stages(tasks)
+    repro(before)
     outcome = {}
+    for unit in list(units):  # a unit whose stages are all up to date is not sent anywhere
+        if not json.loads(sh("dvc", "status", "--json", *unit_targets(unit, tasks)) or "{}"):
+            outcome[unit] = {"state": "up to date"}
+            units.remove(unit)
     if gpu_pool:
         revision = git_revision_for_dispatch()
-        sh("dvc", "push", "--quiet", *BEFORE)
+        sh("dvc", "push", "--quiet", *before)
         lock = Path("dvc.lock").read_text()
-        futures = {u: dispatch.submit(u, unit_targets(u, tasks), gpu_pool, repo or str(Path.cwd()), revision, lock,
-                                      os.environ[GROUP_ENV]) for u in units}
+        futures = {u: dispatch.submit(u, unit_targets(u, tasks), before, gpu_pool, repo or str(Path.cwd()), revision,
+                                      lock, os.environ[GROUP_ENV]) for u in units}
         for unit, future in futures.items():
             try:
                 result = future.result()
@@ -195,4 +206,4 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
                 record_failure(unit, tasks, e)
                 outcome[unit] = {"state": "failed", "error": str(e)[-500:]}
     sh("dvc", "repro", "--single-item", *AFTER)  # not upstream: a failed unit is reported, not retried here
-    return outcome
+    return {unit: outcome[unit] for unit in ["base", *(methods or bakeoff_params.methods)]}

@@ -2,6 +2,7 @@
 PREFECT_HOME, SQLite), a process work pool named like the GPU pool, real worker processes, a DVC
 remote in a temporary folder, and the tiny model."""
 
+import contextlib
 import json
 import os
 import signal
@@ -96,21 +97,27 @@ def start_worker(project: Path, server: dict, name: str, runs_dir: Path) -> subp
                             cwd=project.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@contextlib.contextmanager
+def client(server: dict):
+    """A Prefect client for the test's server (settings are read once per process, so set them here)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        yield c
+
+
 def unit_runs(server: dict) -> list:
     """Every flow run of the bakeoff-unit deployment, as the server has it."""
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    os.environ["PREFECT_API_URL"] = server["PREFECT_API_URL"]
-    with get_client(sync_client=True) as client:
-        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[POOL])))
+    with client(server) as c:
+        return c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[POOL])))
 
 
 def states(server: dict, flow_run_id) -> list[str]:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return [s.type.value for s in sorted(client.read_flow_run_states(flow_run_id), key=lambda s: s.timestamp)]
+    with client(server) as c:
+        return [s.type.value for s in sorted(c.read_flow_run_states(flow_run_id), key=lambda s: s.timestamp)]
 
 
 def test_job_template_is_accepted_by_the_server_and_a_bad_one_is_not(project, server):
@@ -182,19 +189,28 @@ def test_a_killed_worker_is_retried_on_a_restarted_one(project, server, tmp_path
     assert flow.returncode == 0, output[-3000:]
     history = states(server, victim)
     assert history.index("SCHEDULED", 1) > history.index("RUNNING") and history[-1] == "COMPLETED"
-    assert all(f"{u}: completed" in output for u in UNITS)
+    # the seed changes training, not the untuned base: its unit was not sent anywhere
+    assert "base: up to date" in output and all(f"{u}: completed" in output for u in UNITS[1:])
     assert json.loads(run(["dvc", "status", "--json"], project) or "{}") == {}
 
 
 def test_retrain_is_scheduled_and_retrains_nothing_when_nothing_changed(project, server):
-    from prefect.client.orchestration import get_client
-
-    os.environ["PREFECT_API_URL"] = server["PREFECT_API_URL"]
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("retrain/scheduled")
+    with client(server) as c:
+        deployment = c.read_deployment_by_name("retrain/scheduled")
     cron = yaml.safe_load((project / "params.yaml").read_text())["retrain"]["cron"]
     assert [s.schedule.cron for s in deployment.schedules] == [cron]
     lock = (project / "dvc.lock").read_bytes()
     out = run([sys.executable, "-c", "from flows.retrain import retrain; print('result', retrain())"], project, server)
     assert "result {'retrained': False, 'changed': []}" in out
     assert (project / "dvc.lock").read_bytes() == lock
+
+
+def test_local_run_reruns_only_the_changed_method(project, server):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["lora"]["rank"] = 8
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([sys.executable, "-m", "tuneoff.cli", "run"], project, server)
+    assert "lora: completed on local" in out
+    assert all(f"{u}: up to date" in out for u in ("base", "full", "qlora"))
+    assert json.loads(run(["dvc", "status", "--json"], project) or "{}") == {}
+    assert json.loads((project / "runs/extraction/lora/train.json").read_text())["params"]["trainable"] > 0

@@ -74,7 +74,7 @@ def run_flow(gpu_pool: str | None, repo: str | None) -> list[str]:
     for unit, result in outcome.items():
         print(f"{unit}: {result['state']}" + (f" on {result['host']}" if "host" in result else "")
               + (f" ({result['error'].splitlines()[-1]})" if "error" in result else ""))
-    return [unit for unit, result in outcome.items() if result["state"] != "completed"]
+    return [unit for unit, result in outcome.items() if result["state"] == "failed"]
 
 
 @user_errors

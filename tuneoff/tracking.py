@@ -123,7 +123,8 @@ class WandbTracker(NoTracker):
             return None
         import wandb_workspaces.reports.v2 as wr
 
-        runs = wr.Runset(entity=self.run.entity, project=self.run.project, name=self.run.group)
+        runs = wr.Runset(entity=self.run.entity, project=self.run.project, name=self.run.group,
+                         filters=f"Metric('Group') == '{self.run.group}'")
         report = wr.Report(entity=self.run.entity, project=self.run.project, title=title, blocks=[
             wr.MarkdownBlock(text=markdown),
             wr.PanelGrid(runsets=[runs], panels=[wr.LinePlot(x="Step", y=["train/loss"]),
