@@ -23,7 +23,12 @@ def deploy(gpu_pool: str, cpu_pool: str, source: str, image: str | None = None) 
     ids = []
     common = {"build": False, "push": False, **({"image": image} if image else {})}
     unit = bakeoff_unit if image else bakeoff_unit.from_source(source, "flows/bakeoff.py:bakeoff_unit")
-    ids.append(unit.deploy(name=gpu_pool, work_pool_name=gpu_pool, print_next_steps=False, **common))
+    # `prefect flow-run execute` supervises the run: on SIGTERM (preemption, node drain) it hands
+    # the run back to the pool as Scheduled instead of leaving it Running on a dead machine
+    preemptible = {"command": "prefect flow-run execute",
+                   "env": {"PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule"}}
+    ids.append(unit.deploy(name=gpu_pool, work_pool_name=gpu_pool, job_variables=preemptible,
+                           print_next_steps=False, **common))
     scheduled = retrain if image else retrain.from_source(source, "flows/retrain.py:retrain")
     ids.append(scheduled.deploy(name="scheduled", work_pool_name=cpu_pool, cron=params.cron,
                                 parameters={"scope": params.scope, "gpu_pool": params.gpu_pool or gpu_pool},

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 ROOT = Path(__file__).resolve().parents[1]
-API_KEY = "wandb-test-key-0123456789abcdef0123456789abcdef"  # set for the runs; must never reach a file
+API_KEY = f"wandb-test-{uuid.uuid4().hex}"  # set for the runs; must never reach a file (nor is it in this one)
 BANKING77 = ROOT.parent / "shared" / "data" / "banking77"
 
 

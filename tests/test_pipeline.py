@@ -129,12 +129,12 @@ def test_wandb_offline_runs_hold_each_stage(project):
     evaluate = runs["evaluate@extraction-qlora"]
     ev = json.loads((project / "runs/extraction/qlora/eval.json").read_text())
     assert evaluate.summary["eval/main"] == ev["metrics"]["main"] and evaluate.summary["eval/ci_low"] == ev["metrics"]["ci_low"]
-    assert evaluate.summary["eval/predictions"]["nrows"] == ev["metrics"]["n"]
+    assert evaluate.summary["eval/predictions/nrows"] == ev["metrics"]["n"]
     assert "eval/adapter_check/same_predictions" in evaluate.summary
 
     report = runs["report"]
-    assert report.summary["report/comparison"]["nrows"] == 8  # 2 tasks x (base + 3 methods)
-    assert report.summary["report/extraction"]["_type"] == "image-file"
+    assert report.summary["report/comparison/nrows"] == 8  # 2 tasks x (base + 3 methods)
+    assert report.summary["report/extraction/_type"] == "image-file"
     assert set(report.config["params"]) == {"bakeoff", "decide"}
 
 
