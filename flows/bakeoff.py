@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,18 +58,28 @@ def unit_targets(unit: str, tasks: list[str]) -> list[str]:
     return [s for t in tasks for s in (f"{train}@{t}-{unit}", f"merge@{t}-{unit}", f"evaluate@{t}-{unit}")]
 
 
-def sh(*cmd: str, cwd: Path | str = ".", env: dict | None = None) -> str:
-    """Run a command; on failure raise with the tail of its output."""
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})},
-                          capture_output=True, text=True)
-    if proc.returncode:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        raise RuntimeError(f"`{' '.join(cmd)}` failed ({proc.returncode}) in {cwd}:\n{tail}")
-    return proc.stdout
+def sh(*cmd: str, cwd: Path | str = ".", env: dict | None = None, echo: bool = False) -> str:
+    """Run a command and return its stdout; `echo` streams stdout and stderr as they come (long
+    stages show progress). On failure raise with the tail of the output."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})}
+    if echo:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        returncode, out, err = proc.wait(), "".join(lines), ""
+    else:
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        returncode, out, err = done.returncode, done.stdout, done.stderr
+    if returncode:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed ({returncode}) in {cwd}:\n{(out + err)[-2000:]}")
+    return out
 
 
 def repro(targets: list[str], cwd: Path | str = ".", env: dict | None = None) -> None:
-    sh("dvc", "repro", *targets, cwd=cwd, env=env)
+    sh("dvc", "repro", *targets, cwd=cwd, env=env, echo=True)
 
 
 @task(retries=2, retry_delay_seconds=[10, 30])
@@ -101,7 +112,7 @@ def bakeoff_unit(repo: str, revision: str, unit: str, targets: list[str], upstre
         (work / "dvc.lock").write_text(lock)
         sh("dvc", "pull", "--quiet", *upstream, cwd=work)
         logger.info("unit %s on %s: dvc repro %s", unit, os.uname().nodename, " ".join(targets))
-        sh("dvc", "repro", "--single-item", *targets, cwd=work, env={GROUP_ENV: group})
+        sh("dvc", "repro", "--single-item", *targets, cwd=work, env={GROUP_ENV: group}, echo=True)
         sh("dvc", "push", "--quiet", *targets, cwd=work)
         keep_offline_runs(work / "wandb")
         return {"unit": unit, "host": os.uname().nodename, "pid": os.getpid(), **collect(work, targets)}
@@ -205,5 +216,5 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
                 logger.error("unit %s failed for good: %s", unit, e)
                 record_failure(unit, tasks, e)
                 outcome[unit] = {"state": "failed", "error": str(e)[-500:]}
-    sh("dvc", "repro", "--single-item", *AFTER)  # not upstream: a failed unit is reported, not retried here
+    sh("dvc", "repro", "--single-item", *AFTER, echo=True)  # not upstream: a failed unit is reported, not retried here
     return {unit: outcome[unit] for unit in ["base", *(methods or bakeoff_params.methods)]}
