@@ -6,19 +6,19 @@ Outputs runs/<task>/<method>/: model/ (full weights for `full`, the PEFT adapter
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
+import tuneoff
 from tuneoff import measure, methods
+from tuneoff.checkpoint import Checkpointer, fingerprint
 from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.params import METHODS, CommonTrainParams, CostParams, read_params, section
+from tuneoff.params import METHODS, CheckpointParams, CommonTrainParams, CostParams, read_params, section
 from tuneoff.tracking import flat, stage_run
 from tuneoff.train import load_rows, train
 
@@ -30,6 +30,7 @@ def main(task: str, method: str) -> None:
     common = section(CommonTrainParams, "train", "common", data=data)
     params = section(methods.PARAMS_BY_METHOD[method], "train", method, data=data)
     prices = section(CostParams, "cost", data=data).price_per_hour
+    checkpoint = section(CheckpointParams, "checkpoint", data=data)
     prepared = Path("data/prepared") / task
     if not (prepared / "train.safetensors").is_file():
         raise TuneoffError(f"{prepared}/train.safetensors not found: run `dvc repro prepare@{task}` first")
@@ -59,10 +60,15 @@ def main(task: str, method: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         # the stage owns model/, train.json and the loss logs in `out`, not the folder: merge and
         # evaluate write beside them. Each appears whole or not at all.
-        with atomic_dir(out / "model") as model_dir, tempfile.TemporaryDirectory(dir=out) as logs:
+        # a checkpoint resumes only the run it came from: same params, data, base, code and device
+        run_id = fingerprint({"train.common": common.model_dump(), f"train.{method}": params.model_dump(),
+                              "precision": precision, "device": measure.device_name(dev)},
+                             prepared, base, Path(tuneoff.__file__).parent, Path(__file__))
+        checkpointer = Checkpointer(Path(checkpoint.dir) / task / method, run_id, checkpoint.every_steps)
+        with atomic_dir(out / "model") as model_dir:
             peak.reset()  # training peak: weights + gradients + optimizer state + activations
-            result = train(model, train_rows, val_rows, common, params.lr, dev, precision, Path(logs), f"{task}/{method}",
-                           tracker)
+            result = train(model, train_rows, val_rows, common, params.lr, dev, precision, out, f"{task}/{method}",
+                           tracker, checkpointer)
             train_memory = peak.read()
             methods.save(model, method, model_dir)
             AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
@@ -86,15 +92,17 @@ def main(task: str, method: str) -> None:
                            "weights_bytes": measure.dir_bytes(model_dir, "*.safetensors"),
                            "folder_bytes": measure.dir_bytes(model_dir)},
                 # timing lives in its own keys: everything else is reproducible run to run on CPU
-                "timing": {"load_seconds": round(load_seconds, 3), "train_seconds": round(result.train_seconds, 3),
+                # after a resume, train/eval seconds include the steps before the checkpoint; load
+                # and wall seconds, memory and cost are this process's only
+                "timing": {"resumed_from_step": result.resumed_from_step, "load_seconds": round(load_seconds, 3),
+                           "train_seconds": round(result.train_seconds, 3),
                            "eval_seconds": round(result.eval_seconds, 3), "wall_seconds": round(wall, 3),
                            "tokens_per_second": round(result.real_tokens / result.train_seconds, 2)},
                 # dollars are for the whole stage (load + train + val), which is what a rented device bills
                 "cost": measure.cost(wall, measure.device_name(dev), prices),
             }
-            for name in ("loss.csv", "val_loss.csv"):
-                os.replace(Path(logs) / name, out / name)
             write_json(out / "train.json", metrics)
+        checkpointer.clear()
         tracker.summary(flat({k: v for k, v in metrics.items() if k not in ("task", "method")}))
         tracker.artifact(f"{task}-{method}", "model", out / "model", {
             "task": task, "method": method, "kind": metrics["output"]["kind"], "trained_on": f"{task}-data",

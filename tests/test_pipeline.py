@@ -18,7 +18,7 @@ TRAIN_KEYS = {
     "loss": {"train_final", "val_before", "val"},
     "memory": {"peak_memory_bytes", "measure", "load_peak_memory_bytes"},
     "output": {"path", "kind", "weights_bytes", "folder_bytes"},
-    "timing": {"load_seconds", "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second"},
+    "timing": {"resumed_from_step", "load_seconds", "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second"},
     "cost": {"device", "device_hours", "gpu_hours", "price_per_hour", "usd"},
 }
 

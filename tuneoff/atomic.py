@@ -9,11 +9,38 @@ import shutil
 from pathlib import Path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(path: Path) -> None:
+    """Clean up after a process killed while writing `path` (kill -9 runs no cleanup): its
+    `.<name>.tmp-<pid>` is deleted; its `.<name>.old-<pid>` (the previous output, moved aside
+    just before the new one moved in) is put back if `path` is missing, else deleted."""
+    for stale in sorted(path.parent.glob(f".{path.name}.*-*")):
+        kind, _, pid = stale.name.rpartition("-")
+        if not (kind.endswith((".tmp", ".old")) and pid.isdigit()) or _alive(int(pid)):
+            continue
+        if kind.endswith(".old") and not path.exists():
+            stale.rename(path)
+        elif stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path):
     """Yield a temporary folder next to `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -34,6 +61,7 @@ def atomic_file(path: Path):
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp

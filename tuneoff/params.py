@@ -98,6 +98,14 @@ class CommonTrainParams(Section):
     log_every: int = Field(gt=0)
 
 
+class CheckpointParams(Section):
+    """Resumable training (tuneoff/checkpoint.py). Not a DVC param: a resumed run ends with the
+    same weights as an uninterrupted one, so where and how often it saves changes no result."""
+
+    every_steps: int = Field(ge=0)  # 0 = no checkpoints
+    dir: str  # checkpoints/<task>/<method>/ under this folder; deleted when the stage succeeds
+
+
 class FullParams(Section):
     lr: float = Field(gt=0)
 

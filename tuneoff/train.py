@@ -24,6 +24,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from tuneoff.packing import IGNORE
 from tuneoff import measure
+from tuneoff.atomic import atomic_file
+from tuneoff.checkpoint import Checkpointer
 from tuneoff.params import CommonTrainParams
 from tuneoff.tracking import NoTracker
 
@@ -87,12 +89,14 @@ class TrainResult:
     final_train_loss: float
     val_loss_before: float
     val_loss: float
+    resumed_from_step: int  # 0 = trained from the start
 
 
 def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev: torch.device, precision: str,
-          log_dir: Path, label: str, tracker: NoTracker = NoTracker()) -> TrainResult:
+          log_dir: Path, label: str, tracker: NoTracker = NoTracker(), checkpointer: Checkpointer | None = None) -> TrainResult:
     """Train `model` on `common.token_budget` real tokens; log loss to log_dir/{loss,val_loss}.csv
-    and to `tracker` (train/loss, train/lr, tokens/s, memory, val/loss)."""
+    and to `tracker` (train/loss, train/lr, tokens/s, memory, val/loss). With a `checkpointer`,
+    resume from its checkpoint if there is one and save one every `every_steps` steps."""
     steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -101,67 +105,81 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(common.warmup_fraction * len(steps)), len(steps))
 
-    eval_seconds = 0.0
-    t = time.perf_counter()
-    val_before = eval_loss(model, val_rows, common.batch_size, dev, precision)
-    eval_seconds += time.perf_counter() - t
-
-    loss_log = open(log_dir / "loss.csv", "w", newline="")
-    val_log = open(log_dir / "val_loss.csv", "w", newline="")
-    loss_csv, val_csv = csv.writer(loss_log), csv.writer(val_log)
-    loss_csv.writerow(["step", "tokens", "train_loss", "lr"])
-    val_csv.writerow(["step", "val_loss"])
-    val_csv.writerow([0, round(val_before, 6)])
+    # everything the loop carries from step to step, so a checkpoint can restore it
+    state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
+             "loss_rows": [], "val_rows": [], "train_seconds": 0.0, "eval_seconds": 0.0}
+    window_loss = torch.zeros((), device=dev)
+    resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
+    resumed_from_step = resumed[0]["step"] if resumed else 0
+    if resumed:
+        state, tensors = resumed
+        window_loss = tensors["window_loss"].to(dev)
+        print(f"{label}: resuming from the checkpoint at step {state['step']} of {len(steps)}", file=sys.stderr)
+    else:
+        t = time.perf_counter()
+        state["val_before"] = eval_loss(model, val_rows, common.batch_size, dev, precision)
+        state["eval_seconds"] += time.perf_counter() - t
+        state["val_rows"].append([0, round(state["val_before"], 6)])
 
     model.train()
-    real_tokens = loss_tokens = 0
-    window_loss, window_tokens, recent = torch.zeros((), device=dev), 0, []
-    train_seconds = 0.0
-    bar = tqdm(total=len(steps), desc=label, unit="step", file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 15)
+    bar = tqdm(total=len(steps), initial=state["step"], desc=label, unit="step", file=sys.stderr,
+               mininterval=1 if sys.stderr.isatty() else 15)
     start = time.perf_counter()
-    for step, idx in enumerate(steps, start=1):
+    for step in range(state["step"] + 1, len(steps) + 1):
+        idx = steps[step - 1]
         loss_sum, n = batch_loss(model, train_rows, idx, dev, precision)
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(params, common.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        real_tokens += int(train_rows["real_tokens"][idx].sum())
-        loss_tokens += n
+        state["step"] = step
+        state["real_tokens"] += int(train_rows["real_tokens"][idx].sum())
+        state["loss_tokens"] += n
         window_loss += loss_sum.detach()
-        window_tokens += n
+        state["window_tokens"] += n
         bar.update()
         if step % common.log_every == 0 or step == len(steps):
-            mean = float(window_loss) / window_tokens  # the only host sync, once per log window
-            recent.append(mean)
-            loss_csv.writerow([step, real_tokens, round(mean, 6), f"{scheduler.get_last_lr()[0]:.3e}"])
-            loss_log.flush()
-            elapsed = train_seconds + time.perf_counter() - start
-            tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens": real_tokens,
-                         "train/tokens_per_second": real_tokens / elapsed,
+            mean = float(window_loss) / state["window_tokens"]  # the only host sync, once per log window
+            state["recent"].append(mean)
+            state["loss_rows"].append([step, state["real_tokens"], round(mean, 6), f"{scheduler.get_last_lr()[0]:.3e}"])
+            elapsed = state["train_seconds"] + time.perf_counter() - start
+            tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens": state["real_tokens"],
+                         "train/tokens_per_second": state["real_tokens"] / elapsed,
                          "memory/current_bytes": measure.current_memory_bytes(dev)}, step=step)
-            bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{real_tokens / elapsed:.0f}")
-            window_loss, window_tokens = torch.zeros((), device=dev), 0
+            bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{state['real_tokens'] / elapsed:.0f}")
+            window_loss, state["window_tokens"] = torch.zeros((), device=dev), 0
         if common.eval_every and step % common.eval_every == 0 and step != len(steps):
-            train_seconds += time.perf_counter() - start
+            state["train_seconds"] += time.perf_counter() - start
             t = time.perf_counter()
             val = eval_loss(model, val_rows, common.batch_size, dev, precision)
-            val_csv.writerow([step, round(val, 6)])
+            state["val_rows"].append([step, round(val, 6)])
             tracker.log({"val/loss": val}, step=step)
-            eval_seconds += time.perf_counter() - t
+            state["eval_seconds"] += time.perf_counter() - t
+            start = time.perf_counter()
+        if checkpointer and checkpointer.due(step, len(steps)):
+            state["train_seconds"] += time.perf_counter() - start
+            checkpointer.save(model, optimizer, scheduler, {"window_loss": window_loss.cpu()}, state)
             start = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    train_seconds += time.perf_counter() - start
+    state["train_seconds"] += time.perf_counter() - start
     bar.close()
 
     t = time.perf_counter()
     val_after = eval_loss(model, val_rows, common.batch_size, dev, precision)
-    eval_seconds += time.perf_counter() - t
-    val_csv.writerow([len(steps), round(val_after, 6)])
+    state["eval_seconds"] += time.perf_counter() - t
+    state["val_rows"].append([len(steps), round(val_after, 6)])
     tracker.log({"val/loss": val_after}, step=len(steps))
-    loss_log.close()
-    val_log.close()
+    write_csv(log_dir / "loss.csv", ["step", "tokens", "train_loss", "lr"], state["loss_rows"])
+    write_csv(log_dir / "val_loss.csv", ["step", "val_loss"], state["val_rows"])
+    recent = state["recent"]
     last = recent[-max(1, len(recent) // 10):]  # the log windows of about the last 10% of steps
-    return TrainResult(len(steps), real_tokens, loss_tokens, train_seconds, eval_seconds,
-                       sum(last) / len(last), val_before, val_after)
+    return TrainResult(len(steps), state["real_tokens"], state["loss_tokens"], state["train_seconds"],
+                       state["eval_seconds"], sum(last) / len(last), state["val_before"], val_after,
+                       resumed_from_step)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
