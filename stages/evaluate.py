@@ -24,7 +24,7 @@ from tuneoff.atomic import write_json, write_jsonl
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.generate import generate
 from tuneoff.merge import deployable_dir, load_adapter_model
-from tuneoff.params import EvaluateParams, read_params, section
+from tuneoff.params import EvaluateParams, check_task, read_params, section
 from tuneoff.scoring import main_score, score
 from tuneoff.tracking import flat, stage_run
 from tuneoff.train import eval_loss, load_rows
@@ -33,6 +33,7 @@ from tuneoff.train import eval_loss, load_rows
 @user_errors
 def main(task: str, model: str) -> None:
     data = read_params()
+    check_task(task, data)
     params = section(EvaluateParams, "evaluate", data=data)
     prepared = Path("data/prepared") / task
     source = Path("models/base") if model == "base" else deployable_dir(task, model)

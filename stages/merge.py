@@ -19,7 +19,7 @@ from tuneoff import measure, methods, quantize
 from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.merge import check_merge, load_adapter_model, logits_on
-from tuneoff.params import MergeParams, section
+from tuneoff.params import MergeParams, check_task, read_params, section
 from tuneoff.tracking import flat, stage_run
 from tuneoff.train import load_rows
 
@@ -30,7 +30,9 @@ BASE = methods.FLOAT_BASE
 def main(task: str, method: str) -> None:
     if method not in ("lora", "qlora"):
         raise TuneoffError(f"merge@{task}-{method}: only adapter methods (lora, qlora) merge")
-    params = section(MergeParams, "merge")
+    data = read_params()
+    check_task(task, data)
+    params = section(MergeParams, "merge", data=data)
     run = Path("runs") / task / method
     if not (run / "model" / "adapter_config.json").is_file():
         raise TuneoffError(f"{run}/model has no adapter: run `dvc repro {methods.train_stage(task, method)}` first")

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from tuneoff.atomic import atomic_dir, write_json, write_jsonl
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.packing import pack, tokenize_chat
-from tuneoff.params import PrepareParams, TaskParams, read_params, section
+from tuneoff.params import PrepareParams, TaskParams, check_task, read_params, section
 from tuneoff.tasks import SPLITS, build_task, split
 from tuneoff.tracking import flat, stage_run
 
@@ -26,6 +26,7 @@ BASE = Path("models/base")
 @user_errors
 def main(task: str) -> None:
     data = read_params()
+    check_task(task, data)
     prep = section(PrepareParams, "prepare", data=data)
     spec = section(TaskParams, "tasks", task, data=data)
     if not (BASE / "config.json").is_file():

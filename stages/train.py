@@ -18,7 +18,7 @@ from tuneoff import measure, methods
 from tuneoff.checkpoint import Checkpointer, fingerprint
 from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.params import METHODS, CheckpointParams, CommonTrainParams, CostParams, read_params, section
+from tuneoff.params import METHODS, CheckpointParams, CommonTrainParams, CostParams, check_task, read_params, section
 from tuneoff.tracking import flat, stage_run
 from tuneoff.train import load_rows, train
 
@@ -27,6 +27,7 @@ def main(task: str, method: str) -> None:
     if method not in METHODS:
         raise TuneoffError(f"params.yaml: bakeoff: unknown method {method!r}; allowed: {list(METHODS)}")
     data = read_params()
+    check_task(task, data)
     common = section(CommonTrainParams, "train", "common", data=data)
     params = section(methods.PARAMS_BY_METHOD[method], "train", method, data=data)
     prices = section(CostParams, "cost", data=data).price_per_hour
@@ -67,8 +68,13 @@ def main(task: str, method: str) -> None:
         checkpointer = Checkpointer(Path(checkpoint.dir) / task / method, run_id, checkpoint.every_steps)
         with atomic_dir(out / "model") as model_dir:
             peak.reset()  # training peak: weights + gradients + optimizer state + activations
-            result = train(model, train_rows, val_rows, common, params.lr, dev, precision, out, f"{task}/{method}",
-                           tracker, checkpointer)
+            try:
+                result = train(model, train_rows, val_rows, common, params.lr, dev, precision, out, f"{task}/{method}",
+                               tracker, checkpointer)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                    raise
+                raise TuneoffError(out_of_memory(method, common, train_rows["input_ids"].shape[1], dev)) from None
             train_memory = peak.read()
             methods.save(model, method, model_dir)
             AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
@@ -111,6 +117,22 @@ def main(task: str, method: str) -> None:
     print(f"train@{task}-{method}: {result.steps} steps, {result.real_tokens:,} tokens in {result.train_seconds:.0f} s "
           f"({metrics['timing']['tokens_per_second']:.0f} tok/s), val loss {result.val_loss_before:.3f} -> "
           f"{result.val_loss:.3f}, peak {gib:.2f} GiB ({train_memory['measure']}) -> {out}/")
+
+
+def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: torch.device) -> str:
+    """The one-line error for a training step that ran out of memory: what was tried, on what,
+    and what to change (each of these lowers the peak: activations scale with rows x seq_len)."""
+    where = measure.device_name(dev)
+    if dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory
+        where += f" ({total / 2**30:.1f} GiB, peak {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB allocated)"
+    advice = [f"lower train.common.batch_size (now {common.batch_size} rows of {seq_len} tokens)"]
+    if not common.gradient_checkpointing:
+        advice.append("set train.common.gradient_checkpointing: true")
+    if method != "qlora":
+        advice.append("train qlora (4-bit base)")
+    return (f"out of memory training {method} on {where}: " + ", or ".join(advice)
+            + "; `tuneoff estimate` predicts the peak before a run")
 
 
 if __name__ == "__main__":

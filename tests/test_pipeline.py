@@ -12,6 +12,7 @@ import yaml
 from conftest import API_KEY, make_project, run
 
 pytestmark = pytest.mark.slow
+MEASURED = {"timing", "memory", "cost"}  # the keys of a metrics file a rerun may change
 TRAIN_KEYS = {
     "params": {"trainable", "total", "trainable_percent"},
     "tokens": {"budget", "real", "supervised", "steps", "batch_rows"},
@@ -100,6 +101,31 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             assert (published / "model.safetensors").read_bytes() == (project / v["path"] / "model.safetensors").read_bytes()
     for name in ("curves.csv", "tradeoff.csv"):
         assert len((project / "reports" / name).read_text().splitlines()) > 6
+
+
+def deterministic_outputs(project: Path) -> dict:
+    """Every metrics file without its measured keys, the loss logs and predictions, and the hash
+    of every DVC output (weights, adapters, prepared data) but the report's and registry's."""
+    files = {}
+    for path in sorted([*project.glob("runs/*/*/*.json"), project / "models/quantize.json"]):
+        data = json.loads(path.read_text())
+        files[str(path.relative_to(project))] = {k: v for k, v in data.items() if k not in MEASURED}
+    for path in sorted([*project.glob("runs/*/*/*.csv"), *project.glob("runs/*/*/predictions.jsonl")]):
+        files[str(path.relative_to(project))] = path.read_text()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    files["dvc.lock outs"] = {o["path"]: o["md5"] for name, s in lock.items() if name not in ("report", "register")
+                              for o in s.get("outs", []) if not o["path"].endswith(".json")}  # metrics: above
+    return files
+
+
+def test_forced_rerun_gives_identical_results(project):
+    first = deterministic_outputs(project)
+    assert len(first["dvc.lock outs"]) > 20
+    run(["dvc", "repro", "-f"], project)
+    second = deterministic_outputs(project)
+    assert second.keys() == first.keys()
+    for name in first:
+        assert second[name] == first[name], name
 
 
 def test_wandb_offline_runs_hold_each_stage(project):

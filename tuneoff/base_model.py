@@ -8,6 +8,7 @@ support dequantizes it to float32. A team points `base_model.path` at its own mo
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import tempfile
@@ -64,16 +65,42 @@ def _load_from_wheel(params: BaseModelParams, workdir: Path):
     return model, tokenizer, source
 
 
+def check_model_folder(where: Path, key: str = "base_model.path") -> None:
+    """A local model folder tuneoff will load: a config without custom code, safetensors weights
+    (pickled .bin files can run code on load, so they are refused), a tokenizer."""
+    bad = f"params.yaml: {key} = {str(where)!r}:"
+    config = where / "config.json"
+    if not config.is_file():
+        raise TuneoffError(f"{bad} no config.json in the folder")
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise TuneoffError(f"{config}: not a JSON object") from None
+    if auto_map:
+        raise TuneoffError(f"{bad} the model needs its own Python code (auto_map in config.json); tuneoff "
+                           "loads only architectures built into transformers and never sets trust_remote_code")
+    if not any(where.glob("*.safetensors")):
+        pickled = sorted(f.name for f in where.glob("*.bin")) + sorted(f.name for f in where.glob("*.pt"))
+        raise TuneoffError(f"{bad} no .safetensors weights" + (
+            f" (only pickled {pickled}: tuneoff loads safetensors only; convert them with "
+            "save_pretrained(..., safe_serialization=True))" if pickled else ""))
+    if not any((where / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise TuneoffError(f"{bad} no tokenizer (tokenizer.json or tokenizer_config.json)")
+
+
 def _load_from_path(params: BaseModelParams):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = Path(params.path)
     if not where.exists() and (where.is_absolute() or params.path.startswith(".")):
         raise TuneoffError(f"params.yaml: base_model.path = {params.path!r}: no such folder")
+    if where.is_dir():
+        check_model_folder(where)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(params.path)
-        model = AutoModelForCausalLM.from_pretrained(params.path, dtype="auto")
-    except OSError as e:
+        tokenizer = AutoTokenizer.from_pretrained(params.path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(params.path, dtype="auto", use_safetensors=True,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError) as e:
         raise TuneoffError(f"params.yaml: base_model.path = {params.path!r}: {str(e).splitlines()[0]}") from None
     source = {"kind": "path", "path": params.path}
     if where.is_dir():

@@ -18,6 +18,8 @@ from tuneoff.errors import TuneoffError
 
 PARAMS_FILE = Path("params.yaml")
 METHODS = ("full", "lora", "qlora")
+# task names become folders (data/prepared/<task>, runs/<task>) and registry names (<task>-model)
+TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 
 
 class Section(BaseModel):
@@ -197,7 +199,7 @@ class BakeoffParams(Section):
     `train_nf4` runs nf4_methods on models/base-nf4 (the quantize stage).
     """
 
-    tasks: list[str] = Field(min_length=1)
+    tasks: list[TaskName] = Field(min_length=1)
     float_methods: list[Literal["full", "lora"]]
     nf4_methods: list[Literal["qlora"]]
     adapter_methods: list[Literal["lora", "qlora"]]
@@ -216,6 +218,13 @@ class BakeoffParams(Section):
         return self
 
 
+def check_task(task: str, data: dict) -> None:
+    """A task named on a stage's command line must be one of bakeoff.tasks (so, a safe folder name)."""
+    tasks = section(BakeoffParams, "bakeoff", data=data).tasks
+    if task not in tasks:
+        raise TuneoffError(f"params.yaml: task {task!r} is not in bakeoff.tasks {tasks}")
+
+
 def read_params(path: Path = PARAMS_FILE) -> dict:
     """The whole params file as a dict; a missing or malformed file is a one-line error."""
     try:
@@ -225,7 +234,8 @@ def read_params(path: Path = PARAMS_FILE) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise TuneoffError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = " ".join(str(getattr(e, "problem", e)).split())
+        raise TuneoffError(f"{path}{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise TuneoffError(f"{path}: expected a mapping of sections at the top level")
     return data

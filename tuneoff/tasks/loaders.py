@@ -6,27 +6,38 @@ the file, line and key.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 from tuneoff.errors import TuneoffError
 
 ROLES = ("system", "user", "assistant")
+# One record over a million characters (~250k tokens) fits no context window trained here: it is
+# a broken file (a lost newline, a pasted dump), and tokenizing it would take minutes first.
+MAX_RECORD_CHARS = 1_000_000
+
+
+def _check_length(text: str, where: str) -> None:
+    if len(text) > MAX_RECORD_CHARS:
+        raise TuneoffError(f"{where}: {len(text):,} characters in one record (limit {MAX_RECORD_CHARS:,}); "
+                           "is a newline missing?")
 
 
 def _open_text(path: Path):
     if not path.is_file():
         raise TuneoffError(f"{path}: file not found")
     raw = path.read_bytes()
-    if not raw.strip():
-        raise TuneoffError(f"{path}: file is empty")
     if b"\x00" in raw[:8192]:
         raise TuneoffError(f"{path}: looks binary (NUL bytes), expected UTF-8 text")
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise TuneoffError(f"{path} line {line}: not valid UTF-8") from None
+    if not text.strip():
+        raise TuneoffError(f"{path}: file is empty")
+    return text
 
 
 def record_to_messages(rec: object, where: str, system_prompt: str) -> list[dict]:
@@ -62,9 +73,11 @@ def record_to_messages(rec: object, where: str, system_prompt: str) -> list[dict
 def load_jsonl(path: Path, system_prompt: str) -> list[dict]:
     text = _open_text(path)
     examples = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON strings may hold
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        _check_length(line, f"{path} line {n}")
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
@@ -85,15 +98,27 @@ def read_labels(path: Path) -> list[str]:
 
 def load_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
     """(text, label) rows of a classification CSV."""
-    reader = csv.DictReader(_open_text(path).splitlines())
-    columns = reader.fieldnames or []
+    csv.field_size_limit(MAX_RECORD_CHARS + 1)  # past it, _check_length names the line
+    reader = csv.DictReader(io.StringIO(_open_text(path), newline=""), strict=True)
+    try:
+        columns = reader.fieldnames or []
+    except csv.Error as e:
+        raise TuneoffError(f"{path} line 1: not valid CSV ({e})") from None
     for key, col in (("text_column", text_column), ("label_column", label_column)):
         if col not in columns:
             raise TuneoffError(f"{path}: no column {col!r} ({key}); columns are {columns}")
     rows = []
-    for rec in reader:
+    while True:
+        try:
+            rec = next(reader, None)
+        except csv.Error as e:
+            # line_num counts the lines of the rows read whole: the bad row starts on the next one
+            raise TuneoffError(f"{path} line {reader.line_num + 1}: not valid CSV ({e})") from None
+        if rec is None:
+            break
         n = reader.line_num
         text, label = (rec.get(text_column) or "").strip(), (rec.get(label_column) or "").strip()
+        _check_length(text, f"{path} line {n}")
         if not text:
             raise TuneoffError(f"{path} line {n}: empty {text_column!r}")
         if not label:
