@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tuneoff.atomic import write_json
 from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.merge import deployable_dir
+from tuneoff.merge import adapter_dir, deployable_dir
 from tuneoff.params import TrackingParams, read_params, section
 from tuneoff.tracking import flat, stage_run
 from tuneoff import methods
@@ -45,6 +45,8 @@ def main() -> None:
                   + ([] if method == "full" else [f"merge@{task}-{method}"]) + (["quantize"] if method == "qlora" else []))
         version = register(REGISTRY, f"{task}-model", {
             "method": decision["method"], "path": str(path), "main_metric": comparison["main_metric"],
+            # the unmerged adapter too: `tuneoff serve` hot-swaps adapters on one base instead of loading merged copies
+            **({} if method == "full" else {"adapter": str(adapter_dir(task, method))}),
             "main": row["main"], "ci": [row["ci_low"], row["ci_high"]],
             "lineage": {"git": revision, **lock_hashes(stages)},
             "params": {"train": params["train"], "prepare": params["prepare"], "task": params["tasks"][task]},

@@ -14,11 +14,12 @@ import torch
 from transformers import AutoTokenizer
 
 import tuneoff
-from tuneoff import measure, methods
+from tuneoff import estimate, measure, methods
 from tuneoff.checkpoint import Checkpointer, fingerprint
 from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.params import METHODS, CheckpointParams, CommonTrainParams, CostParams, check_task, read_params, section
+from tuneoff.params import (METHODS, CheckpointParams, CommonTrainParams, CostParams, EstimateParams, check_task,
+                            read_params, section)
 from tuneoff.tracking import flat, stage_run
 from tuneoff.train import load_rows, train
 
@@ -32,6 +33,7 @@ def main(task: str, method: str) -> None:
     params = section(methods.PARAMS_BY_METHOD[method], "train", method, data=data)
     prices = section(CostParams, "cost", data=data).price_per_hour
     checkpoint = section(CheckpointParams, "checkpoint", data=data)
+    estimate_params = section(EstimateParams, "estimate", data=data)
     prepared = Path("data/prepared") / task
     if not (prepared / "train.safetensors").is_file():
         raise TuneoffError(f"{prepared}/train.safetensors not found: run `dvc repro prepare@{task}` first")
@@ -40,7 +42,8 @@ def main(task: str, method: str) -> None:
         raise TuneoffError(f"{base}/ has no model: run `dvc repro {'quantize' if method == 'qlora' else 'import_base'}` first")
     methods.validate(method, params, base)
 
-    sections = {"train.common": common.model_dump(), f"train.{method}": params.model_dump(), "cost": {"price_per_hour": prices}}
+    sections = {"train.common": common.model_dump(), f"train.{method}": params.model_dump(), "cost": {"price_per_hour": prices},
+                "estimate": estimate_params.model_dump()}
     with stage_run("train", sections, task=task, method=method, data=data) as tracker:
         dev = measure.device()
         precision = measure.resolve_precision(common.precision, dev)
@@ -56,6 +59,10 @@ def main(task: str, method: str) -> None:
         load_memory = peak.read()
         trainable, total = methods.trainable_and_total(model)
         train_rows, val_rows = load_rows(prepared / "train.safetensors"), load_rows(prepared / "val.safetensors")
+        # what tuneoff/memory.py and throughput.py predict, written beside what this run measures
+        predicted, predicted_timing = estimate.for_train_stage(method, params, common, precision, dev.type,
+                                                               measure.device_name(dev), base, train_rows,
+                                                               estimate_params, prices)
 
         out = Path("runs") / task / method
         out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +100,7 @@ def main(task: str, method: str) -> None:
                 "memory": {"peak_memory_bytes": train_memory["peak_bytes"], "measure": train_memory["measure"],
                            **({"peak_reserved_bytes": train_memory["peak_reserved_bytes"]} if dev.type == "cuda" else {}),
                            "load_peak_memory_bytes": load_memory["peak_bytes"]},
+                "estimate": predicted,
                 # weights_bytes is what the method produced; folder_bytes adds config and tokenizer
                 "output": {"path": str(out / "model"), "kind": "model" if method == "full" else "adapter",
                            "weights_bytes": measure.dir_bytes(model_dir, "*.safetensors"),
@@ -104,6 +112,7 @@ def main(task: str, method: str) -> None:
                            "train_seconds": round(result.train_seconds, 3),
                            "eval_seconds": round(result.eval_seconds, 3), "wall_seconds": round(wall, 3),
                            "tokens_per_second": round(result.real_tokens / result.train_seconds, 2)},
+                "estimate_timing": predicted_timing,
                 # dollars are for the whole stage (load + train + val), which is what a rented device bills
                 "cost": measure.cost(wall, measure.device_name(dev), prices),
             }

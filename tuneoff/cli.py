@@ -1,5 +1,5 @@
 """The `tuneoff` command: run the bake-off (the Prefect flow over the DVC stages), show its results,
-deploy the flows to a Prefect server, and upload offline W&B runs."""
+deploy the flows to a Prefect server, upload offline W&B runs, and serve the registered adapters."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tuneoff import estimate_cli
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.params import TrackingParams, section
+from tuneoff.serving import server as serving
 
 
 def results_table(runs: Path = Path("runs")) -> str:
@@ -49,7 +51,25 @@ def main(argv: list[str] | None = None) -> None:
     deploy.add_argument("--image")
     sub.add_parser("results", help="print the per-method results table")
     sub.add_parser("sync", help="upload the offline W&B runs (needs WANDB_API_KEY)")
+    estimate_cli.add_arguments(sub.add_parser("estimate", help="peak memory, time and cost of each method before a run "
+                                                                "(tuneoff/memory.py, docs/estimator.md)"), plan=False)
+    estimate_cli.add_arguments(sub.add_parser("plan", help="a starting method, rank and target modules from the seed "
+                                                            "article's rules, and the bake-off's cost"), plan=True)
+    serve = sub.add_parser("serve", help="serve the registered adapters (or any adapter folders) on one base over an "
+                                         "OpenAI-compatible HTTP API (see tuneoff/serving/)")
+    serving.add_arguments(serve)
+    for name, what in (("sweep", "rank x target-module grid with successive halving (params.yaml sweep:)"),
+                       ("escalate", "the escalation ladder, cheapest rung first (params.yaml escalate:)")):
+        cmd = sub.add_parser(name, help=f"{what}, as DVC experiments")
+        cmd.add_argument("--apply", action="store_true",
+                         help="`dvc exp apply` the winner: the next `dvc repro` reports and registers it")
     args = parser.parse_args(argv)
+    if args.command in ("estimate", "plan"):
+        return estimate_command(args)
+    if args.command in ("sweep", "escalate"):
+        return ablate(args.command, args.apply)
+    if args.command == "serve":
+        return serve_adapters(args)
     if args.command == "sync":
         sys.exit(sync())
     if args.command == "deploy":
@@ -61,6 +81,40 @@ def main(argv: list[str] | None = None) -> None:
     print(results_table())
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (see runs/<task>/<method>/failed.json and the report)")
+
+
+@user_errors
+def ablate(command: str, apply: bool) -> None:
+    """`tuneoff sweep` / `tuneoff escalate` in the current project (tuneoff/ablation.py)."""
+    from tuneoff import ablation
+    from tuneoff.params import CommonTrainParams, EscalateParams, SweepParams, check_task, read_params
+
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    data = read_params()
+    base = Path("models/base")
+    if not (base / "config.json").is_file():
+        raise TuneoffError(f"{base}/ has no model: run `dvc repro import_base` (or the bake-off) first")
+    if command == "sweep":
+        params = section(SweepParams, "sweep", data=data)
+        check_task(params.task, data)
+        budget = section(CommonTrainParams, "train", "common", data=data).token_budget
+        out = Path("sweeps") / f"{params.task}-{params.method}"
+        result = ablation.sweep(params, budget, base, out)
+        winner = next((r["experiment"] for r in result["rows"] if r["name"] == result["diminishing_returns"]), None)
+        print((out / "sweep.md").read_text())
+    else:
+        params = section(EscalateParams, "escalate", data=data)
+        check_task(params.task, data)
+        out = Path("escalations") / params.task
+        result = ablation.escalate(params, base, out)
+        winner = next((r["experiment"] for r in result["rungs"] if r["name"] == result["winner"]), None)
+        print((out / "ladder.md").read_text())
+    print(f"written to {out}/; `dvc exp show` lists every experiment")
+    if apply and winner:
+        subprocess.run(["dvc", "exp", "apply", winner], check=True)
+        print(f"applied {winner}: `dvc repro` (or `tuneoff run`) now reports and registers it like the bake-off's")
+    elif apply:
+        raise TuneoffError(f"{command}: no winner to apply")
 
 
 def run_flow(gpu_pool: str | None, repo: str | None) -> list[str]:
@@ -75,6 +129,16 @@ def run_flow(gpu_pool: str | None, repo: str | None) -> list[str]:
         print(f"{unit}: {result['state']}" + (f" on {result['host']}" if "host" in result else "")
               + (f" ({result['error'].splitlines()[-1]})" if "error" in result else ""))
     return [unit for unit, result in outcome.items() if result["state"] == "failed"]
+
+
+@user_errors
+def serve_adapters(args: argparse.Namespace) -> None:
+    serving.serve(serving.options_from_args(args))
+
+
+@user_errors
+def estimate_command(args: argparse.Namespace) -> None:
+    (estimate_cli.run_plan if args.command == "plan" else estimate_cli.run_estimate)(args)
 
 
 @user_errors

@@ -8,13 +8,19 @@ import torch
 from tqdm import tqdm
 
 
+def chat_prompt(tokenizer, conversation: list[dict]) -> str:
+    """The prompt text a chat model answers: the conversation in the tokenizer's chat template,
+    ending with the assistant turn's opening. Evaluation and the server build prompts the same way."""
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict]], batch_size: int, max_new_tokens: int,
              dev: torch.device, label: str) -> list[str]:
     """The model's greedy reply to each conversation (its last assistant turn removed by the caller).
     Prompts are sorted by length so a batch pads little; replies come back in input order."""
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at the same column
-    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    prompts = [chat_prompt(tokenizer, c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
     model.eval()

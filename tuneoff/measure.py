@@ -92,6 +92,49 @@ class PeakMemory:
         return {"peak_bytes": peak, "measure": self.measure}
 
 
+class TensorPeak:
+    """The peak of bytes held in tensors during a block, on a CPU: what torch.cuda.max_memory_allocated
+    reports on a GPU, without the process and the C allocator around it (the peak RSS has both).
+
+    Replays the allocation events of torch's profiler (profile_memory=True), so it slows the block
+    down; for tests and benchmarks, not for the train stage. Tensors alive before the block are not
+    in `peak_bytes`: add them (model_bytes) for a whole-process figure.
+    """
+
+    def __enter__(self) -> "TensorPeak":
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+        events = sorted((e for e in self._profile.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        held = self.peak_bytes = 0
+        for e in events:
+            held += e.nbytes()
+            self.peak_bytes = max(self.peak_bytes, held)
+
+
+def model_bytes(model) -> int:
+    """Bytes of a model's parameters, buffers and bitsandbytes quant states, each storage once."""
+    storages: dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        state = getattr(t, "quant_state", None)
+        for s in (state, getattr(state, "state2", None)):
+            for name in ("absmax", "code", "offset"):
+                add(getattr(s, name, None))
+    return sum(storages.values())
+
+
 def cost(seconds: float, device_key: str, price_per_hour: dict[str, float]) -> dict:
     """Device-hours and dollars for `seconds` on `device_key`; an unpriced GPU costs null, not 0."""
     hours = seconds / 3600

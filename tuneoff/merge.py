@@ -25,6 +25,11 @@ def deployable_dir(task: str, method: str) -> Path:
     return Path("runs") / task / method / "merged"
 
 
+def adapter_dir(task: str, method: str) -> Path:
+    """The PEFT adapter an adapter method trained (what `tuneoff serve` loads onto one base)."""
+    return Path("runs") / task / method / "model"
+
+
 @torch.no_grad()
 def logits_on(model, rows: dict[str, torch.Tensor], dev: torch.device) -> torch.Tensor:
     """Float32 logits at the loss positions of `rows` (the positions a fine-tune was trained on)."""
@@ -35,16 +40,24 @@ def logits_on(model, rows: dict[str, torch.Tensor], dev: torch.device) -> torch.
     return out.logits.float().cpu()
 
 
+def is_4bit(base_dir: Path) -> bool:
+    """Whether `base_dir` holds a quantized (the quantize stage's 4-bit) checkpoint."""
+    return hasattr(AutoConfig.from_pretrained(base_dir), "quantization_config")
+
+
+def load_base(base_dir: Path, dev: torch.device, dtype: torch.dtype = torch.float32):
+    """The base in `base_dir`, computing in `dtype`. A 4-bit base (the quantize stage's) loads
+    as 4-bit: that is the model QLoRA trained."""
+    if is_4bit(base_dir):
+        return quantize.load(base_dir, dtype, dev)
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(dev)
+
+
 def load_adapter_model(base_dir: Path, adapter_dir: Path, dev: torch.device):
-    """The base in `base_dir` with the adapter attached, unmerged, computing in float32. A
-    4-bit base (the quantize stage's) loads as 4-bit: that is the model QLoRA trained."""
+    """The base in `base_dir` with the adapter attached, unmerged, computing in float32."""
     from peft import PeftModel
 
-    if hasattr(AutoConfig.from_pretrained(base_dir), "quantization_config"):
-        base = quantize.load(base_dir, torch.float32, dev)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(dev)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
+    return PeftModel.from_pretrained(load_base(base_dir, dev), adapter_dir).eval()
 
 
 def check_merge(reference: torch.Tensor, merged: torch.Tensor, tolerance: float, what: str) -> float:

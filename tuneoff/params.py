@@ -161,6 +161,65 @@ class CostParams(Section):
         return self
 
 
+class DeviceSpec(Section):
+    memory_gib: float = Field(gt=0)  # what the device holds (nvidia-smi's total; RAM for the cpu)
+    tflops_fp32: float = Field(gt=0)  # dense peak, no sparsity
+    tflops_bf16: float = Field(gt=0)
+
+
+class OverheadParams(Section):
+    cpu: float = Field(ge=0)  # GiB a CPU training process holds outside its tensors
+    cuda: float = Field(ge=0)  # GiB the CUDA context and libraries take outside torch's allocator
+
+
+class MethodUtilisation(Section):
+    full: float = Field(gt=0, le=1)
+    lora: float = Field(gt=0, le=1)
+    qlora: float = Field(gt=0, le=1)
+
+
+class DeviceUtilisation(Section):
+    cpu: MethodUtilisation
+    cuda: MethodUtilisation
+
+
+class EstimateParams(Section):
+    """The estimator's constants (tuneoff/memory.py, tuneoff/throughput.py)."""
+
+    overhead_gib: OverheadParams
+    utilisation: DeviceUtilisation  # achieved / peak FLOP/s until measured runs calibrate it
+    tight_fraction: float = Field(ge=0, lt=1)  # a fit with less free memory than this share is "tight"
+    devices: dict[str, DeviceSpec]  # keyed by torch's device name, like cost.price_per_hour
+
+    @model_validator(mode="after")
+    def _has_cpu(self) -> "EstimateParams":
+        if "cpu" not in self.devices:
+            raise ValueError("devices needs a 'cpu' entry")
+        return self
+
+
+PlanTaskType = Literal["classification", "format", "generation", "knowledge", "reasoning"]
+
+
+class PlanParams(Section):
+    """`tuneoff plan`: the seed article's advice as rules (tuneoff/plan.py). Read by no stage."""
+
+    expected_gap_points: dict[PlanTaskType, float]  # LoRA's expected gap to full fine-tuning, by task type
+    qlora_gap_points: float = Field(ge=0)  # QLoRA's expected gap to LoRA
+    rank: dict[PlanTaskType, Annotated[int, Field(gt=0)]]  # the starting rank by task type
+    full_finetune_min_examples: int = Field(gt=0)  # at and above, knowledge/reasoning tasks start with full
+    baseline_targets: list[str] = Field(min_length=1)
+    wide_targets: list[str] = Field(min_length=1)  # when the tolerance is under the expected gap
+
+    @model_validator(mode="after")
+    def _every_type(self) -> "PlanParams":
+        for key in ("expected_gap_points", "rank"):
+            missing = set(PlanTaskType.__args__) - set(getattr(self, key))
+            if missing:
+                raise ValueError(f"{key} needs every task type; missing {sorted(missing)}")
+        return self
+
+
 class TrackingParams(Section):
     """Weights & Biases (tuneoff/tracking.py). Read by every stage, but not a DVC param: where
     runs are logged does not change what a stage computes."""
@@ -216,6 +275,50 @@ class BakeoffParams(Section):
             raise ValueError(f"adapter_methods must list the adapter methods that train, "
                              f"{[m for m in self.methods if m != 'full']}; got {self.adapter_methods}")
         return self
+
+
+TargetSet = Union[Literal["qv", "attention", "all-linear"], Annotated[list[str], Field(min_length=1)]]
+
+
+class HalvingParams(Section):
+    """Successive halving: every point first trains on a share of the budget; the best share by
+    val loss goes on to the full budget, the rest are pruned."""
+
+    first_budget_fraction: float = Field(gt=0, lt=1)
+    keep_fraction: float = Field(gt=0, lt=1)  # at least one point always goes on
+
+
+class SweepParams(Section):
+    """`tuneoff sweep`: a rank x target-module grid for one adapter method, as DVC experiments."""
+
+    task: TaskName
+    method: Literal["lora", "qlora"]
+    ranks: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    target_sets: list[TargetSet] = Field(min_length=1)
+    alpha_per_rank: float = Field(gt=0)  # alpha = alpha_per_rank x rank (the defaults: 32 / 16 = 2)
+    halving: HalvingParams
+
+
+class FullRung(Section):
+    method: Literal["full"]
+
+
+class AdapterRung(Section):
+    method: Literal["lora", "qlora"]
+    rank: int = Field(gt=0)
+    targets: TargetSet
+
+
+class EscalateParams(Section):
+    """`tuneoff escalate`: climb the ladder, cheapest first, until a rung meets the target."""
+
+    task: TaskName
+    target_kind: Literal["absolute", "gap_to_best"]  # gap_to_best: within target_points of the bake-off's best
+    target_points: float = Field(ge=0)  # main metric in points (0-100), or the allowed gap in points
+    budget_usd: float = Field(ge=0)  # stop once this much is spent; 0 = no cap
+    budget_gpu_hours: float = Field(ge=0)  # the same in GPU-hours; 0 = no cap
+    alpha_per_rank: float = Field(gt=0)
+    ladder: list[Annotated[Union[FullRung, AdapterRung], Field(discriminator="method")]] = Field(min_length=1)
 
 
 def check_task(task: str, data: dict) -> None:

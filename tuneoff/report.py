@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 from tuneoff.errors import TuneoffError
@@ -45,6 +46,7 @@ def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
             "artifact_kind": train["output"]["kind"],
             "device": train["device"],
             "precision": train["precision"],
+            "estimate": _estimate(train),
         }})
     full = next((r for r in rows if r["method"] == "full" and r["main"] is not None), None)
     for r in rows:
@@ -62,6 +64,64 @@ def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
             "same_tokens": len({t["tokens"]["real"] for t in trains.values()}) <= 1,
         },
     }
+
+
+def _estimate(train: dict) -> dict | None:
+    """What tuneoff/memory.py and throughput.py predicted for this run (train.json "estimate"), if it has it."""
+    est, timing = train.get("estimate"), train.get("estimate_timing") or {}
+    return est and {"peak_memory_bytes": est["peak_memory_bytes"], "phase": est["phase"], "train_flops": est["train_flops"],
+                    "train_seconds": timing.get("train_seconds"), "utilisation": timing.get("utilisation")}
+
+
+def predictions(comparisons: list[dict]) -> list[dict]:
+    """Predicted vs measured peak memory and train time, per task and method. Time is predicted twice:
+    at params.yaml's utilisation prior, and calibrated leave-one-out on the FLOP/s the same method
+    reached on the report's other tasks (same device and precision): a prediction this run did not inform."""
+    runs = [(c["task"], r["method"], r["train"]) for c in comparisons for r in c["rows"]
+            if r.get("train") and r["train"].get("estimate")]
+    out = []
+    for task, method, t in runs:
+        est = t["estimate"]
+        others = [o["estimate"]["train_flops"] / o["train_seconds"] for task2, method2, o in runs
+                  if method2 == method and task2 != task and (o["device"], o["precision"]) == (t["device"], t["precision"])
+                  and o["train_seconds"]]
+        calibrated = est["train_flops"] / statistics.median(others) if others else None
+        out.append({"task": task, "method": method, "measure": t["memory_measure"],
+                    "peak_predicted_bytes": est["peak_memory_bytes"], "peak_measured_bytes": t["peak_memory_bytes"],
+                    "peak_error_percent": _error(est["peak_memory_bytes"], t["peak_memory_bytes"]),
+                    "seconds_prior": est["train_seconds"], "seconds_calibrated": calibrated,
+                    "seconds_measured": t["train_seconds"],
+                    "seconds_error_percent": _error(calibrated if calibrated else est["train_seconds"], t["train_seconds"])})
+    return out
+
+
+def _error(predicted: float | None, measured: float | None) -> float | None:
+    return None if not predicted or not measured else round(100 * (predicted / measured - 1), 1)
+
+
+def _predictions_table(comparisons: list[dict]) -> list[str]:
+    rows = predictions(comparisons)
+    if not rows:
+        return []
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    lines = ["## Predicted vs measured", "",
+             "`tuneoff estimate`'s numbers for each run, computed from the model's config and the run's settings "
+             "before it trained (train.json `estimate`), beside what the run measured. Time: at params.yaml's "
+             "utilisation prior, and calibrated on the FLOP/s the same method reached on the other tasks "
+             "(the error is the calibrated one when there is one). Formulas: docs/estimator.md.", "",
+             "| task | method | peak predicted GiB | peak measured GiB | error % | train s predicted (prior) "
+             "| train s predicted (calibrated) | train s measured | error % |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['method']} | {r['peak_predicted_bytes'] / 2**30:.2f} | "
+                     f"{r['peak_measured_bytes'] / 2**30:.2f} | {fmt(r['peak_error_percent'], '+.1f')} | "
+                     f"{fmt(r['seconds_prior'], '.0f')} | {fmt(r['seconds_calibrated'], '.0f')} | "
+                     f"{r['seconds_measured']:.0f} | {fmt(r['seconds_error_percent'], '+.1f')} |")
+    measure = rows[0]["measure"]
+    if measure.startswith("cpu"):
+        lines += ["", "On a CPU the measured peak is the process's resident set: the prediction adds "
+                      "estimate.overhead_gib.cpu to the tensors, and glibc's malloc keeps freed blocks resident on "
+                      "top of both (docs/estimator.md: why CPU runs measure above the prediction)."]
+    return lines + [""]
 
 
 def _quality(ev: dict) -> dict:
@@ -127,6 +187,7 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
         if decisions and c["task"] in decisions:
             lines += [f"**Recommendation: {decisions[c['task']]['method'] or 'none'}.** {decisions[c['task']]['rationale']}", ""]
         lines += [f"![{c['task']}]({c['task']}.png)", ""]
+    lines += _predictions_table(comparisons)
     return "\n".join(lines)
 
 

@@ -1,0 +1,119 @@
+"""Memory, time and cost of a training run before it runs: memory.py and throughput.py put together
+with params.yaml's device catalog, for the CLI (`tuneoff estimate`, `tuneoff plan`) and the train
+stage (its train.json carries the prediction next to the measurement)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneoff import memory, throughput
+from tuneoff.architectures import Shape, from_config
+from tuneoff.errors import TuneoffError
+from tuneoff.params import EstimateParams
+from tuneoff.throughput import Device
+
+GIB = 2**30
+
+
+def devices(params: EstimateParams, prices: dict[str, float]) -> list[Device]:
+    return [Device(name, spec.memory_gib, {"fp32": spec.tflops_fp32, "bf16": spec.tflops_bf16}, prices.get(name),
+                   "cpu" if name == "cpu" else "cuda") for name, spec in params.devices.items()]
+
+
+def find_device(query: str, catalog: list[Device]) -> Device:
+    """A device by any words of its name, case-insensitive: `h100`, `a100 80`, `4090`."""
+    words = query.lower().replace("-", " ").split()
+    found = [d for d in catalog if all(w in d.name.lower().replace("-", " ") for w in words)]
+    exact = [d for d in found if d.name.lower() == query.lower()]
+    if len(exact) == 1 or len(found) == 1:
+        return (exact or found)[0]
+    names = ", ".join(d.name for d in (found or catalog))
+    raise TuneoffError(f"device {query!r}: {'ambiguous' if found else 'unknown'}; "
+                       f"{'matches' if found else 'params.yaml estimate.devices has'}: {names}")
+
+
+@dataclass(frozen=True)
+class Fit:
+    status: str  # fits | tight | no
+    need_gib: float
+    have_gib: float
+
+
+def fit(est: memory.Estimate, device: Device, tight_fraction: float) -> Fit:
+    """Whether the peak (tensors + framework overhead) fits in one device's memory."""
+    need, have = est.peak_bytes / GIB, device.memory_gib
+    status = "no" if need > have else "tight" if need > (1 - tight_fraction) * have else "fits"
+    return Fit(status, round(need, 2), have)
+
+
+def overhead_bytes(params: EstimateParams, device_kind: str) -> int:
+    return int(getattr(params.overhead_gib, device_kind) * GIB)
+
+
+def time_and_cost(shape: Shape, setup: memory.Setup, positions: float, device: Device, params: EstimateParams,
+                  runs_dir: Path | None) -> dict:
+    """Predicted train hours and dollars for `positions` token positions (padding included) on `device`
+    (x setup.gpus), with the utilisation calibrated from runs_dir's measured runs when there are any."""
+    prior = getattr(getattr(params.utilisation, device.kind), setup.method)
+    cal = (throughput.calibrate(runs_dir, device, setup.method, setup.precision, prior) if runs_dir
+           else throughput.Calibration(prior, "prior"))
+    flops = throughput.flops_per_position(shape, setup)
+    seconds = throughput.train_seconds(positions, flops, device, setup.precision, cal.utilisation) / setup.gpus
+    hours = seconds / 3600
+    usd = None if device.usd_per_hour is None else hours * setup.gpus * device.usd_per_hour
+    return {"device": device.name, "gpus": setup.gpus, "flops_per_position": flops, "train_flops": positions * flops,
+            "utilisation": round(cal.utilisation, 4), "utilisation_source": cal.source, "calibration_runs": list(cal.runs),
+            "train_hours": hours, "usd": usd, "usd_per_hour": device.usd_per_hour}
+
+
+def setup_for_run(method: str, params, common, precision: str, device_kind: str, seq_len: int,
+                  supervised_positions: int, base_config: dict) -> memory.Setup:
+    """The Setup tuneoff's own train stage runs: its loop, AdamW, packed rows."""
+    quant = base_config.get("quantization_config") or {}
+    lora = method != "full"
+    return memory.Setup(method=method, batch_size=common.batch_size, seq_len=seq_len, precision=precision,
+                        device=device_kind, optimizer="adamw", gradient_checkpointing=common.gradient_checkpointing,
+                        rank=params.rank if lora else 16,
+                        target_modules=memory.expand_targets(params.target_modules) if lora else ("q_proj", "v_proj"),
+                        dropout=params.dropout if lora else 0.0, supervised_positions=supervised_positions,
+                        attention="packed", double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), gpus=1)
+
+
+def for_train_stage(method: str, params, common, precision: str, dev_type: str, device_name: str, base: Path,
+                    train_rows: dict, estimate_params: EstimateParams, prices: dict[str, float]) -> tuple[dict, dict]:
+    """train.json's "estimate" (memory and FLOPs: a function of the config and data alone) and
+    "estimate_timing" (seconds at params.yaml's utilisation prior, on the device the run uses)."""
+    from tuneoff.packing import IGNORE
+    from tuneoff.train import plan_steps
+
+    config = json.loads((Path(base) / "config.json").read_text())
+    shape = from_config(config, str(base))
+    steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
+    # the loss's K x V buffers peak at the step with the most supervised positions
+    positions = max(int((train_rows["targets"][idx] != IGNORE).sum()) for idx in steps)
+    setup = setup_for_run(method, params, common, precision, dev_type, train_rows["input_ids"].shape[1], positions,
+                          config)
+    est = memory.estimate(shape, setup, overhead_bytes(estimate_params, dev_type))
+    flops = throughput.flops_per_position(shape, setup)
+    estimate = {
+        "measure": "cpu_peak_rss" if dev_type == "cpu" else "cuda_max_memory_allocated",
+        # comparable to memory.peak_memory_bytes: a CPU's resident set includes the process, CUDA's allocator does not
+        "peak_memory_bytes": est.peak_bytes if dev_type == "cpu" else est.peak_tensor_bytes,
+        "peak_tensor_bytes": est.peak_tensor_bytes, "overhead_bytes": est.overhead_bytes, "phase": est.phase,
+        "at_peak": est.at_peak, "params": est.params,
+        "setup": {"batch_rows": setup.batch_size, "seq_len": setup.seq_len, "supervised_positions": setup.positions,
+                  "precision": setup.precision, "gradient_checkpointing": setup.gradient_checkpointing},
+        "flops_per_position": round(flops), "train_flops": round(len(steps) * setup.tokens * flops),
+    }
+    catalog = {d.name: d for d in devices(estimate_params, prices)}
+    if device_name not in catalog:
+        return estimate, {"train_seconds": None, "reason": f"{device_name!r} is not in params.yaml estimate.devices"}
+    device = catalog[device_name]
+    utilisation = getattr(getattr(estimate_params.utilisation, device.kind), method)
+    seconds = throughput.train_seconds(len(steps) * setup.tokens, flops, device, precision, utilisation)
+    return estimate, {"train_seconds": round(seconds, 3), "utilisation": utilisation,
+                      "peak_tflops": device.tflops["fp32" if precision == "fp32" else "bf16"],
+                      "source": f"params.yaml estimate.utilisation.{device.kind}.{method}"}
+

@@ -1,0 +1,95 @@
+"""Training time and dollars, from FLOPs: what a method computes per token, the device's peak FLOP/s
+and a utilisation factor (achieved / peak, "MFU"), calibrated from measured runs when they exist.
+
+FLOPs per token position of a packed row (padding included: the matmuls run on it), with N the
+decoder layers' Linear weights, s the row length, and f = K/T the share of positions the output
+layer runs on (tuneoff: the supervised ones):
+
+- forward: 2N (every weight is one multiply-add per token) + 4 x L x n_h x d x s' (Q.K^T and
+  attention x V; s' = s with packed rows, where SDPA computes the whole masked s x s, s/2 with a
+  causal kernel) + 2 x h x V x f (output layer) + 2 x r x (in + out) per LoRA adapter.
+- full fine-tuning: 3 x forward (backward computes the input's and the weight's gradient, 2x the
+  forward each matmul; Kaplan et al. 2020, "6N per token").
+- LoRA / QLoRA: the frozen base's backward needs only its input gradient: 2 x (2N + head), plus
+  3x attention (no weights there: its backward is 2x its forward) and 3x the adapters; the 4-bit
+  dequantization is memory traffic, not FLOPs, and shows up as a lower utilisation.
+- gradient checkpointing: one more forward of the decoder layers.
+
+time = token positions x FLOPs per position / (utilisation x peak FLOP/s); dollars = hours x GPUs x
+the price per hour in `cost.price_per_hour`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneoff.architectures import LAYER_LINEARS, Shape
+from tuneoff.memory import Setup
+
+
+def flops_per_position(shape: Shape, setup: Setup) -> float:
+    """Training FLOPs per token position of one step of `setup` (formulas: module docstring)."""
+    linear = shape.layers * sum(i * o for i, o, _ in (shape.linear(m) for m in LAYER_LINEARS))
+    attended = setup.seq_len if setup.attention == "packed" else setup.seq_len / 2
+    attention = 4 * shape.layers * shape.heads * shape.head_dim * attended
+    share = setup.positions / setup.tokens
+    head = 2 * shape.hidden * shape.vocab * share
+    if setup.method == "full":
+        total = 3 * (2 * linear + head + attention)
+        recompute = 2 * linear + attention
+    else:
+        adapters = 2 * setup.rank * (shape.layers * sum(sum(shape.linear(m)[:2]) for m in setup.target_modules
+                                                        if m != "lm_head")
+                                     + (shape.hidden + shape.vocab) * share * ("lm_head" in setup.target_modules))
+        total = 2 * (2 * linear + head) + 3 * attention + 3 * adapters
+        recompute = 2 * linear + attention + adapters
+    return total + (recompute if setup.gradient_checkpointing else 0)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device of `estimate.devices`: what it holds and how fast it multiplies."""
+
+    name: str  # as torch names it (the key of cost.price_per_hour)
+    memory_gib: float
+    tflops: dict[str, float]  # dense peak by precision: fp32, bf16
+    usd_per_hour: float | None
+    kind: str  # cpu or cuda
+
+    def peak_flops(self, precision: str) -> float:
+        return 1e12 * self.tflops["fp32" if precision == "fp32" else "bf16"]
+
+
+def train_seconds(positions: float, flops_per_pos: float, device: Device, precision: str, utilisation: float) -> float:
+    return positions * flops_per_pos / (utilisation * device.peak_flops(precision))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    utilisation: float
+    source: str  # "prior" or the runs it was fitted on
+    runs: tuple[str, ...] = ()
+
+
+def calibrate(runs_dir: Path, device: Device, method: str, precision: str, prior: float) -> Calibration:
+    """Utilisation = achieved / peak FLOP/s, the median over this device's measured runs of `method`
+    (train.json files that carry an estimate); the prior when there are none."""
+    measured, paths = [], []
+    for path in sorted(Path(runs_dir).glob("*/*/train.json")):
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        est = run.get("estimate") or {}
+        if (run.get("method"), run.get("device"), run.get("precision")) != (method, device.name, precision) \
+                or not est.get("train_flops") or not run.get("timing", {}).get("train_seconds"):
+            continue
+        measured.append(est["train_flops"] / run["timing"]["train_seconds"] / device.peak_flops(precision))
+        paths.append(str(path.parent))
+    if not measured:
+        return Calibration(prior, "prior")
+    return Calibration(statistics.median(measured), f"median of {len(measured)} measured run(s)", tuple(paths))
+
