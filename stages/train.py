@@ -81,7 +81,8 @@ def main(task: str, method: str) -> None:
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                     raise
-                raise TuneoffError(out_of_memory(method, common, train_rows["input_ids"].shape[1], dev)) from None
+                raise TuneoffError(out_of_memory(method, common, train_rows["input_ids"].shape[1], dev,
+                                                 predicted["peak_memory_bytes"])) from None
             train_memory = peak.read()
             methods.save(model, method, model_dir)
             AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
@@ -128,7 +129,7 @@ def main(task: str, method: str) -> None:
           f"{result.val_loss:.3f}, peak {gib:.2f} GiB ({train_memory['measure']}) -> {out}/")
 
 
-def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: torch.device) -> str:
+def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: torch.device, predicted_bytes: int) -> str:
     """The one-line error for a training step that ran out of memory: what was tried, on what,
     and what to change (each of these lowers the peak: activations scale with rows x seq_len)."""
     where = measure.device_name(dev)
@@ -140,8 +141,8 @@ def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: tor
         advice.append("set train.common.gradient_checkpointing: true")
     if method != "qlora":
         advice.append("train qlora (4-bit base)")
-    return (f"out of memory training {method} on {where}: " + ", or ".join(advice)
-            + "; `tuneoff estimate` predicts the peak before a run")
+    return (f"out of memory training {method} on {where}; estimated peak {predicted_bytes / 2**30:.1f} GiB: "
+            + ", or ".join(advice) + "; `tuneoff estimate` compares the options before a run")
 
 
 if __name__ == "__main__":
