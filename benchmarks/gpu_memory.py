@@ -14,7 +14,8 @@ random bf16 weights to NF4 + double quantization in place (bitsandbytes), as the
 Measured on CUDA: torch.cuda.max_memory_allocated (what the estimate's peak_tensor_bytes predicts),
 max_memory_reserved, and the memory outside torch's allocator (the CUDA context: total - free -
 reserved, compared with estimate.overhead_gib.cuda). On a CPU: the peak of bytes held in tensors
-(measure.TensorPeak). Tokens/s counts real tokens over the steps after the first (warm-up).
+(measure.TensorPeak; the profiler slows the steps, so the CPU path's tokens/s is not a throughput
+figure). Tokens/s counts real tokens over the steps after the first (warm-up).
 Writes benchmarks/results/gpu_memory.json (or --out).
 """
 
