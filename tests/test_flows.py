@@ -174,9 +174,15 @@ def test_a_killed_worker_is_retried_on_a_restarted_one(project, server, tmp_path
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     second = None
     try:
-        running = wait_for(lambda: [r for r in unit_runs(server) if r.id not in before and r.state.is_running()],
-                           300, "a unit running on the first worker")
-        time.sleep(3)
+        # preempt while a unit runs and none is PENDING: a worker killed between claiming a run
+        # (PENDING) and starting it leaves that run orphaned, a case this test does not cover
+        def running_and_none_pending():
+            runs = [r for r in unit_runs(server) if r.id not in before]
+            pending = any(r.state.is_pending() for r in runs)
+            return not pending and [r for r in runs if r.state.is_running()]
+
+        running = wait_for(running_and_none_pending, 300, "a unit running on the first worker, none pending",
+                           every=0.2)
         # a preempted machine: the worker stops (SIGSTOP: it takes no more runs), each flow run's
         # supervisor (`prefect flow-run execute`, PID 1 of a Kubernetes pod) gets SIGTERM, and
         # then the worker is gone (SIGKILL)
