@@ -139,7 +139,7 @@ def test_wandb_offline_runs_hold_each_stage(project):
     train = runs["train@extraction-lora"]
     assert train.job_type == "train" and {"extraction", "lora"} <= set(train.tags)
     # config: exactly the params sections the stage read, plus git and dvc.lock
-    assert set(train.config["params"]) == {"train.common", "train.lora", "cost"}
+    assert set(train.config["params"]) == {"train.common", "train.lora", "cost", "estimate"}
     assert train.config["params"]["train.lora"]["rank"] == 16 and train.config["git"]["commit"]
     metrics = json.loads((project / "runs/extraction/lora/train.json").read_text())
     assert train.summary["cost/usd"] == metrics["cost"]["usd"]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -91,3 +92,9 @@ def trainable_and_total(model) -> tuple[int, int]:
 def save(model, method: str, out_dir: Path) -> None:
     """Full weights (full) or the adapter only (lora, qlora), as safetensors."""
     model.save_pretrained(out_dir, safe_serialization=True)
+    config = Path(out_dir) / "adapter_config.json"
+    if config.is_file():  # PEFT writes target_modules from a set, in an order that changes run to run
+        data = json.loads(config.read_text())
+        if isinstance(data.get("target_modules"), list):
+            data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True))
