@@ -23,6 +23,10 @@ Implementations, each (impl, method) run in its own fresh subprocess, the impl o
   trl       TRL's SFTTrainer with packing (best-fit decreasing, which turns on padding-free batches), on the
             same examples (one epoch over the list of examples of the planned steps), batch_size packed rows
             of seq_len per step, tuneoff's precision, LoRA through its peft_config.
+  tuneoff+<variant>
+            tuneoff with one change (VARIANTS below: bf16, fused or foreach AdamW, the output layer on
+            every position, the whole-row masked attention, torch.compile, one thread), to measure
+            what each of the loop's choices gives.
 
 Every baseline builds its model like tuneoff (fp32 master weights, the same LoraConfig, the saved
 NF4 base for qlora, use_cache off, the project's gradient_checkpointing) and trains with AdamW at
@@ -62,6 +66,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 IMPLS = ("tuneoff", "hf-fp32", "hf-bf16", "trl")
+# tuneoff with one change, to measure what an optimisation gives: impl "tuneoff+<variant>"
+VARIANTS = {
+    "bf16": "bf16 autocast (precision: bf16)",
+    "fp32": "fp32 (precision: fp32)",
+    "fused-adamw": "torch.optim.AdamW(fused=True)",
+    "foreach-adamw": "torch.optim.AdamW(foreach=True, fused=False)",
+    "full-logits": "the output layer on every position, not only the supervised ones",
+    "masked-attention": "SDPA over the whole packed row with the block-diagonal mask, not per example",
+    "compile": "torch.compile(model) before training (compile time counts in train_seconds)",
+    "1-thread": "torch.set_num_threads(1)",
+}
 METHODS = ("full", "lora", "qlora")
 
 
@@ -175,7 +190,10 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
     torch.manual_seed(common.seed)
     peak = measure.PeakMemory(dev)
     start = time.perf_counter()
-    if impl == "tuneoff":
+    variant = impl.partition("+")[2]
+    if variant:
+        precision = apply_variant(variant, precision)
+    if impl.startswith("tuneoff"):
         model = methods.build(method, params, project / methods.base_dir(method), precision, dev,
                               common.gradient_checkpointing)
     elif impl.startswith("hf"):
@@ -186,12 +204,14 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
     else:
         model = trl_base(method, project, precision, dev)
     load_seconds = time.perf_counter() - start
-    if impl != "tuneoff":  # the baselines' libraries are loaded before the peak is reset, as tuneoff's are
+    if not impl.startswith("tuneoff"):  # the baselines' libraries are loaded before the peak is reset, as tuneoff's are
         import transformers.trainer  # noqa: F401
         if impl == "trl":
             import datasets, trl  # noqa: F401, E401
+    if variant == "compile":
+        model = torch.compile(model)
     peak.reset()
-    if impl == "tuneoff":
+    if impl.startswith("tuneoff"):
         out = run_tuneoff(model, plan_data, common, params, dev, precision)
     elif impl.startswith("hf"):
         out = run_hf(model, plan_data, common, params, impl == "hf-bf16")
@@ -207,6 +227,39 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
             "peak_memory_bytes": mem["peak_bytes"], "memory_measure": mem["measure"],
             "useful_flops_per_token": round(flops_per_token),
             "achieved_flops": out["real_tokens"] * flops_per_token / out["train_seconds"]}
+
+
+def apply_variant(variant: str, precision: str) -> str:
+    """Patch tuneoff for one VARIANTS entry (this process only); returns the precision to train in."""
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+
+    from tuneoff import train
+    from tuneoff.packing import IGNORE
+
+    if variant in ("bf16", "fp32"):
+        return variant
+    if variant in ("fused-adamw", "foreach-adamw"):
+        if variant == "fused-adamw":
+            train.make_optimizer = functools.partial(train.make_optimizer, fused=True)
+        else:  # on a CPU torch's default is the per-tensor loop
+            torch.optim.AdamW = functools.partial(torch.optim.AdamW, foreach=True)
+    elif variant == "full-logits":
+        def batch_loss(model, rows, idx, dev, precision):
+            ids, pos, targets = (rows[k][idx].to(dev) for k in ("input_ids", "position_ids", "targets"))
+            keep = targets != IGNORE
+            spans = {"packed_spans": train.attention.spans(rows["position_ids"][idx])} if dev.type == "cpu" else {}
+            with train.autocast(dev, precision):
+                logits = model(input_ids=ids, position_ids=pos, use_cache=False, **spans).logits
+            return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), int(keep.sum())
+        train.batch_loss = batch_loss
+    elif variant == "masked-attention":
+        train.attention.spans = lambda position_ids: None  # packed_attention falls back to transformers' SDPA
+    elif variant == "1-thread":
+        torch.set_num_threads(1)
+    return precision
 
 
 def run_tuneoff(model, plan_data, common, params, dev, precision) -> dict:
@@ -370,7 +423,7 @@ def summarise(runs: list[dict], methods: list[str], impls: list[str]) -> dict:
             entry["memory_ratio_vs_trl"] = round(med["tuneoff"]["peak_memory_bytes"] / med["trl"]["peak_memory_bytes"], 3)
         # the issue's targets: >= 1.3x the faster HF setting, no slower than TRL, peak memory no higher than either
         if "speedup_vs_faster_hf" in entry:
-            baselines = [i for i in ("hf-fp32", "hf-bf16", "trl") if i in med]
+            baselines = [i for i in (entry["faster_hf"], "trl") if i in med]
             entry["meets_targets"] = (entry["speedup_vs_faster_hf"] >= 1.3 and entry.get("speedup_vs_trl", 1.0) >= 1.0
                                       and all(med["tuneoff"]["peak_memory_bytes"] <= med[i]["peak_memory_bytes"]
                                               for i in baselines))
@@ -421,7 +474,8 @@ def main() -> None:
         return
 
     methods, impls = args.methods.split(","), args.impls.split(",")
-    for name, given, allowed in (("method", methods, METHODS), ("impl", impls, IMPLS)):
+    allowed_impls = [*IMPLS, *(f"tuneoff+{v}" for v in VARIANTS)]
+    for name, given, allowed in (("method", methods, METHODS), ("impl", impls, allowed_impls)):
         if bad := [x for x in given if x not in allowed]:
             sys.exit(f"unknown {name} {bad}; allowed: {list(allowed)}")
     if "trl" in impls:

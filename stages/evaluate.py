@@ -23,7 +23,7 @@ from tuneoff import measure, methods
 from tuneoff.atomic import write_json, write_jsonl
 from tuneoff.errors import TuneoffError, user_errors
 from tuneoff.generate import generate
-from tuneoff.merge import deployable_dir, load_adapter_model
+from tuneoff.merge import adapter_dir, deployable_dir, load_adapter_model
 from tuneoff.params import EvaluateParams, check_task, read_params, section
 from tuneoff.scoring import main_score, score
 from tuneoff.tracking import flat, stage_run
@@ -63,7 +63,7 @@ def main(task: str, model: str) -> None:
         if model != "base" and model != "full" and params.adapter_check_examples:
             del net
             n = min(params.adapter_check_examples, len(examples))
-            adapter = load_adapter_model(methods.base_dir(model), Path("runs") / task / model / "model", dev)
+            adapter = load_adapter_model(methods.base_dir(model), adapter_dir(task, model), dev)
             as_trained = generate(adapter, tokenizer, conversations[:n], params.batch_size, params.max_new_tokens, dev,
                                   f"evaluate {task}/{model} adapter")
             adapter_check = {"adapter_check": {

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from tuneoff import measure, methods, quantize
 from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.merge import check_merge, load_adapter_model, logits_on
+from tuneoff.merge import adapter_dir, check_merge, load_adapter_model, logits_on
 from tuneoff.params import MergeParams, check_task, read_params, section
 from tuneoff.tracking import flat, stage_run
 from tuneoff.train import load_rows
@@ -33,20 +33,21 @@ def main(task: str, method: str) -> None:
     data = read_params()
     check_task(task, data)
     params = section(MergeParams, "merge", data=data)
-    run = Path("runs") / task / method
-    if not (run / "model" / "adapter_config.json").is_file():
-        raise TuneoffError(f"{run}/model has no adapter: run `dvc repro {methods.train_stage(task, method)}` first")
+    adapter = adapter_dir(task, method)
+    run = adapter.parent
+    if not (adapter / "adapter_config.json").is_file():
+        raise TuneoffError(f"{adapter} has no adapter: run `dvc repro {methods.train_stage(task, method)}` first")
     dev = measure.device()
     rows = {k: v[: params.check_rows] for k, v in load_rows(Path("data/prepared") / task / "val.safetensors").items()}
 
-    model = load_adapter_model(BASE, run / "model", dev)
+    model = load_adapter_model(BASE, adapter, dev)
     with_adapter = logits_on(model, rows, dev)
     merged = model.merge_and_unload()
     merged_logits = logits_on(merged, rows, dev)
     diff = check_merge(with_adapter, merged_logits, params.tolerance, f"merge@{task}-{method}")
     vs_trained = {}
     if method == "qlora":
-        trained = logits_on(load_adapter_model(methods.base_dir(method), run / "model", dev), rows, dev)
+        trained = logits_on(load_adapter_model(methods.base_dir(method), adapter, dev), rows, dev)
         vs_trained = {"vs_trained_4bit": quantize.logit_error(trained, merged_logits)}
 
     with atomic_dir(run / "merged") as tmp:

@@ -128,3 +128,4 @@ def test_the_ladder_stops_when_its_budget_is_spent(project):
     result = json.loads((project / "escalations/extraction/ladder.json").read_text())
     assert result["stopped"] == "budget exhausted" and len(result["rungs"]) == 1 and result["winner"] is None
     assert result["rungs"][0]["spent_usd"] > 1e-9
+

@@ -54,8 +54,9 @@ def project(tiny_base, tmp_path_factory, request):
 
 def test_train_harness_runs_every_impl_on_the_same_budget(project, tmp_path):
     folder, params = project
-    methods = ["full", "lora"] + (["qlora"] if HAS_BNB else [])
-    impls = ["tuneoff", "hf-fp32", "hf-bf16"] + (["trl"] if HAS_TRL else [])
+    methods = ["lora"] + (["qlora"] if HAS_BNB else [])  # full differs from lora only in what trains
+    variants = ["tuneoff+full-logits", "tuneoff+fused-adamw"]
+    impls = ["tuneoff", "hf-fp32", "hf-bf16"] + (["trl"] if HAS_TRL else []) + variants
     out = tmp_path / "train.json"
     run_script("benchmarks/train_throughput.py", "--project", str(folder), "--task", "extraction", "--methods",
                ",".join(methods), "--impls", ",".join(impls), "--rounds", "1", "--steps", "2", "--params", str(params),
@@ -68,6 +69,12 @@ def test_train_harness_runs_every_impl_on_the_same_budget(project, tmp_path):
         if r["impl"] != "trl":  # TRL packs its own rows; the others train the same steps
             assert r["steps"] == 2
     assert all("speedup_vs_faster_hf" in result["summary"][m] for m in methods)
+    # a variant changes how tuneoff computes, not what: the same losses (the output layer on every
+    # position, or the fused optimizer kernel)
+    loss = {(r["impl"], r["method"]): r["final_train_loss"] for r in result["runs"]}
+    for method in methods:
+        for variant in variants:
+            assert loss[variant, method] == pytest.approx(loss["tuneoff", method], rel=1e-4), (variant, method)
     assert out.with_suffix(".md").is_file()
 
 

@@ -4,6 +4,7 @@ within 10%, and the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneoff import architectures, estimate, measure, memory, methods, throughput
+from tuneoff import architectures, attention, estimate, measure, memory, methods, throughput
 from tuneoff.errors import TuneoffError
 from tuneoff.packing import IGNORE
 from tuneoff.params import CommonTrainParams, FullParams, LoraParams, QloraParams
@@ -91,8 +92,9 @@ def test_qlora_counts_and_stored_bytes_are_exact(tiny_nf4):
 
 # --- activations: exactly what autograd saves ----------------------------------------------------------
 
-def saved_bytes(model, rows, batch, autocast: bool) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in one forward pass."""
+def saved_bytes(model, rows, batch, autocast: bool, per_example: bool = False) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one forward pass (with tuneoff's
+    per-example attention, as the train loop runs it on a CPU, if `per_example`)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -105,8 +107,10 @@ def saved_bytes(model, rows, batch, autocast: bool) -> int:
     idx = torch.arange(batch)  # a copy, as the training loop's batch indexing makes
     ids, pos, targets = (rows[k][idx] for k in ("input_ids", "position_ids", "targets"))
     context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
-        model(input_ids=ids, position_ids=pos, logits_to_keep=targets != IGNORE, use_cache=False)
+    spans = {"packed_spans": attention.spans(pos)} if per_example else {}
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context,
+          attention.packed(model) if per_example else contextlib.nullcontext()):
+        model(input_ids=ids, position_ids=pos, logits_to_keep=targets != IGNORE, use_cache=False, **spans)
     return sum(seen.values()), int((targets != IGNORE).sum())
 
 
@@ -140,14 +144,14 @@ def test_activations_are_what_autograd_saves(tokenizer, method, precision, targe
     LoRA on several target sets with and without dropout; Llama, Qwen2 (q/k/v bias), Qwen3 (q/k norm)."""
     rows = rows_for(tokenizer)
     model, shape = build_tiny(method, precision, targets, dropout, len(tokenizer), model_type)
-    for attention in ("packed", "causal"):
+    for kind in ("packed", "per-example", "causal"):
         data = dict(rows)
-        if attention == "causal":  # no position restarts: one sequence per row, SDPA's is_causal
+        if kind == "causal":  # no position restarts: one sequence per row, SDPA's is_causal
             data["position_ids"] = torch.arange(256).expand_as(rows["position_ids"]).contiguous()
-        measured, positions = saved_bytes(model, data, 2, precision == "bf16")
+        measured, positions = saved_bytes(model, data, 2, precision == "bf16", per_example=kind == "per-example")
         s = setup(method, precision=precision, target_modules=targets or ("q_proj",), dropout=dropout,
-                  supervised_positions=positions, attention=attention)
-        assert sum(memory.activations(shape, s)[0].values()) == measured, attention
+                  supervised_positions=positions, attention=kind)
+        assert sum(memory.activations(shape, s)[0].values()) == measured, kind
 
 
 def test_activations_at_smollm2_scale():

@@ -1,3 +1,5 @@
+import contextlib
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -67,3 +69,35 @@ def test_example_without_answer_in_window_is_dropped(tokenizer):
     packed = pack([(ids, trainable), (ids, trainable)][:1] + [(ids[:first_answer], trainable[:first_answer])],
                   seq_len=128, pad_id=tokenizer.pad_token_id)
     assert packed.dropped == 1 and packed.examples == 1
+
+
+def test_per_example_attention_matches_the_masked_row(tiny_base, tokenizer):
+    """attention.packed_attention (SDPA on each example's span) gives the logits and gradients of
+    transformers' SDPA with its block-diagonal mask, on a row of three examples and trailing padding."""
+    from tuneoff import attention
+
+    examples = [tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(3, 2)]
+    packed = pack(examples, seq_len=sum(len(ids) for ids, _ in examples) + 7, pad_id=tokenizer.pad_token_id)
+    assert len(packed.input_ids) == 1 and int(packed.real_tokens[0]) < packed.input_ids.shape[1]
+    inputs = {"input_ids": packed.input_ids.long(), "position_ids": packed.position_ids.long(), "use_cache": False}
+    spans = attention.spans(packed.position_ids)
+    assert len(spans[0]) == 4 and spans[0][-1][1] == packed.input_ids.shape[1]  # 3 examples + the padding
+
+    results = []
+    for use_spans in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        context = attention.packed(model) if use_spans else contextlib.nullcontext()
+        with context:
+            logits = model(**inputs, **({"packed_spans": spans} if use_spans else {})).logits
+            logits.float().square().mean().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        assert model.config._attn_implementation == "sdpa"  # restored: a saved model does not need tuneoff
+    (masked, masked_grads), (per_example, grads) = results
+    torch.testing.assert_close(per_example, masked, atol=1e-5, rtol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # and the spans matter: attention over the whole row (no mask, causal) gives other logits
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    with attention.packed(model):
+        whole = model(**inputs, packed_spans=[[(0, packed.input_ids.shape[1])]]).logits.detach()
+    assert not torch.allclose(whole, masked, atol=1e-3)

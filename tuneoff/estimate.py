@@ -70,7 +70,7 @@ def time_and_cost(shape: Shape, setup: memory.Setup, positions: float, device: D
 
 def setup_for_run(method: str, params, common, precision: str, device_kind: str, seq_len: int,
                   supervised_positions: int, base_config: dict) -> memory.Setup:
-    """The Setup tuneoff's own train stage runs: its loop, AdamW, packed rows."""
+    """The Setup tuneoff's own train stage runs: its loop, AdamW, packed rows (attended per example on a CPU)."""
     quant = base_config.get("quantization_config") or {}
     lora = method != "full"
     return memory.Setup(method=method, batch_size=common.batch_size, seq_len=seq_len, precision=precision,
@@ -78,7 +78,7 @@ def setup_for_run(method: str, params, common, precision: str, device_kind: str,
                         rank=params.rank if lora else 16,
                         target_modules=memory.expand_targets(params.target_modules) if lora else ("q_proj", "v_proj"),
                         dropout=params.dropout if lora else 0.0, supervised_positions=supervised_positions,
-                        attention="packed", double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), gpus=1)
+                        attention="per-example" if device_kind == "cpu" else "packed", double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), gpus=1)
 
 
 def for_train_stage(method: str, params, common, precision: str, dev_type: str, device_name: str, base: Path,

@@ -56,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser, plan: bool) -> None:
     setup.add_argument("--supervised-fraction", type=float,
                        help="share of positions the output layer runs on (tuneoff: assistant tokens; "
                             "default: the --dataset's, else 1)")
-    setup.add_argument("--attention", choices=["packed", "causal"], default="packed",
-                       help="packed rows get a block-diagonal mask per layer (tuneoff); causal: SDPA's is_causal")
+    setup.add_argument("--attention", choices=["packed", "per-example", "causal"], default="packed",
+                       help="packed rows get a block-diagonal mask per layer (tuneoff on a GPU); per-example: causal "
+                            "attention on each example of a packed row (tuneoff on a CPU); causal: SDPA's is_causal")
     setup.add_argument("--gpus", type=int, default=1, help="FSDP full sharding over this many GPUs")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 

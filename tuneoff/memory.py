@@ -62,7 +62,7 @@ from tuneoff.errors import TuneoffError
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "bf16", "bf16-pure"]
 Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"]
-Attention = Literal["packed", "causal"]
+Attention = Literal["packed", "per-example", "causal"]
 PRECISIONS = ("fp32", "bf16", "bf16-pure")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit")
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes 4-bit blocksize; nested (double-quant) blocksize
@@ -85,14 +85,16 @@ class Setup:
     target_modules: tuple[str, ...]  # LoRA; ignored by full
     dropout: float  # LoRA dropout; ignored by full
     supervised_positions: int | None  # K: positions per step the output layer runs on; None = all
-    attention: Attention  # packed rows get a block-diagonal mask; causal uses SDPA's is_causal
+    # packed: rows under SDPA's block-diagonal mask (tuneoff on a GPU); per-example: causal SDPA on each
+    # example's span of a packed row (tuneoff on a CPU, attention.py); causal: SDPA's is_causal on whole rows
+    attention: Attention
     double_quant: bool  # QLoRA's quantization constants
     gpus: int  # >1: FSDP full sharding of weights, gradients and optimizer states
 
     def __post_init__(self):
         for key, value, allowed in (("precision", self.precision, PRECISIONS), ("optimizer", self.optimizer, OPTIMIZERS),
                                     ("method", self.method, ("full", "lora", "qlora")),
-                                    ("attention", self.attention, ("packed", "causal")), ("device", self.device, ("cpu", "cuda"))):
+                                    ("attention", self.attention, ("packed", "per-example", "causal")), ("device", self.device, ("cpu", "cuda"))):
             if value not in allowed:
                 raise TuneoffError(f"{key} {value!r}: allowed: {list(allowed)}")
         if min(self.batch_size, self.seq_len, self.rank, self.gpus) < 1:
@@ -309,8 +311,10 @@ def _decoder_layer(shape: Shape, setup: Setup, rg_in: bool, index: str) -> tuple
         saved.add("attention logsumexp", b * nh * s * 4)
         if setup.attention == "packed":
             saved.add("attention mask (packed rows)", b * s * s * compute)
-        # o_proj reads the attention output, which SDPA already keeps (its b,s,h,d layout makes the reshape a view)
-        saved.keys.add(f"attn{index}")
+        # o_proj reads the attention output, which SDPA already keeps (its b,s,h,d layout makes the reshape a view);
+        # per example, o_proj reads the join of the spans' outputs, a tensor of its own, kept if o_proj needs it
+        if setup.attention != "per-example":
+            saved.keys.add(f"attn{index}")
     rg_o = _linears(saved, setup, shape, ("o_proj",), T, compute, attention_rg, f"attn{index}", compute, adapter,
                     autocast, copies, "o_proj")
     rg_h = rg_in or rg_o["o_proj"]

@@ -33,6 +33,7 @@ from tuneoff.memory import Setup
 def flops_per_position(shape: Shape, setup: Setup) -> float:
     """Training FLOPs per token position of one step of `setup` (formulas: module docstring)."""
     linear = shape.layers * sum(i * o for i, o, _ in (shape.linear(m) for m in LAYER_LINEARS))
+    # the masked row computes every pair; causal half of them; per example, at most that (spans are shorter)
     attended = setup.seq_len if setup.attention == "packed" else setup.seq_len / 2
     attention = 4 * shape.layers * shape.heads * shape.head_dim * attended
     share = setup.positions / setup.tokens

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from tuneoff.packing import IGNORE
-from tuneoff import measure
+from tuneoff import attention, measure
 from tuneoff.atomic import atomic_file
 from tuneoff.checkpoint import Checkpointer
 from tuneoff.params import CommonTrainParams
@@ -57,13 +57,16 @@ def autocast(dev: torch.device, precision: str):
 def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the loss positions of rows[idx], and how many there are."""
     ids, pos, targets = (rows[k][idx].to(dev, non_blocking=True) for k in ("input_ids", "position_ids", "targets"))
+    n = int((rows["targets"][idx] != IGNORE).sum())  # counted on the host: no device sync
     keep = targets != IGNORE
+    # on a CPU, attention runs per example (attention.py); a GPU keeps SDPA's block-diagonal mask
+    spans = {"packed_spans": attention.spans(rows["position_ids"][idx])} if dev.type == "cpu" else {}
     with autocast(dev, precision):
         # use_cache=False matters: transformers only reads position-id restarts as example
         # boundaries when there is no KV cache
-        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False).logits
+        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **spans).logits
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    return loss, n
 
 
 @torch.no_grad()
@@ -77,6 +80,17 @@ def eval_loss(model, rows: dict[str, torch.Tensor], batch_size: int, dev, precis
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
+
+
+def make_optimizer(params: list[torch.Tensor], weight_decay: float, lr: float, fused: bool | None = None):
+    """AdamW with weight decay on matrices only (norms and biases are not decayed). `fused` (one kernel
+    over all parameters) defaults to on for a GPU, where PyTorch documents it as the fastest, and
+    off for a CPU, where it did not help here (README "Performance")."""
+    if fused is None:
+        fused = params[0].device.type == "cuda"
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 @dataclass
@@ -99,78 +113,76 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     resume from its checkpoint if there is one and save one every `every_steps` steps."""
     steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": common.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optimizer = make_optimizer(params, common.weight_decay, lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(common.warmup_fraction * len(steps)), len(steps))
 
     # everything the loop carries from step to step, so a checkpoint can restore it
     state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
              "loss_rows": [], "val_rows": [], "train_seconds": 0.0, "eval_seconds": 0.0}
     window_loss = torch.zeros((), device=dev)
-    resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
-    resumed_from_step = resumed[0]["step"] if resumed else 0
-    if resumed:
-        state, tensors = resumed
-        window_loss = tensors["window_loss"].to(dev)
-        print(f"{label}: resuming from the checkpoint at step {state['step']} of {len(steps)}", file=sys.stderr)
-    else:
-        t = time.perf_counter()
-        state["val_before"] = eval_loss(model, val_rows, common.batch_size, dev, precision)
-        state["eval_seconds"] += time.perf_counter() - t
-        state["val_rows"].append([0, round(state["val_before"], 6)])
-
-    model.train()
-    bar = tqdm(total=len(steps), initial=state["step"], desc=label, unit="step", file=sys.stderr,
-               mininterval=1 if sys.stderr.isatty() else 15)
-    start = time.perf_counter()
-    for step in range(state["step"] + 1, len(steps) + 1):
-        idx = steps[step - 1]
-        loss_sum, n = batch_loss(model, train_rows, idx, dev, precision)
-        (loss_sum / n).backward()
-        torch.nn.utils.clip_grad_norm_(params, common.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step
-        state["real_tokens"] += int(train_rows["real_tokens"][idx].sum())
-        state["loss_tokens"] += n
-        window_loss += loss_sum.detach()
-        state["window_tokens"] += n
-        bar.update()
-        if step % common.log_every == 0 or step == len(steps):
-            mean = float(window_loss) / state["window_tokens"]  # the only host sync, once per log window
-            state["recent"].append(mean)
-            state["loss_rows"].append([step, state["real_tokens"], round(mean, 6), f"{scheduler.get_last_lr()[0]:.3e}"])
-            elapsed = state["train_seconds"] + time.perf_counter() - start
-            tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens": state["real_tokens"],
-                         "train/tokens_per_second": state["real_tokens"] / elapsed,
-                         "memory/current_bytes": measure.current_memory_bytes(dev)}, step=step)
-            bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{state['real_tokens'] / elapsed:.0f}")
-            window_loss, state["window_tokens"] = torch.zeros((), device=dev), 0
-        if common.eval_every and step % common.eval_every == 0 and step != len(steps):
-            state["train_seconds"] += time.perf_counter() - start
+    with attention.packed(model):  # per-example attention while this loop runs (attention.py)
+        resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
+        resumed_from_step = resumed[0]["step"] if resumed else 0
+        if resumed:
+            state, tensors = resumed
+            window_loss = tensors["window_loss"].to(dev)
+            print(f"{label}: resuming from the checkpoint at step {state['step']} of {len(steps)}", file=sys.stderr)
+        else:
             t = time.perf_counter()
-            val = eval_loss(model, val_rows, common.batch_size, dev, precision)
-            state["val_rows"].append([step, round(val, 6)])
-            tracker.log({"val/loss": val}, step=step)
+            state["val_before"] = eval_loss(model, val_rows, common.batch_size, dev, precision)
             state["eval_seconds"] += time.perf_counter() - t
-            start = time.perf_counter()
-        if checkpointer and checkpointer.due(step, len(steps)):
-            state["train_seconds"] += time.perf_counter() - start
-            checkpointer.save(model, optimizer, scheduler, {"window_loss": window_loss.cpu()}, state)
-            start = time.perf_counter()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    state["train_seconds"] += time.perf_counter() - start
-    bar.close()
+            state["val_rows"].append([0, round(state["val_before"], 6)])
 
-    t = time.perf_counter()
-    val_after = eval_loss(model, val_rows, common.batch_size, dev, precision)
-    state["eval_seconds"] += time.perf_counter() - t
-    state["val_rows"].append([len(steps), round(val_after, 6)])
-    tracker.log({"val/loss": val_after}, step=len(steps))
+        model.train()
+        bar = tqdm(total=len(steps), initial=state["step"], desc=label, unit="step", file=sys.stderr,
+                   mininterval=1 if sys.stderr.isatty() else 15)
+        start = time.perf_counter()
+        for step in range(state["step"] + 1, len(steps) + 1):
+            idx = steps[step - 1]
+            loss_sum, n = batch_loss(model, train_rows, idx, dev, precision)
+            (loss_sum / n).backward()
+            torch.nn.utils.clip_grad_norm_(params, common.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step
+            state["real_tokens"] += int(train_rows["real_tokens"][idx].sum())
+            state["loss_tokens"] += n
+            window_loss += loss_sum.detach()
+            state["window_tokens"] += n
+            bar.update()
+            if step % common.log_every == 0 or step == len(steps):
+                mean = float(window_loss) / state["window_tokens"]  # the only host sync, once per log window
+                state["recent"].append(mean)
+                state["loss_rows"].append([step, state["real_tokens"], round(mean, 6), f"{scheduler.get_last_lr()[0]:.3e}"])
+                elapsed = state["train_seconds"] + time.perf_counter() - start
+                tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens": state["real_tokens"],
+                             "train/tokens_per_second": state["real_tokens"] / elapsed,
+                             "memory/current_bytes": measure.current_memory_bytes(dev)}, step=step)
+                bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{state['real_tokens'] / elapsed:.0f}")
+                window_loss, state["window_tokens"] = torch.zeros((), device=dev), 0
+            if common.eval_every and step % common.eval_every == 0 and step != len(steps):
+                state["train_seconds"] += time.perf_counter() - start
+                t = time.perf_counter()
+                val = eval_loss(model, val_rows, common.batch_size, dev, precision)
+                state["val_rows"].append([step, round(val, 6)])
+                tracker.log({"val/loss": val}, step=step)
+                state["eval_seconds"] += time.perf_counter() - t
+                start = time.perf_counter()
+            if checkpointer and checkpointer.due(step, len(steps)):
+                state["train_seconds"] += time.perf_counter() - start
+                checkpointer.save(model, optimizer, scheduler, {"window_loss": window_loss.cpu()}, state)
+                start = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        state["train_seconds"] += time.perf_counter() - start
+        bar.close()
+
+        t = time.perf_counter()
+        val_after = eval_loss(model, val_rows, common.batch_size, dev, precision)
+        state["eval_seconds"] += time.perf_counter() - t
+        state["val_rows"].append([len(steps), round(val_after, 6)])
+        tracker.log({"val/loss": val_after}, step=len(steps))
     write_csv(log_dir / "loss.csv", ["step", "tokens", "train_loss", "lr"], state["loss_rows"])
     write_csv(log_dir / "val_loss.csv", ["step", "val_loss"], state["val_rows"])
     recent = state["recent"]

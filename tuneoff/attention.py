@@ -1,0 +1,69 @@
+"""Attention over packed rows that computes only within each example.
+
+A packed row holds several examples (packing.py). transformers reads the restarting position ids as
+example boundaries and builds a block-diagonal mask over the whole row, so SDPA still computes, then
+masks away, attention between every pair of the row's positions: a 448-token row holding four
+examples does about four times the attention work it needs (and, with a mask, grouped-query
+attention copies its key/value heads). `packed_attention` runs SDPA causally on each example's span
+instead, from spans the train loop computes once per batch on the host. Same result
+(tests/test_packing.py compares logits and gradients); on this project's 2-core CPU attention fell
+from about 17% of a LoRA step to ... (README "Performance").
+
+Registered with transformers' AttentionInterface, the documented way to plug in an attention
+function; the model uses it only inside `packed(model)`, so a saved model's config keeps SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+NAME = "tuneoff_packed"
+
+
+def spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) of each example: its position ids restart at 0. Trailing padding
+    is a span of its own (packing.py restarts its positions too), so every position is covered."""
+    out = []
+    for row in position_ids.tolist():
+        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+        out.append(list(zip(starts, starts[1:])))
+    return out
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     packed_spans=None, **kwargs):
+    """Causal SDPA on each span of `packed_spans`; without spans, transformers' SDPA as usual.
+    query [batch, heads, seq, dim], key/value [batch, kv_heads, seq, dim]; returns [batch, seq, heads, dim]."""
+    if packed_spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    # each span's output transposed to [1, span, heads, dim]: joined along the sequence, that is
+    # already the layout o_proj reads, so there is no copy beyond the join
+    rows = [torch.cat([F.scaled_dot_product_attention(query[r : r + 1, :, a:b], key[r : r + 1, :, a:b],
+                                                      value[r : r + 1, :, a:b], dropout_p=dropout, is_causal=True,
+                                                      scale=scaling, enable_gqa=gqa).transpose(1, 2)
+                       for a, b in row_spans], dim=1)
+            for r, row_spans in enumerate(packed_spans)]
+    return torch.cat(rows), None
+
+
+AttentionInterface.register(NAME, packed_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the mask only the no-spans fallback reads
+
+
+@contextlib.contextmanager
+def packed(model):
+    """Use packed_attention in `model` (a transformers or PEFT model) for the duration."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
