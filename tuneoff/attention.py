@@ -6,8 +6,9 @@ masks away, attention between every pair of the row's positions: a 448-token row
 examples does about four times the attention work it needs (and, with a mask, grouped-query
 attention copies its key/value heads). `packed_attention` runs SDPA causally on each example's span
 instead, from spans the train loop computes once per batch on the host. Same result
-(tests/test_packing.py compares logits and gradients); on this project's 2-core CPU attention fell
-from about 17% of a LoRA step to ... (README "Performance").
+(tests/test_packing.py compares logits and gradients); what it gains depends on how many examples
+share a row (README "Performance" has the measurements). Used on a CPU only: on a GPU, one small
+kernel launch per example per layer was not measured against the masked SDPA it would replace.
 
 Registered with transformers' AttentionInterface, the documented way to plug in an attention
 function; the model uses it only inside `packed(model)`, so a saved model's config keeps SDPA.
@@ -44,14 +45,18 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    # each span's output transposed to [1, span, heads, dim]: joined along the sequence, that is
-    # already the layout o_proj reads, so there is no copy beyond the join
-    rows = [torch.cat([F.scaled_dot_product_attention(query[r : r + 1, :, a:b], key[r : r + 1, :, a:b],
-                                                      value[r : r + 1, :, a:b], dropout_p=dropout, is_causal=True,
-                                                      scale=scaling, enable_gqa=gqa).transpose(1, 2)
-                       for a, b in row_spans], dim=1)
-            for r, row_spans in enumerate(packed_spans)]
-    return torch.cat(rows), None
+    rows = []
+    # unbind and split, not slicing: their backward joins the pieces' gradients in one stack or cat,
+    # where each slice's backward would write into a zeroed tensor the size of the whole input
+    for row_spans, q, k, v in zip(packed_spans, query.unbind(0), key.unbind(0), value.unbind(0)):
+        sizes = [b - a for a, b in row_spans]
+        # each span's output transposed to [span, heads, dim]: joined along the sequence, that is the
+        # layout o_proj reads, so there is no copy beyond the join
+        # (4-d inputs: with 3-d ones SDPA on a CPU takes its slow math path, not the flash kernel)
+        rows.append(torch.cat([F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout,
+                                                              is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
+                               for qs, ks, vs in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1))]))
+    return torch.stack(rows), None
 
 
 AttentionInterface.register(NAME, packed_attention)
