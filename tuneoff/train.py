@@ -85,7 +85,7 @@ def eval_loss(model, rows: dict[str, torch.Tensor], batch_size: int, dev, precis
 def make_optimizer(params: list[torch.Tensor], weight_decay: float, lr: float, fused: bool | None = None):
     """AdamW with weight decay on matrices only (norms and biases are not decayed). `fused` (one kernel
     over all parameters) defaults to on for a GPU, where PyTorch documents it as the fastest, and
-    off for a CPU, where it did not help here (README "Performance")."""
+    off for a CPU, where no gain was measured above this machine's noise (README "Performance")."""
     if fused is None:
         fused = params[0].device.type == "cuda"
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
@@ -120,7 +120,8 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
              "loss_rows": [], "val_rows": [], "train_seconds": 0.0, "eval_seconds": 0.0}
     window_loss = torch.zeros((), device=dev)
-    with attention.packed(model):  # per-example attention while this loop runs (attention.py)
+    # on a CPU, per-example attention while this loop runs (attention.py); a GPU keeps SDPA as it is
+    with attention.packed(model) if dev.type == "cpu" else contextlib.nullcontext():
         resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
         resumed_from_step = resumed[0]["step"] if resumed else 0
         if resumed:
