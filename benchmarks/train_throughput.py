@@ -25,8 +25,8 @@ Implementations, each (impl, method) run in its own fresh subprocess, the impl o
             of seq_len per step, tuneoff's precision, LoRA through its peft_config.
   tuneoff+<variant>
             tuneoff with one change (VARIANTS below: bf16, fused or foreach AdamW, the output layer on
-            every position, the whole-row masked attention, torch.compile, one thread), to measure
-            what each of the loop's choices gives.
+            every position, the whole-row masked attention, torch.compile, one thread, PEFT's dropout
+            mask, no heap trim), to measure what each of the loop's choices gives.
 
 Every baseline builds its model like tuneoff (fp32 master weights, the same LoraConfig, the saved
 NF4 base for qlora, use_cache off, the project's gradient_checkpointing) and trains with AdamW at
@@ -76,6 +76,8 @@ VARIANTS = {
     "masked-attention": "SDPA over the whole packed row with the block-diagonal mask, not per example",
     "compile": "torch.compile(model) before training (compile time counts in train_seconds)",
     "1-thread": "torch.set_num_threads(1)",
+    "torch-dropout": "LoRA's nn.Dropout as PEFT builds it, not tuneoff.dropout.Dropout's cheaper mask",
+    "no-trim": "no malloc_trim after each step (freed heap pages stay resident)",
 }
 METHODS = ("full", "lora", "qlora")
 
@@ -231,6 +233,7 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
 
 def apply_variant(variant: str, precision: str) -> str:
     """Patch tuneoff for one VARIANTS entry (this process only); returns the precision to train in."""
+    import contextlib
     import functools
 
     import torch
@@ -259,6 +262,10 @@ def apply_variant(variant: str, precision: str) -> str:
         train.attention.spans = lambda position_ids: None  # packed_attention falls back to transformers' SDPA
     elif variant == "1-thread":
         torch.set_num_threads(1)
+    elif variant == "torch-dropout":
+        train.dropout.cheaper = contextlib.nullcontext
+    elif variant == "no-trim":
+        train.return_freed_memory = lambda: None
     return precision
 
 
