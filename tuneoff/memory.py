@@ -275,8 +275,8 @@ def _adapter(saved: _Saved, setup: Setup, tokens: int, fan_in: int, fan_out: int
     """PEFT LoRA: lora_B(lora_A(dropout(x.to(adapter dtype)))) * scale, beside the frozen base."""
     r = setup.rank
     if setup.dropout > 0:
-        if rg_in:  # CUDA's fused dropout keeps a bool mask; the CPU path keeps the scaled noise tensor
-            saved.add(f"{group} LoRA dropout mask", tokens * fan_in * (1 if setup.device == "cuda" else adapter))
+        if rg_in:  # a bool mask: CUDA's fused dropout and, on a CPU, the train loop's dropout.Dropout
+            saved.add(f"{group} LoRA dropout mask", tokens * fan_in)
         a_key = None  # a new tensor per adapter
     else:  # lora_A reads x itself when it already has the adapter's dtype, else its own cast copy
         a_key = in_key if in_bytes == adapter else None
