@@ -237,10 +237,8 @@ def apply_variant(variant: str, precision: str) -> str:
     import functools
 
     import torch
-    import torch.nn.functional as F
 
     from tuneoff import train
-    from tuneoff.packing import IGNORE
 
     if variant in ("bf16", "fp32"):
         return variant
@@ -250,16 +248,20 @@ def apply_variant(variant: str, precision: str) -> str:
         else:  # on a CPU torch's default is the per-tensor loop
             torch.optim.AdamW = functools.partial(torch.optim.AdamW, foreach=True)
     elif variant == "full-logits":
-        def batch_loss(model, rows, idx, dev, precision):
-            ids, pos, targets = (rows[k][idx].to(dev) for k in ("input_ids", "position_ids", "targets"))
-            keep = targets != IGNORE
-            spans = {"packed_spans": train.attention.spans(rows["position_ids"][idx])} if dev.type == "cpu" else {}
-            with train.autocast(dev, precision):
-                logits = model(input_ids=ids, position_ids=pos, use_cache=False, **spans).logits
-            return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), int(keep.sum())
-        train.batch_loss = batch_loss
-    elif variant == "masked-attention":
-        train.attention.spans = lambda position_ids: None  # packed_attention falls back to transformers' SDPA
+        batch_loss = train.batch_loss
+
+        class FullLogits:  # the model with its output layer on every position; the supervised ones picked after
+            def __init__(self, model):
+                self.model, self.config = model, model.config
+
+            def __call__(self, logits_to_keep, **inputs):
+                out = self.model(**inputs)
+                out.logits = out.logits[logits_to_keep]
+                return out
+
+        train.batch_loss = lambda model, *args: batch_loss(FullLogits(model), *args)
+    elif variant == "masked-attention":  # the model keeps transformers' SDPA, over whole packed rows
+        train.attention.packed = contextlib.nullcontext
     elif variant == "1-thread":
         torch.set_num_threads(1)
     elif variant == "torch-dropout":

@@ -101,3 +101,29 @@ def test_per_example_attention_matches_the_masked_row(tiny_base, tokenizer):
     with attention.packed(model):
         whole = model(**inputs, packed_spans=[[(0, packed.input_ids.shape[1])]]).logits.detach()
     assert not torch.allclose(whole, masked, atol=1e-3)
+
+
+def test_batch_loss_on_one_row_of_real_tokens_matches_the_padded_rows(tiny_base, tokenizer):
+    """With per-example attention, batch_loss joins the batch's rows into one row of their real tokens
+    (no compute on padding): the loss, its token count and the gradients are those of the padded rows
+    under transformers' masked SDPA."""
+    from tuneoff import attention
+    from tuneoff.train import batch_loss
+
+    examples = [tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(7, 3)]
+    packed = pack(examples, seq_len=max(len(ids) for ids, _ in examples) * 2 + 5, pad_id=tokenizer.pad_token_id)
+    rows = {k: v.long() for k, v in packed.tensors().items()}
+    idx = torch.arange(len(rows["input_ids"]))
+    assert len(idx) >= 3 and (rows["real_tokens"] < rows["input_ids"].shape[1]).all()  # every row has padding
+    results = []
+    for joined in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        with attention.packed(model) if joined else contextlib.nullcontext():
+            loss, n = batch_loss(model, rows, idx, torch.device("cpu"), "fp32")
+            (loss / n).backward()
+        results.append((loss.detach(), n, {name: p.grad for name, p in model.named_parameters()}))
+    (padded, n_padded, padded_grads), (joined, n_joined, grads) = results
+    assert n_joined == n_padded > 0
+    torch.testing.assert_close(joined, padded, atol=1e-4, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -5,7 +5,7 @@ stage (its train.json carries the prediction next to the measurement)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuneoff import memory, throughput
@@ -81,6 +81,12 @@ def setup_for_run(method: str, params, common, precision: str, device_kind: str,
                         attention="per-example" if device_kind == "cpu" else "packed", double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), gpus=1)
 
 
+def joined_rows(setup: memory.Setup, step_tokens: int) -> memory.Setup:
+    """The shape a step's activations take: with per-example attention (a CPU), train.batch_loss joins
+    the step's rows into one row of their real tokens; `step_tokens` is the most any step has."""
+    return replace(setup, batch_size=1, seq_len=step_tokens) if setup.attention == "per-example" else setup
+
+
 def for_train_stage(method: str, params, common, precision: str, dev_type: str, device_name: str, base: Path,
                     train_rows: dict, estimate_params: EstimateParams, prices: dict[str, float]) -> tuple[dict, dict]:
     """train.json's "estimate" (memory and FLOPs: a function of the config and data alone) and
@@ -95,7 +101,8 @@ def for_train_stage(method: str, params, common, precision: str, dev_type: str, 
     positions = max(int((train_rows["targets"][idx] != IGNORE).sum()) for idx in steps)
     setup = setup_for_run(method, params, common, precision, dev_type, train_rows["input_ids"].shape[1], positions,
                           config)
-    est = memory.estimate(shape, setup, overhead_bytes(estimate_params, dev_type))
+    memory_setup = joined_rows(setup, max(int(train_rows["real_tokens"][idx].sum()) for idx in steps))
+    est = memory.estimate(shape, memory_setup, overhead_bytes(estimate_params, dev_type))
     flops = throughput.flops_per_position(shape, setup)
     estimate = {
         "measure": "cpu_peak_rss" if dev_type == "cpu" else "cuda_max_memory_allocated",
@@ -103,8 +110,9 @@ def for_train_stage(method: str, params, common, precision: str, dev_type: str, 
         "peak_memory_bytes": est.peak_bytes if dev_type == "cpu" else est.peak_tensor_bytes,
         "peak_tensor_bytes": est.peak_tensor_bytes, "overhead_bytes": est.overhead_bytes, "phase": est.phase,
         "at_peak": est.at_peak, "params": est.params,
-        "setup": {"batch_rows": setup.batch_size, "seq_len": setup.seq_len, "supervised_positions": setup.positions,
-                  "precision": setup.precision, "gradient_checkpointing": setup.gradient_checkpointing},
+        "setup": {"batch_rows": memory_setup.batch_size, "seq_len": memory_setup.seq_len,
+                  "supervised_positions": setup.positions, "precision": setup.precision,
+                  "gradient_checkpointing": setup.gradient_checkpointing},
         "flops_per_position": round(flops), "train_flops": round(len(steps) * setup.tokens * flops),
     }
     catalog = {d.name: d for d in devices(estimate_params, prices)}

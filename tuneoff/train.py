@@ -58,15 +58,21 @@ def autocast(dev: torch.device, precision: str):
 
 def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the loss positions of rows[idx], and how many there are."""
-    ids, pos, targets = (rows[k][idx].to(dev, non_blocking=True) for k in ("input_ids", "position_ids", "targets"))
-    n = int((rows["targets"][idx] != IGNORE).sum())  # counted on the host: no device sync
+    ids, pos, targets = (rows[k][idx] for k in ("input_ids", "position_ids", "targets"))
+    n = int((targets != IGNORE).sum())  # counted on the host: no device sync
+    extra = {}
+    if model.config._attn_implementation == attention.NAME:
+        # attention per example (attention.py, the loop on a CPU) needs no row boundaries: the batch
+        # becomes one row of its real tokens, so no compute goes to the rows' trailing padding
+        real = torch.arange(ids.shape[1]) < rows["real_tokens"][idx, None]
+        ids, pos, targets = (t[real][None] for t in (ids, pos, targets))
+        extra["packed_spans"] = attention.spans(pos)
+    ids, pos, targets = (t.to(dev, non_blocking=True) for t in (ids, pos, targets))
     keep = targets != IGNORE
-    # on a CPU, attention runs per example (attention.py); a GPU keeps SDPA's block-diagonal mask
-    spans = {"packed_spans": attention.spans(rows["position_ids"][idx])} if dev.type == "cpu" else {}
     with autocast(dev, precision):
         # use_cache=False matters: transformers only reads position-id restarts as example
         # boundaries when there is no KV cache
-        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **spans).logits
+        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **extra).logits
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return loss, n
 
