@@ -119,8 +119,8 @@ def return_freed_memory() -> None:
     """Hand the C heap's freed pages back to the OS (glibc's malloc_trim); a no-op where the C
     library has none. The loop calls it after each step of a 4-bit (QLoRA) model on a CPU: there
     every Linear dequantizes its weight in each pass, a few MB freed between activations of a few
-    MB, and the holes this leaves stayed resident. On the default task QLoRA's peak RSS was 4.3 GiB
-    without it and 3.3 GiB with it. It is not called for float models: there it saved about 10% of
+    MB, and the holes this leaves stayed resident. On the default task QLoRA's peak RSS was 4288 MiB
+    without it and 3241 MiB with it. It is not called for float models: there it saved about 11% of
     peak RSS but cost about 9% of LoRA's speed, since the returned pages fault back in on the next
     step (README "Performance", variant `no-trim`)."""
     trim = getattr(_libc, "malloc_trim", None)
