@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from tuneoff.packing import IGNORE
-from tuneoff import attention, dropout, measure
+from tuneoff import attention, dropout, measure, quantize
 from tuneoff.atomic import atomic_file
 from tuneoff.checkpoint import Checkpointer
 from tuneoff.params import CommonTrainParams
@@ -104,11 +104,14 @@ def make_optimizer(params: list[torch.Tensor], weight_decay: float, lr: float, f
 @contextlib.contextmanager
 def cpu_paths(model, dev: torch.device):
     """What the loop changes on a CPU while it runs: per-example attention on packed rows
-    (attention.py) and a cheaper LoRA dropout mask (dropout.py). A GPU keeps the model as it is."""
+    (attention.py), a cheaper LoRA dropout mask (dropout.py) and, on a 4-bit base, the weights'
+    scales dequantized once (quantize.py). A GPU keeps the model as it is."""
     with contextlib.ExitStack() as stack:
         if dev.type == "cpu":
             stack.enter_context(attention.packed(model))
             stack.enter_context(dropout.cheaper(model))
+            if quantize.is_4bit(model):
+                stack.enter_context(quantize.absmax_dequantized(model))
         yield model
 
 
@@ -155,7 +158,7 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
              "loss_rows": [], "val_rows": [], "train_seconds": 0.0, "eval_seconds": 0.0}
     window_loss = torch.zeros((), device=dev)
-    trim_heap = dev.type == "cpu" and any(p.dtype == torch.uint8 for p in model.parameters())  # 4-bit weights
+    trim_heap = dev.type == "cpu" and quantize.is_4bit(model)
     with cpu_paths(model, dev):
         resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
         resumed_from_step = resumed[0]["step"] if resumed else 0
