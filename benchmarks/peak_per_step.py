@@ -46,7 +46,7 @@ def main() -> None:
     rows = load_rows(args.project / "data/prepared" / args.task / "train.safetensors")
     steps = plan_steps(rows["real_tokens"], common.batch_size, common.token_budget, common.seed)[: args.steps]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, common.weight_decay, getattr(params, "lr"))
+    optimizer = make_optimizer(trainable, common.weight_decay, params.lr)
     peak = measure.PeakMemory(dev)
     peak.reset()
     peaks, start = [], time.perf_counter()

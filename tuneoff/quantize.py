@@ -9,9 +9,8 @@ it does to val loss.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
