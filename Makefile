@@ -13,9 +13,18 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup run test clean
+.PHONY: setup allocator run test clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed allocator
+
+# tcmalloc for the train stage's process (tuneoff/allocator.py): lower peak memory than glibc's malloc
+# and no slower. Installed where this runs as root with apt; elsewhere training uses the C library's.
+TCMALLOC_PKG = libtcmalloc-minimal4
+allocator:
+	@$(PYTHON) -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('tcmalloc_minimal'))" \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq $(TCMALLOC_PKG) || { apt-get update -qq && apt-get install -y -qq $(TCMALLOC_PKG); }; } >/dev/null 2>&1; } \
+	  || echo "note: $(TCMALLOC_PKG) not installed; training runs on the C library's malloc (README, Performance)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

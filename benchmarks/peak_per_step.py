@@ -1,13 +1,16 @@
-"""Peak resident set after each training step, with and without returning freed heap pages.
+"""Peak resident set after each training step, per C allocator, with and without returning freed heap pages.
 
     .venv/bin/python benchmarks/peak_per_step.py --project /work/run_default --method qlora --trim never
     .venv/bin/python benchmarks/peak_per_step.py --project /work/run_default --method qlora --trim every-step
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 .venv/bin/python benchmarks/peak_per_step.py ...
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/bin/python benchmarks/peak_per_step.py ...
+
+The process runs on the allocator it was started with (glibc's malloc unless LD_PRELOAD says otherwise;
+the train stage starts on tcmalloc through tuneoff.launch).
 
 Runs the train loop's step (tuneoff.train: batch_loss, backward, clip, AdamW, with the CPU paths) on the
 first `--steps` planned batches of `--task`, and prints the process's peak RSS (VmHWM, reset after the
 model is built) after each step and the seconds the steps took. `--trim every-step` calls
-train.return_freed_memory() after each step, as the loop does for a 4-bit model on a CPU.
+train.return_freed_memory() after each step, as the loop does for a 4-bit model on a CPU on glibc.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneoff import measure, methods  # noqa: E402
+from tuneoff import allocator, measure, methods  # noqa: E402
 from tuneoff.params import CommonTrainParams, read_params, section  # noqa: E402
 from tuneoff.train import (batch_loss, cpu_paths, load_rows, make_optimizer, plan_steps,  # noqa: E402
                            return_freed_memory)
@@ -61,7 +64,7 @@ def main() -> None:
             if args.trim == "every-step":
                 return_freed_memory()
             peaks.append(round(peak.read()["peak_bytes"] / 2**20))
-    print(f"{args.method} on {args.task}, trim {args.trim}: peak MiB after each step {peaks}; "
+    print(f"{args.method} on {args.task}, {allocator.in_use()} malloc, trim {args.trim}: peak MiB after each step {peaks}; "
           f"{time.perf_counter() - start:.1f} s for {len(steps)} steps")
 
 

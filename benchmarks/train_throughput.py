@@ -26,7 +26,15 @@ Implementations, each (impl, method) run in its own fresh subprocess, the impl o
   tuneoff+<variant>
             tuneoff with one change (VARIANTS below: bf16, fused or foreach AdamW, the output layer on
             every position, the whole-row masked attention, torch.compile, one thread, PEFT's dropout
-            mask, no heap trim), to measure what each of the loop's choices gives.
+            mask, the system's malloc), to measure what each of the
+            loop's choices gives.
+  <baseline>+tcmalloc
+            a baseline started on tcmalloc, as tuneoff's train stage is (tuneoff/allocator.py), so the
+            allocator's share of the difference shows. The summary compares tuneoff with the fastest
+            HF row and the fastest TRL row present, these included.
+
+tuneoff runs on the allocator `train.common.allocator` names, as the train stage does (tcmalloc
+where the machine has it); the baselines on the system's malloc unless `+tcmalloc`.
 
 Every baseline builds its model like tuneoff (fp32 master weights, the same LoraConfig, the saved
 NF4 base for qlora, use_cache off, the project's gradient_checkpointing) and trains with AdamW at
@@ -66,6 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 IMPLS = ("tuneoff", "hf-fp32", "hf-bf16", "trl")
+BASELINES = IMPLS[1:]
 # tuneoff with one change, to measure what an optimisation gives: impl "tuneoff+<variant>"
 VARIANTS = {
     "bf16": "bf16 autocast (precision: bf16)",
@@ -77,7 +86,7 @@ VARIANTS = {
     "compile": "torch.compile(model) before training (compile time counts in train_seconds)",
     "1-thread": "torch.set_num_threads(1)",
     "torch-dropout": "LoRA's nn.Dropout as PEFT builds it, not tuneoff.dropout.Dropout's cheaper mask",
-    "no-trim": "no malloc_trim after each step (freed heap pages stay resident)",
+    "system-malloc": "the system's malloc (glibc), with the heap trimmed after each QLoRA step, not tcmalloc",
 }
 METHODS = ("full", "lora", "qlora")
 
@@ -181,7 +190,7 @@ def matmul_peak() -> dict:
 def worker(impl: str, method: str, project: Path, task: str, params_path: Path, steps: int | None) -> dict:
     import torch
 
-    from tuneoff import measure, methods
+    from tuneoff import allocator, measure, methods
     from tuneoff.params import read_params, section
 
     plan_data = load_plan(project, task, params_path, steps)
@@ -192,15 +201,15 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
     torch.manual_seed(common.seed)
     peak = measure.PeakMemory(dev)
     start = time.perf_counter()
-    variant = impl.partition("+")[2]
-    if variant:
+    base_impl, _, variant = impl.partition("+")
+    if base_impl == "tuneoff" and variant:
         precision = apply_variant(variant, precision)
     if impl.startswith("tuneoff"):
         model = methods.build(method, params, project / methods.base_dir(method), precision, dev,
                               common.gradient_checkpointing)
     elif impl.startswith("hf"):
         # float bases keep fp32 master weights (bf16=True autocasts); the NF4 base computes in bf16 under bf16=True
-        build_precision = "bf16" if impl == "hf-bf16" and method == "qlora" else "fp32"
+        build_precision = "bf16" if base_impl == "hf-bf16" and method == "qlora" else "fp32"
         model = methods.build(method, params, project / methods.base_dir(method), build_precision, dev,
                               common.gradient_checkpointing)
     else:
@@ -208,7 +217,7 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
     load_seconds = time.perf_counter() - start
     if not impl.startswith("tuneoff"):  # the baselines' libraries are loaded before the peak is reset, as tuneoff's are
         import transformers.trainer  # noqa: F401
-        if impl == "trl":
+        if base_impl == "trl":
             import datasets, trl  # noqa: F401, E401
     if variant == "compile":
         model = torch.compile(model)
@@ -216,14 +225,14 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
     if impl.startswith("tuneoff"):
         out = run_tuneoff(model, plan_data, common, params, dev, precision)
     elif impl.startswith("hf"):
-        out = run_hf(model, plan_data, common, params, impl == "hf-bf16")
+        out = run_hf(model, plan_data, common, params, base_impl == "hf-bf16")
     else:
         out = run_trl(model, plan_data, common, params, method, precision)
     mem = peak.read()
     if out["real_tokens"] != plan_data["budget"]:
         raise SystemExit(f"{impl}/{method} trained on {out['real_tokens']} real tokens, not the planned {plan_data['budget']}")
     flops_per_token = useful_flops_per_token(project, method, params, plan_data, precision, dev.type)
-    return {"impl": impl, "method": method, "precision": out.pop("precision", precision),
+    return {"impl": impl, "method": method, "precision": out.pop("precision", precision), "allocator": allocator.in_use(),
             "load_seconds": round(load_seconds, 3), "wall_seconds": round(time.perf_counter() - start, 3),
             **out, "tokens_per_second": round(out["real_tokens"] / out["train_seconds"], 2),
             "peak_memory_bytes": mem["peak_bytes"], "memory_measure": mem["measure"],
@@ -266,8 +275,6 @@ def apply_variant(variant: str, precision: str) -> str:
         torch.set_num_threads(1)
     elif variant == "torch-dropout":
         train.dropout.cheaper = contextlib.nullcontext
-    elif variant == "no-trim":
-        train.return_freed_memory = lambda: None
     return precision
 
 
@@ -408,6 +415,19 @@ def run_trl(model, plan_data, common, params, method: str, precision: str) -> di
 
 # ---------------------------------------------------------------- the driver
 
+def start_on(impl: str, params_path: Path) -> dict[str, str]:
+    """The environment an impl's process starts with: its allocator (tuneoff/allocator.py)."""
+    from tuneoff import allocator
+    from tuneoff.params import CommonTrainParams, section
+
+    base_impl, _, variant = impl.partition("+")
+    if base_impl == "tuneoff":
+        choice = "system" if variant == "system-malloc" else section(CommonTrainParams, "train", "common", path=params_path).allocator
+    else:
+        choice = "tcmalloc" if variant == "tcmalloc" else "system"
+    return allocator.environment(choice)
+
+
 def summarise(runs: list[dict], methods: list[str], impls: list[str]) -> dict:
     """Per method: each impl's median over rounds, and tuneoff's ratios to the baselines."""
     out = {}
@@ -421,18 +441,23 @@ def summarise(runs: list[dict], methods: list[str], impls: list[str]) -> dict:
                               "achieved_flops", "utilisation")}
                 med[impl]["real_tokens"] = rs[0]["real_tokens"]
         entry = {"median": med}
-        hf = [i for i in ("hf-fp32", "hf-bf16") if i in med]
-        if "tuneoff" in med and hf:
-            fastest = max(hf, key=lambda i: med[i]["tokens_per_second"])
-            entry["faster_hf"] = fastest
-            entry["speedup_vs_faster_hf"] = round(med["tuneoff"]["tokens_per_second"] / med[fastest]["tokens_per_second"], 3)
-            entry["memory_ratio_vs_faster_hf"] = round(med["tuneoff"]["peak_memory_bytes"] / med[fastest]["peak_memory_bytes"], 3)
-        if "tuneoff" in med and "trl" in med:
-            entry["speedup_vs_trl"] = round(med["tuneoff"]["tokens_per_second"] / med["trl"]["tokens_per_second"], 3)
-            entry["memory_ratio_vs_trl"] = round(med["tuneoff"]["peak_memory_bytes"] / med["trl"]["peak_memory_bytes"], 3)
+
+        def fastest(names):
+            return max((i for i in names if i in med), default=None, key=lambda i: med[i]["tokens_per_second"])
+
+        # the targets' baselines as users run them (the system's malloc), and apart from them HF on
+        # tcmalloc, to show how much of the difference the allocator alone makes
+        hf = fastest(("hf-fp32", "hf-bf16"))
+        compared = {"faster_hf": hf, "trl": fastest(("trl",)),
+                    "faster_hf_on_tcmalloc": fastest(("hf-fp32+tcmalloc", "hf-bf16+tcmalloc"))}
+        for key, other in compared.items():
+            if "tuneoff" in med and other:
+                entry[key] = other
+                entry[f"speedup_vs_{key}"] = round(med["tuneoff"]["tokens_per_second"] / med[other]["tokens_per_second"], 3)
+                entry[f"memory_ratio_vs_{key}"] = round(med["tuneoff"]["peak_memory_bytes"] / med[other]["peak_memory_bytes"], 3)
         # the issue's targets: >= 1.3x the faster HF setting, no slower than TRL, peak memory no higher than either
         if "speedup_vs_faster_hf" in entry:
-            baselines = [i for i in (entry["faster_hf"], "trl") if i in med]
+            baselines = [i for i in (hf, compared["trl"]) if i]
             entry["meets_targets"] = (entry["speedup_vs_faster_hf"] >= 1.3 and entry.get("speedup_vs_trl", 1.0) >= 1.0
                                       and all(med["tuneoff"]["peak_memory_bytes"] <= med[i]["peak_memory_bytes"]
                                               for i in baselines))
@@ -460,6 +485,9 @@ def table(result: dict) -> str:
                          f"({entry['faster_hf']}), {entry.get('speedup_vs_trl', float('nan')):.2f}x TRL; memory "
                          f"{entry['memory_ratio_vs_faster_hf']:.2f}x HF, {entry.get('memory_ratio_vs_trl', float('nan')):.2f}x "
                          f"TRL; targets met: {entry['meets_targets']}")
+        if "speedup_vs_faster_hf_on_tcmalloc" in entry:
+            lines.append(f"  - against HF on tcmalloc too ({entry['faster_hf_on_tcmalloc']}): "
+                         f"{entry['speedup_vs_faster_hf_on_tcmalloc']:.2f}x, memory {entry['memory_ratio_vs_faster_hf_on_tcmalloc']:.2f}x")
     return "\n".join(lines) + "\n"
 
 
@@ -483,7 +511,7 @@ def main() -> None:
         return
 
     methods, impls = args.methods.split(","), args.impls.split(",")
-    allowed_impls = [*IMPLS, *(f"tuneoff+{v}" for v in VARIANTS)]
+    allowed_impls = [*IMPLS, *(f"tuneoff+{v}" for v in VARIANTS), *(f"{b}+tcmalloc" for b in BASELINES)]
     for name, given, allowed in (("method", methods, METHODS), ("impl", impls, allowed_impls)):
         if bad := [x for x in given if x not in allowed]:
             sys.exit(f"unknown {name} {bad}; allowed: {list(allowed)}")
@@ -499,7 +527,7 @@ def main() -> None:
             for impl in order:
                 cmd = [sys.executable, __file__, "--worker", f"{impl}:{method}", "--project", str(project), "--task",
                        args.task, "--steps", str(args.steps), "--params", str(args.params.resolve()), "--out", os.devnull]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **start_on(impl, args.params.resolve())})
                 if proc.returncode:
                     sys.exit(f"{impl}/{method} failed:\n{proc.stderr[-4000:]}")
                 run = json.loads(proc.stdout.strip().splitlines()[-1])

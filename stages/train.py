@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 import tuneoff
-from tuneoff import estimate, measure, methods
+from tuneoff import allocator, estimate, measure, methods
 from tuneoff.checkpoint import Checkpointer, fingerprint
 from tuneoff.atomic import atomic_dir, write_json
 from tuneoff.errors import TuneoffError, user_errors
@@ -92,6 +92,7 @@ def main(task: str, method: str) -> None:
                 "method": method,
                 "device": measure.device_name(dev),
                 "precision": precision,
+                "allocator": allocator.in_use(),  # host memory is measured as this process's RSS on a CPU
                 "seed": common.seed,
                 "params": {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
                 "tokens": {"budget": common.token_budget, "real": result.real_tokens, "supervised": result.loss_tokens,

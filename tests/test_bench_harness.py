@@ -15,6 +15,7 @@ import yaml
 
 from conftest import ROOT
 
+from tuneoff import allocator
 from tuneoff.tasks import extraction
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
@@ -55,8 +56,8 @@ def project(tiny_base, tmp_path_factory, request):
 def test_train_harness_runs_every_impl_on_the_same_budget(project, tmp_path):
     folder, params = project
     methods = ["lora"] + (["qlora"] if HAS_BNB else [])  # full differs from lora only in what trains
-    variants = ["tuneoff+full-logits", "tuneoff+fused-adamw"]
-    impls = ["tuneoff", "hf-fp32", "hf-bf16"] + (["trl"] if HAS_TRL else []) + variants
+    variants = ["tuneoff+full-logits", "tuneoff+fused-adamw", "tuneoff+system-malloc"]
+    impls = ["tuneoff", "hf-fp32", "hf-fp32+tcmalloc", "hf-bf16"] + (["trl"] if HAS_TRL else []) + variants
     out = tmp_path / "train.json"
     run_script("benchmarks/train_throughput.py", "--project", str(folder), "--task", "extraction", "--methods",
                ",".join(methods), "--impls", ",".join(impls), "--rounds", "1", "--steps", "2", "--params", str(params),
@@ -68,9 +69,12 @@ def test_train_harness_runs_every_impl_on_the_same_budget(project, tmp_path):
         assert r["tokens_per_second"] > 0 and r["peak_memory_bytes"] > 0 and r["achieved_flops"] > 0
         if r["impl"] != "trl":  # TRL packs its own rows; the others train the same steps
             assert r["steps"] == 2
+        # tuneoff starts on the allocator params.yaml names (auto), as its train stage does; baselines on glibc's
+        on_tcmalloc = r["impl"] in ("tuneoff", "tuneoff+full-logits", "tuneoff+fused-adamw", "hf-fp32+tcmalloc")
+        assert r["allocator"] == ("tcmalloc" if on_tcmalloc and allocator.library() else "system"), r["impl"]
     assert all("speedup_vs_faster_hf" in result["summary"][m] for m in methods)
     # a variant changes how tuneoff computes, not what: the same losses (the output layer on every
-    # position, or the fused optimizer kernel)
+    # position, the fused optimizer kernel, another allocator)
     loss = {(r["impl"], r["method"]): r["final_train_loss"] for r in result["runs"]}
     for method in methods:
         for variant in variants:

@@ -177,7 +177,7 @@ def test_peak_within_10_percent_of_measured(tiny_base, tokenizer, request, metho
     base = request.getfixturevalue("tiny_nf4") if method == "qlora" else tiny_base
     rows = rows_for(tokenizer, 24)
     common = CommonTrainParams(seed=0, batch_size=2, token_budget=3 * 2 * 200, precision="fp32",
-                               gradient_checkpointing=checkpointing, warmup_fraction=0.0, weight_decay=0.0,
+                               gradient_checkpointing=checkpointing, allocator="system", warmup_fraction=0.0, weight_decay=0.0,
                                max_grad_norm=1.0, eval_every=0, log_every=1)
     params = FullParams(lr=1e-4) if method == "full" else LoraParams(lr=1e-3, rank=4, alpha=8, dropout=0.05,
                                                                       target_modules=["q_proj", "v_proj"])
@@ -271,7 +271,7 @@ def test_find_device():
 
 def test_train_stage_estimate(tiny_base, tokenizer):
     rows = rows_for(tokenizer, 40)
-    common = CommonTrainParams(seed=0, batch_size=2, token_budget=1500, precision="fp32", gradient_checkpointing=False,
+    common = CommonTrainParams(seed=0, batch_size=2, token_budget=1500, precision="fp32", gradient_checkpointing=False, allocator="system",
                                warmup_fraction=0.0, weight_decay=0.0, max_grad_norm=1.0, eval_every=0, log_every=1)
     from tuneoff.params import CostParams, EstimateParams, section
 

@@ -1,4 +1,3 @@
-import contextlib
 import importlib.util
 
 import pytest
@@ -77,30 +76,6 @@ def test_qlora_trains_after_eval(tiny_nf4, tokenizer):
     (loss / n).backward()
     grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
-
-
-@needs_bnb
-def test_qlora_scales_dequantized_once_give_the_same_loss_and_gradients(tiny_nf4, tokenizer):
-    """quantize.absmax_dequantized (the CPU loop's) skips re-dequantizing the double-quantized scales in every
-    pass: the same loss and adapter gradients, bit for bit, and the nested state is back afterwards."""
-    from tuneoff import quantize
-
-    model = methods.build("qlora", QloraParams(**LORA), tiny_nf4, "fp32", CPU, False).train()
-    states = [p.quant_state for p in model.parameters() if hasattr(p, "quant_state")]
-    before = [(s.absmax, s.nested) for s in states]
-    assert states and all(nested for _, nested in before)
-    data, results = rows(tokenizer), []
-    for once in (False, True):
-        with quantize.absmax_dequantized(model) if once else contextlib.nullcontext():
-            assert all(s.nested != once for s in states)
-            loss, n = batch_loss(model, data, torch.arange(len(data["input_ids"])), CPU, "fp32")
-            (loss / n).backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
-        model.zero_grad()
-    (loss, grads), (loss_once, grads_once) = results
-    assert torch.equal(loss, loss_once) and grads.keys() == grads_once.keys()
-    assert all(torch.equal(grads[k], grads_once[k]) for k in grads)
-    assert all(s.absmax is a and s.nested == nested for s, (a, nested) in zip(states, before))
 
 
 def test_bad_target_module_fails_before_loading(tiny_base):

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import API_KEY, make_project, run
+from tuneoff import allocator
 
 pytestmark = pytest.mark.slow
 MEASURED = {"timing", "memory", "cost"}  # the keys of a metrics file a rerun may change
@@ -45,6 +46,7 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             for group, keys in TRAIN_KEYS.items():
                 assert keys <= set(metrics[group]), (method, group)
             assert metrics["device"] == "cpu" and metrics["memory"]["measure"].startswith("cpu_peak_rss")
+            assert metrics["allocator"] == ("tcmalloc" if allocator.library() else "system")  # allocator: auto
             assert metrics["tokens"]["real"] >= 1500 and metrics["memory"]["peak_memory_bytes"] > 0
             assert metrics["cost"]["usd"] > 0 and metrics["cost"]["gpu_hours"] == 0
             lines = (project / "runs" / task / method / "loss.csv").read_text().splitlines()

@@ -93,6 +93,7 @@ class CommonTrainParams(Section):
     token_budget: int = Field(gt=0)  # real (non-padding) tokens each method trains on
     precision: Literal["auto", "bf16", "fp32"]
     gradient_checkpointing: bool
+    allocator: Literal["auto", "tcmalloc", "system"]  # the train process's malloc (tuneoff/allocator.py)
     warmup_fraction: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
     max_grad_norm: float = Field(gt=0)

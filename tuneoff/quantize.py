@@ -9,7 +9,6 @@ it does to val loss.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -56,29 +55,6 @@ def _set_compute(model, compute_dtype: torch.dtype):
 def is_4bit(model) -> bool:
     """Whether `model` holds bitsandbytes 4-bit weights (stored as uint8)."""
     return any(p.dtype == torch.uint8 for p in model.parameters())
-
-
-@contextlib.contextmanager
-def absmax_dequantized(model):
-    """Hold each double-quantized 4-bit weight's absmax (its per-block scales) dequantized while the
-    block runs. Double quantization stores the scales themselves in 8 bits, and bitsandbytes
-    dequantizes them again in every pass of every Linear: on a CPU that was about as long as
-    dequantizing the weights (profile of a QLoRA step, README "Performance"). The scales are frozen,
-    so dequantizing them once gives the same weights in every pass, at 4 bytes per 64 weights while
-    it lasts (6.6 MB at SmolLM2-135M). The stored model keeps its nested state."""
-    import bitsandbytes as bnb
-
-    nested = [m.weight.quant_state for m in model.modules()
-              if isinstance(m, bnb.nn.Linear4bit) and m.weight.quant_state.nested]
-    kept = [(state, state.absmax) for state in nested]
-    for state in nested:
-        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        state.absmax, state.nested = absmax.float(), False
-    try:
-        yield model
-    finally:
-        for state, absmax in kept:
-            state.absmax, state.nested = absmax, True
 
 
 @torch.no_grad()

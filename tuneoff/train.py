@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from tuneoff.packing import IGNORE
-from tuneoff import attention, dropout, measure, quantize
+from tuneoff import allocator, attention, dropout, measure, quantize
 from tuneoff.atomic import atomic_file
 from tuneoff.checkpoint import Checkpointer
 from tuneoff.params import CommonTrainParams
@@ -104,14 +104,11 @@ def make_optimizer(params: list[torch.Tensor], weight_decay: float, lr: float, f
 @contextlib.contextmanager
 def cpu_paths(model, dev: torch.device):
     """What the loop changes on a CPU while it runs: per-example attention on packed rows
-    (attention.py), a cheaper LoRA dropout mask (dropout.py) and, on a 4-bit base, the weights'
-    scales dequantized once (quantize.py). A GPU keeps the model as it is."""
+    (attention.py) and a cheaper LoRA dropout mask (dropout.py). A GPU keeps the model as it is."""
     with contextlib.ExitStack() as stack:
         if dev.type == "cpu":
             stack.enter_context(attention.packed(model))
             stack.enter_context(dropout.cheaper(model))
-            if quantize.is_4bit(model):
-                stack.enter_context(quantize.absmax_dequantized(model))
         yield model
 
 
@@ -120,12 +117,11 @@ _libc = ctypes.CDLL(None) if os.name == "posix" else None  # the process's own s
 
 def return_freed_memory() -> None:
     """Hand the C heap's freed pages back to the OS (glibc's malloc_trim); a no-op where the C
-    library has none. The loop calls it after each step of a 4-bit (QLoRA) model on a CPU: there
-    every Linear dequantizes its weight in each pass, a few MB freed between activations of a few
-    MB, and the holes this leaves stayed resident. On the default task QLoRA's peak RSS was 4288 MiB
-    without it and 3241 MiB with it. It is not called for float models: there it saved about 11% of
-    peak RSS but cost about 9% of LoRA's speed, since the returned pages fault back in on the next
-    step (README "Performance", variant `no-trim`)."""
+    library has none. The loop calls it after each step of a 4-bit (QLoRA) model on a CPU when the
+    process runs on the system's malloc (train.common.allocator: system, or no tcmalloc installed).
+    glibc keeps the holes a step's freed tensors leave resident: on the default task QLoRA's peak
+    RSS was 4288 MiB without the trim and 3241 MiB with it, for ~15% of its speed, as the returned
+    pages fault back in (`benchmarks/peak_per_step.py`). tcmalloc needs no trim (allocator.py)."""
     trim = getattr(_libc, "malloc_trim", None) if _libc else None
     if trim is not None:
         trim(0)
@@ -158,7 +154,7 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
              "loss_rows": [], "val_rows": [], "train_seconds": 0.0, "eval_seconds": 0.0}
     window_loss = torch.zeros((), device=dev)
-    trim_heap = dev.type == "cpu" and quantize.is_4bit(model)
+    trim_heap = dev.type == "cpu" and quantize.is_4bit(model) and allocator.in_use() == "system"
     with cpu_paths(model, dev):
         resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
         resumed_from_step = resumed[0]["step"] if resumed else 0
