@@ -92,7 +92,6 @@ def main(task: str, method: str) -> None:
                 "method": method,
                 "device": measure.device_name(dev),
                 "precision": precision,
-                "allocator": allocator.in_use(),  # host memory is measured as this process's RSS on a CPU
                 "seed": common.seed,
                 "params": {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
                 "tokens": {"budget": common.token_budget, "real": result.real_tokens, "supervised": result.loss_tokens,
@@ -101,7 +100,8 @@ def main(task: str, method: str) -> None:
                          "val": round(result.val_loss, 6)},
                 "memory": {"peak_memory_bytes": train_memory["peak_bytes"], "measure": train_memory["measure"],
                            **({"peak_reserved_bytes": train_memory["peak_reserved_bytes"]} if dev.type == "cuda" else {}),
-                           "load_peak_memory_bytes": load_memory["peak_bytes"]},
+                           "load_peak_memory_bytes": load_memory["peak_bytes"],
+                           "allocator": allocator.in_use()},  # the C malloc behind a CPU's peak RSS
                 "estimate": predicted,
                 # weights_bytes is what the method produced; folder_bytes adds config and tokenizer
                 "output": {"path": str(out / "model"), "kind": "model" if method == "full" else "adapter",

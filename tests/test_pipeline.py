@@ -18,7 +18,7 @@ TRAIN_KEYS = {
     "params": {"trainable", "total", "trainable_percent"},
     "tokens": {"budget", "real", "supervised", "steps", "batch_rows"},
     "loss": {"train_final", "val_before", "val"},
-    "memory": {"peak_memory_bytes", "measure", "load_peak_memory_bytes"},
+    "memory": {"peak_memory_bytes", "measure", "load_peak_memory_bytes", "allocator"},
     "output": {"path", "kind", "weights_bytes", "folder_bytes"},
     "timing": {"resumed_from_step", "load_seconds", "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second"},
     "cost": {"device", "device_hours", "gpu_hours", "price_per_hour", "usd"},
@@ -46,7 +46,7 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             for group, keys in TRAIN_KEYS.items():
                 assert keys <= set(metrics[group]), (method, group)
             assert metrics["device"] == "cpu" and metrics["memory"]["measure"].startswith("cpu_peak_rss")
-            assert metrics["allocator"] == ("tcmalloc" if allocator.library() else "system")  # allocator: auto
+            assert metrics["memory"]["allocator"] == ("tcmalloc" if allocator.library() else "system")  # allocator: auto
             assert metrics["tokens"]["real"] >= 1500 and metrics["memory"]["peak_memory_bytes"] > 0
             assert metrics["cost"]["usd"] > 0 and metrics["cost"]["gpu_hours"] == 0
             lines = (project / "runs" / task / method / "loss.csv").read_text().splitlines()

@@ -3,14 +3,14 @@ CPU launcher (`python -m torch.backends.xeon.run_cpu`) preloads it by default.
 
 A CPU train step allocates and frees a few GB of tensors whose sizes change from step to step.
 glibc's malloc serves them from its heap after the first step and keeps the freed holes resident:
-on the default task, peak RSS rose from ~3.0 GB after the first step to ~4.0 GB from the second
-on for LoRA and QLoRA, and to ~5.1 GB for full fine-tuning. Handing the holes back after each
-step (malloc_trim) lowers the peak but costs ~15% of the step, since the pages fault back in.
-tcmalloc reuses freed memory by size class: LoRA 2.6 GB, QLoRA 2.3 GB, full 4.1-4.4 GB over 16
-steps, and no slower (`benchmarks/peak_per_step.py`, README "Performance"). jemalloc was tried
-too: with its defaults 11-18% slower, and told to keep its freed pages, full fine-tuning's peak
-grew by ~0.3 GB a step. A process's allocator is fixed when it starts, so `python -m
-tuneoff.launch` sets it before the train stage's Python starts.
+on the default task, peak RSS rose from ~3.1 GiB after the first step to 4.0 GiB (LoRA), 4.2 GiB
+(QLoRA) and 4.9 GiB (full) by the twelfth. Handing the holes back after each step (malloc_trim)
+lowers the peak but costs 10-30% of the step, since the pages fault back in. tcmalloc reuses freed
+memory by size class: 2.6, 2.2 and 4.2 GiB, and no slower (`benchmarks/peak_per_step.py`, README
+"Performance"). jemalloc was tried too: with its defaults 11-18% slower, and told to keep its
+freed pages, full fine-tuning's peak grew by ~0.3 GiB a step. A process's allocator is fixed when it
+starts, so `python -m tuneoff.launch` sets it before the train stage's Python starts. On a GPU it
+only serves host memory; `allocator: system` opts out.
 """
 
 from __future__ import annotations
