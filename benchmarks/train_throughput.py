@@ -481,10 +481,11 @@ def table(result: dict) -> str:
     lines.append("")
     for method, entry in result["summary"].items():
         if "speedup_vs_faster_hf" in entry:
+            trl = (f", {entry['speedup_vs_trl']:.2f}x TRL (memory {entry['memory_ratio_vs_trl']:.2f}x)"
+                   if "speedup_vs_trl" in entry else ", TRL not run")
             lines.append(f"- {method}: tuneoff {entry['speedup_vs_faster_hf']:.2f}x the faster HF setting "
-                         f"({entry['faster_hf']}), {entry.get('speedup_vs_trl', float('nan')):.2f}x TRL; memory "
-                         f"{entry['memory_ratio_vs_faster_hf']:.2f}x HF, {entry.get('memory_ratio_vs_trl', float('nan')):.2f}x "
-                         f"TRL; targets met: {entry['meets_targets']}")
+                         f"({entry['faster_hf']}, memory {entry['memory_ratio_vs_faster_hf']:.2f}x){trl}; "
+                         f"targets met: {entry['meets_targets']}")
         if "speedup_vs_faster_hf_on_tcmalloc" in entry:
             lines.append(f"  - against HF on tcmalloc too ({entry['faster_hf_on_tcmalloc']}): "
                          f"{entry['speedup_vs_faster_hf_on_tcmalloc']:.2f}x, memory {entry['memory_ratio_vs_faster_hf_on_tcmalloc']:.2f}x")
