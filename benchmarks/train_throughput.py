@@ -26,12 +26,11 @@ Implementations, each (impl, method) run in its own fresh subprocess, the impl o
   tuneoff+<variant>
             tuneoff with one change (VARIANTS below: bf16, fused or foreach AdamW, the output layer on
             every position, the whole-row masked attention, torch.compile, one thread, PEFT's dropout
-            mask, the system's malloc), to measure what each of the
-            loop's choices gives.
+            mask, the system's malloc), to measure what each of the loop's choices gives.
   <baseline>+tcmalloc
             a baseline started on tcmalloc, as tuneoff's train stage is (tuneoff/allocator.py), so the
-            allocator's share of the difference shows. The summary compares tuneoff with the fastest
-            HF row and the fastest TRL row present, these included.
+            allocator's share of the difference shows. The targets are judged against the baselines
+            as users run them (the system's malloc); the summary gives the ratio to HF on tcmalloc apart.
 
 tuneoff runs on the allocator `train.common.allocator` names, as the train stage does (tcmalloc
 where the machine has it); the baselines on the system's malloc unless `+tcmalloc`.
