@@ -52,11 +52,6 @@ def _set_compute(model, compute_dtype: torch.dtype):
     return model
 
 
-def is_4bit(model) -> bool:
-    """Whether `model` holds bitsandbytes 4-bit weights (stored as uint8)."""
-    return any(p.dtype == torch.uint8 for p in model.parameters())
-
-
 @torch.no_grad()
 def logit_error(reference: torch.Tensor, quantized: torch.Tensor) -> dict:
     """How far the quantized model's logits are from the float model's, on the same positions."""

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from tuneoff.packing import IGNORE
-from tuneoff import allocator, attention, dropout, measure, quantize
+from tuneoff import allocator, attention, dropout, measure
 from tuneoff.atomic import atomic_file
 from tuneoff.checkpoint import Checkpointer
 from tuneoff.params import CommonTrainParams
@@ -120,7 +120,7 @@ def return_freed_memory() -> None:
     library has none. The loop calls it after each step of a 4-bit (QLoRA) model on a CPU when the
     process runs on the system's malloc (train.common.allocator: system, or no tcmalloc installed).
     glibc keeps the holes a step's freed tensors leave resident: on the default task QLoRA's peak
-    RSS was 4288 MiB without the trim and 3241 MiB with it, for ~15% of its speed, as the returned
+    RSS was 4349 MiB without the trim and 3457 MiB with it, for 10-30% of its speed, as the returned
     pages fault back in (`benchmarks/peak_per_step.py`). tcmalloc needs no trim (allocator.py)."""
     trim = getattr(_libc, "malloc_trim", None) if _libc else None
     if trim is not None:
@@ -154,7 +154,8 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
              "loss_rows": [], "val_rows": [], "train_seconds": 0.0, "eval_seconds": 0.0}
     window_loss = torch.zeros((), device=dev)
-    trim_heap = dev.type == "cpu" and quantize.is_4bit(model) and allocator.in_use() == "system"
+    four_bit = any(p.dtype == torch.uint8 for p in model.parameters())  # bitsandbytes stores 4-bit weights as uint8
+    trim_heap = dev.type == "cpu" and four_bit and allocator.in_use() == "system"
     with cpu_paths(model, dev):
         resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
         resumed_from_step = resumed[0]["step"] if resumed else 0
