@@ -39,7 +39,7 @@ run: setup
 	@echo "report: reports/report.md (charts: reports/*.png); decision: registry/decision.json"
 
 test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q --durations=15
 
 clean:
 	rm -rf models data/prepared runs

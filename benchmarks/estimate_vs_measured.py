@@ -155,9 +155,12 @@ def main() -> None:
         return
     import torch
 
+    from tuneoff import measure
+
+    # bf16 only where the CPU has bf16 instructions: elsewhere it times a slow fallback for minutes
+    bf16 = round(gemm_tflops(torch.bfloat16), 4) if measure.cpu_has_bf16() else None
     results = {"project": str(project), "task": args.task, "steps": args.steps, "torch": torch.__version__,
-               "cpu_gemm_tflops": {"fp32": round(gemm_tflops(torch.float32), 4),
-                                   "bf16": round(gemm_tflops(torch.bfloat16), 4)}, "methods": {}}
+               "cpu_gemm_tflops": {"fp32": round(gemm_tflops(torch.float32), 4), "bf16": bf16}, "methods": {}}
     print(f"CPU GEMM (2048^3, best of 8): {results['cpu_gemm_tflops']}", flush=True)
     for method in ("full", "lora", "qlora"):
         row = results["methods"][method] = {}

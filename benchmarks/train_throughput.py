@@ -52,8 +52,14 @@ attention within it), the output layer on the supervised share of positions only
 checkpointing recompute: roughly 6N per token for full and 4N for LoRA/QLoRA (N = decoder Linear
 weights), plus attention, head and adapters (formulas: tuneoff/throughput.py). Work an impl does
 beyond that (padding, the output layer on prompt positions, packed-row attention) lowers its
-utilisation. The peak is what a 2048 x 2048 matmul reaches here (fp32 and bf16, same thread count; on
-a GPU also 8192 x 8192 bf16), measured by this script before the runs.
+utilisation. The peak is what a 2048 x 2048 matmul reaches here (fp32, and bf16 on a GPU or a CPU with
+bf16 instructions, same thread count; on a GPU also 8192 x 8192 bf16), measured by this script before
+the runs.
+
+On a CPU without bf16 instructions (avx512_bf16, amx_bf16) bf16 runs in a slow fallback, so a timing
+would measure the fallback, not the method, and take many minutes: there the script has no bf16 peak
+and refuses the impls that train in bf16 (hf-bf16, hf-bf16+tcmalloc, tuneoff+bf16; every impl that
+follows the params if they say precision: bf16).
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ def load_plan(project: Path, task: str, params_path: Path, steps: int | None) ->
     rows = {k: v.long() for k, v in packed.tensors().items()}
     if (prepared / "train.safetensors").is_file():  # the rows the train stage reads: must be these
         stored = load_file(prepared / "train.safetensors")
-        if any(not torch.equal(stored[k].long(), rows[k]) for k in rows):
+        if any(k not in stored or not torch.equal(stored[k].long(), rows[k]) for k in rows):
             raise SystemExit(f"{prepared}/train.safetensors differs from packing train.jsonl again: rerun prepare@{task}")
     common = section(CommonTrainParams, "train", "common", data=read_params(params_path))
     plan = plan_steps(rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
@@ -156,17 +162,46 @@ def useful_flops_per_token(project: Path, method: str, params, plan_data: dict, 
     return throughput.flops_per_position(from_config(config, "base"), setup)
 
 
+def runs_bf16(impl: str, precision: str) -> bool:
+    """Whether `impl` trains in bf16, given the precision the params resolve to on this device."""
+    base_impl, _, variant = impl.partition("+")
+    if base_impl in ("hf-fp32", "hf-bf16"):
+        return base_impl == "hf-bf16"
+    if base_impl == "tuneoff" and variant in ("bf16", "fp32"):
+        return variant == "bf16"
+    return precision == "bf16"  # tuneoff, its other variants and trl train in the params' precision
+
+
+def bf16_refusal(impls: list[str], precision: str, dev_type: str, flags: set[str] | None = None) -> str | None:
+    """Why these impls cannot be timed here, or None: bf16 ones on a CPU without bf16 instructions
+    (`flags`: /proc/cpuinfo's, this machine's by default)."""
+    from tuneoff import measure
+
+    bf16 = [impl for impl in impls if runs_bf16(impl, precision)]
+    if not bf16 or dev_type == "cuda" or measure.cpu_has_bf16(flags):
+        return None
+    always = [impl for impl in bf16 if runs_bf16(impl, "fp32")]  # bf16 whatever the params say
+    fixes = ([f"leave {', '.join(always)} out of --impls"] if always else []) + (
+        ["set train.common.precision to fp32 or auto in --params"] if len(always) < len(bf16) else [])
+    return (f"{', '.join(bf16)} would train in bf16, but this CPU has no bf16 instructions (avx512_bf16, amx_bf16): "
+            f"bf16 would run in a slow fallback; {' and '.join(fixes)}")
+
+
 def matmul_peak() -> dict:
-    """FLOP/s of a large square matmul, fp32 and bf16 (best of a few timed runs after warm-up)."""
+    """FLOP/s of a large square matmul, fp32 and bf16 (best of a few timed runs after warm-up). bf16 is
+    timed on a GPU and on a CPU with bf16 instructions; elsewhere `bf16_flops` is None (no bf16 run is
+    allowed there)."""
     import torch
 
     from tuneoff import measure
 
     dev = measure.device()
-    sizes = [("fp32", torch.float32, 2048), ("bf16", torch.bfloat16, 2048)]
+    sizes = [("fp32", torch.float32, 2048)]
+    if dev.type == "cuda" or measure.cpu_has_bf16():
+        sizes.append(("bf16", torch.bfloat16, 2048))
     if dev.type == "cuda":
         sizes.append(("bf16_8192", torch.bfloat16, 8192))
-    out = {"device": measure.device_name(dev), "threads": torch.get_num_threads()}
+    out = {"device": measure.device_name(dev), "threads": torch.get_num_threads(), "bf16_flops": None}
     for name, dtype, n in sizes:
         a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
         best = math.inf
@@ -437,7 +472,9 @@ def summarise(runs: list[dict], methods: list[str], impls: list[str]) -> dict:
             if rs:
                 med[impl] = {k: statistics.median(r[k] for r in rs) for k in
                              ("tokens_per_second", "peak_memory_bytes", "train_seconds", "wall_seconds",
-                              "achieved_flops", "utilisation")}
+                              "achieved_flops")}
+                utilisation = [r["utilisation"] for r in rs if r["utilisation"] is not None]  # None: no peak to judge by
+                med[impl]["utilisation"] = statistics.median(utilisation) if utilisation else None
                 med[impl]["real_tokens"] = rs[0]["real_tokens"]
         entry = {"median": med}
 
@@ -465,18 +502,20 @@ def summarise(runs: list[dict], methods: list[str], impls: list[str]) -> dict:
 
 
 def table(result: dict) -> str:
+    peak = result["peak"]
+    bf16 = f"{peak['bf16_flops'] / 1e9:.0f} bf16" if peak["bf16_flops"] else "bf16 not timed: no bf16 instructions"
     lines = [f"{result['label']}\n", f"task `{result['task']}`, {result['steps']} steps, {result['budget']:,} real tokens "
-             f"per run, {result['rounds']} round(s), medians; matmul peak {result['peak']['fp32_flops'] / 1e9:.0f} "
-             f"GFLOP/s fp32, {result['peak']['bf16_flops'] / 1e9:.0f} bf16 ({result['peak']['device']}, "
-             f"{result['peak']['threads']} threads)\n",
+             f"per run, {result['rounds']} round(s), medians; matmul peak {peak['fp32_flops'] / 1e9:.0f} "
+             f"GFLOP/s fp32, {bf16} ({peak['device']}, {peak['threads']} threads)\n",
              "| method | impl | real tok/s | peak MiB | train s | wall s | utilisation | vs tuneoff tok/s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for method, entry in result["summary"].items():
         med = entry["median"]
         for impl, m in med.items():
             rel = m["tokens_per_second"] / med["tuneoff"]["tokens_per_second"] if "tuneoff" in med else float("nan")
+            utilisation = "n/a" if m["utilisation"] is None else f"{m['utilisation']:.1%}"
             lines.append(f"| {method} | {impl} | {m['tokens_per_second']:.0f} | {m['peak_memory_bytes'] / 2**20:.0f} | "
-                         f"{m['train_seconds']:.2f} | {m['wall_seconds']:.2f} | {m['utilisation']:.1%} | {rel:.2f} |")
+                         f"{m['train_seconds']:.2f} | {m['wall_seconds']:.2f} | {utilisation} | {rel:.2f} |")
     lines.append("")
     for method, entry in result["summary"].items():
         if "speedup_vs_faster_hf" in entry:
@@ -519,6 +558,13 @@ def main() -> None:
         import importlib.util
         if importlib.util.find_spec("trl") is None:
             sys.exit("impl trl needs TRL: pip install trl (or leave trl out of --impls)")
+    from tuneoff import measure
+    from tuneoff.params import CommonTrainParams, section
+
+    dev = measure.device()
+    common = section(CommonTrainParams, "train", "common", path=args.params)
+    if refusal := bf16_refusal(impls, measure.resolve_precision(common.precision, dev), dev.type):
+        sys.exit(refusal)
     peak = matmul_peak()
     runs = []
     for rnd in range(args.rounds):
@@ -532,7 +578,7 @@ def main() -> None:
                     sys.exit(f"{impl}/{method} failed:\n{proc.stderr[-4000:]}")
                 run = json.loads(proc.stdout.strip().splitlines()[-1])
                 ref = peak["bf16_flops" if run["precision"] == "bf16" else "fp32_flops"]
-                run.update(round=rnd, utilisation=run["achieved_flops"] / ref)
+                run.update(round=rnd, utilisation=run["achieved_flops"] / ref if ref else None)
                 if "bf16_8192_flops" in peak:  # on a GPU, also against its large-matmul bf16 peak
                     run["utilisation_vs_bf16_peak"] = run["achieved_flops"] / peak["bf16_8192_flops"]
                 runs.append(run)

@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.deployments import run_deployment
+from prefect.states import Failed
 
 from tuneoff.params import BakeoffParams, read_params, section
 from tuneoff.tracking import GROUP_ENV
@@ -58,9 +60,26 @@ def unit_targets(unit: str, tasks: list[str]) -> list[str]:
     return [s for t in tasks for s in (f"{train}@{t}-{unit}", f"merge@{t}-{unit}", f"evaluate@{t}-{unit}")]
 
 
+class CommandFailed(RuntimeError):
+    """A command that failed: the message holds the tail of its output, `line` what to tell the user."""
+
+    def __init__(self, cmd: tuple[str, ...], returncode: int, cwd, output: str):
+        super().__init__(f"`{' '.join(cmd)}` failed ({returncode}) in {cwd}:\n{output[-2000:]}")
+        self.line = failure_line(output) or f"`{' '.join(cmd)}` failed ({returncode})"
+
+
+def failure_line(output: str) -> str | None:
+    """The failed DVC stage and its own one-line error, from `dvc repro`'s output: "prepare@x: <error>"."""
+    stage = re.findall(r"failed to reproduce '([^']+)'", output)
+    errors = [line.removeprefix("error: ") for line in output.splitlines() if line.startswith("error: ")]
+    if not stage:
+        return errors[-1] if errors else None
+    return f"{stage[-1]}: {errors[-1] if errors else 'failed (its output is above)'}"
+
+
 def sh(*cmd: str, cwd: Path | str = ".", env: dict | None = None, echo: bool = False) -> str:
     """Run a command and return its stdout; `echo` streams stdout and stderr as they come (long
-    stages show progress). On failure raise with the tail of the output."""
+    stages show progress). On failure raise CommandFailed with the tail of the output."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})}
     if echo:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -74,7 +93,7 @@ def sh(*cmd: str, cwd: Path | str = ".", env: dict | None = None, echo: bool = F
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
         returncode, out, err = done.returncode, done.stdout, done.stderr
     if returncode:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed ({returncode}) in {cwd}:\n{(out + err)[-2000:]}")
+        raise CommandFailed(cmd, returncode, cwd, out + err)
     return out
 
 
@@ -159,7 +178,8 @@ def record_failure(unit: str, tasks: list[str], error: BaseException) -> None:
     for t in tasks:
         out = Path("runs") / t / unit
         out.mkdir(parents=True, exist_ok=True)
-        (out / "failed.json").write_text(json.dumps({"unit": unit, "error": str(error)[-2000:]}, indent=2) + "\n")
+        (out / "failed.json").write_text(json.dumps({"unit": unit, "error": getattr(error, "line", str(error)[-500:]),
+                                                     "output": str(error)[-2000:]}, indent=2) + "\n")
 
 
 def git_revision_for_dispatch() -> str:
@@ -184,7 +204,10 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
         for u in units:
             (Path("runs") / t / u / "failed.json").unlink(missing_ok=True)
     before = before_stages(tasks)
-    repro(before)
+    try:
+        repro(before)
+    except CommandFailed as e:  # a stage's own error is one line, not a traceback
+        return Failed(message=e.line)
     outcome = {}
     for unit in list(units):  # a unit whose stages are all up to date is not sent anywhere
         if not json.loads(sh("dvc", "status", "--json", *unit_targets(unit, tasks)) or "{}"):
@@ -200,9 +223,9 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
             try:
                 result = future.result()
             except Exception as e:
-                logger.error("unit %s failed for good: %s", unit, e)
+                logger.error("unit %s failed for good: %s", unit, getattr(e, "line", e))
                 record_failure(unit, tasks, e)
-                outcome[unit] = {"state": "failed", "error": str(e)[-500:]}
+                outcome[unit] = {"state": "failed", "error": getattr(e, "line", str(e)[-500:])}
                 continue
             apply(result)
             outcome[unit] = {"state": "completed", "host": result["host"], "pid": result["pid"]}
@@ -213,8 +236,11 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
                 run_here(unit, unit_targets(unit, tasks))
                 outcome[unit] = {"state": "completed", "host": "local"}
             except Exception as e:
-                logger.error("unit %s failed for good: %s", unit, e)
+                logger.error("unit %s failed for good: %s", unit, getattr(e, "line", e))
                 record_failure(unit, tasks, e)
-                outcome[unit] = {"state": "failed", "error": str(e)[-500:]}
-    sh("dvc", "repro", "--single-item", *AFTER, echo=True)  # not upstream: a failed unit is reported, not retried here
+                outcome[unit] = {"state": "failed", "error": getattr(e, "line", str(e)[-500:])}
+    try:  # not upstream: a failed unit is reported, not retried here
+        sh("dvc", "repro", "--single-item", *AFTER, echo=True)
+    except CommandFailed as e:
+        return Failed(message=e.line)
     return {unit: outcome[unit] for unit in ["base", *(methods or bakeoff_params.methods)]}

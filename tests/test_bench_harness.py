@@ -15,11 +15,13 @@ import yaml
 
 from conftest import ROOT
 
-from tuneoff import allocator
+from tuneoff import allocator, measure
 from tuneoff.tasks import extraction
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+# bf16 on a CPU without bf16 instructions runs in a slow fallback (minutes); the harness refuses it there
+HAS_BF16 = measure.device().type == "cuda" or measure.cpu_has_bf16()
 
 
 def tiny_project(dest: Path, tiny_base: Path, tiny_nf4: Path | None) -> tuple[Path, Path]:
@@ -57,7 +59,8 @@ def test_train_harness_runs_every_impl_on_the_same_budget(project, tmp_path):
     folder, params = project
     methods = ["lora"] + (["qlora"] if HAS_BNB else [])  # full differs from lora only in what trains
     variants = ["tuneoff+full-logits", "tuneoff+fused-adamw", "tuneoff+system-malloc"]
-    impls = ["tuneoff", "hf-fp32", "hf-fp32+tcmalloc", "hf-bf16"] + (["trl"] if HAS_TRL else []) + variants
+    impls = (["tuneoff", "hf-fp32", "hf-fp32+tcmalloc"] + (["hf-bf16"] if HAS_BF16 else [])
+             + (["trl"] if HAS_TRL else []) + variants)
     out = tmp_path / "train.json"
     run_script("benchmarks/train_throughput.py", "--project", str(folder), "--task", "extraction", "--methods",
                ",".join(methods), "--impls", ",".join(impls), "--rounds", "1", "--steps", "2", "--params", str(params),
@@ -90,3 +93,34 @@ def test_eval_harness_batched_matches_per_example(project, tmp_path):
     result = json.loads(out.read_text())
     assert result["identical_predictions"] and not result["mismatches"] and result["examples"] == 8
     assert result["batched"]["examples_per_second"] > 0 and result["per_example"]["examples_per_second"] > 0
+
+
+def load_train_harness():
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks/train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_harness_refuses_bf16_on_a_cpu_without_bf16_instructions(monkeypatch):
+    harness = load_train_harness()
+    avx2, avx512_bf16 = {"avx2", "fma", "avx512f"}, {"avx2", "avx512f", "avx512_bf16"}
+    impls = ["tuneoff", "hf-fp32", "hf-bf16", "hf-bf16+tcmalloc", "tuneoff+bf16", "tuneoff+fp32", "trl"]
+    message = harness.bf16_refusal(impls, "fp32", "cpu", avx2)
+    assert message.startswith("hf-bf16, hf-bf16+tcmalloc, tuneoff+bf16 would train in bf16, but this CPU has no bf16 "
+                              "instructions") and "leave hf-bf16, hf-bf16+tcmalloc, tuneoff+bf16 out of --impls" in message
+    # precision: bf16 in the params puts every impl that follows them in bf16 too
+    assert harness.bf16_refusal(["tuneoff", "trl", "tuneoff+fp32"], "bf16", "cpu", avx2).startswith("tuneoff, trl would")
+    assert harness.bf16_refusal(impls, "fp32", "cpu", avx512_bf16) is None
+    assert harness.bf16_refusal(impls, "fp32", "cpu", {"amx_bf16"}) is None
+    assert harness.bf16_refusal(impls, "fp32", "cuda", avx2) is None
+    assert harness.bf16_refusal(["tuneoff", "hf-fp32", "tuneoff+fp32"], "fp32", "cpu", avx2) is None
+    # and the script stops on it before timing anything, on a CPU that reports no bf16 flags
+    if measure.device().type == "cuda":
+        return  # bf16 runs on a GPU
+    monkeypatch.setattr(measure, "cpu_flags", lambda: avx2)
+    monkeypatch.setattr(harness, "matmul_peak", lambda: pytest.fail("timed a matmul before refusing"))
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--project", ".", "--task", "extraction", "--methods", "lora",
+                                      "--impls", "tuneoff,hf-bf16", "--out", "unused.json"])
+    with pytest.raises(SystemExit, match="^hf-bf16 would train in bf16, but this CPU has no bf16 instructions"):
+        harness.main()

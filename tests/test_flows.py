@@ -232,3 +232,61 @@ def test_local_run_reruns_only_the_changed_method(project, server):
     assert all(f"{u}: up to date" in out for u in ("base", "full", "qlora"))
     assert json.loads(run(["dvc", "status", "--json"], project) or "{}") == {}
     assert json.loads((project / "runs/extraction/lora/train.json").read_text())["params"]["trainable"] > 0
+
+
+# ---------------------------------------------------------------- a newcomer's first `tuneoff run`
+
+SLOW_SERVER = """import os, time
+if os.environ.get("PREFECT__SERVER_EPHEMERAL") == "1":  # only in Prefect's temporary server process
+    time.sleep(float(os.environ["SLOW_SERVER_SECONDS"]))
+"""
+
+
+def tuneoff_run(project: Path, home: Path, delay: float, **env) -> subprocess.CompletedProcess:
+    """`tuneoff run` with no PREFECT_API_URL (so on a temporary server) from the empty Prefect home `home`,
+    its server process held back `delay` seconds before it starts (sitecustomize, on PYTHONPATH)."""
+    (home.parent / "slow").mkdir(exist_ok=True)
+    (home.parent / "slow/sitecustomize.py").write_text(SLOW_SERVER)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(home), "PYTHONPATH": str(home.parent / "slow"), "SLOW_SERVER_SECONDS": str(delay),
+        "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
+    return subprocess.run([sys.executable, "-m", "tuneoff.cli", "run"], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_first_run_waits_for_a_slow_temporary_server(project, tmp_path):
+    # Prefect's own wait is 20 s; a first start on a slow, busy machine took longer (issue 18)
+    done = tuneoff_run(project, tmp_path / "prefect-home", delay=25)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "first run: creating its database" in out
+    assert all(f"{u}: up to date" in out or f"{u}: completed" in out for u in UNITS)
+
+
+def test_no_server_is_one_line_and_exit_1(project, tmp_path):
+    for env, delay, expected in (({"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}, 0,
+                                  "cannot reach the Prefect server at PREFECT_API_URL="),
+                                 ({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "3"}, 30,
+                                  "the temporary Prefect server did not start within 3 s")):
+        done = tuneoff_run(project, tmp_path / f"home-{delay}", delay, **env)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert done.returncode == 1 and len(errors) == 1 and errors[0].startswith(f"error: {expected}"), done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_failing_stage_ends_the_run_with_its_name_and_one_line(project, server):
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["tasks"]["extraction"]["n_examples"] = 0
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        done = subprocess.run([sys.executable, "-m", "tuneoff.cli", "run"], cwd=project, capture_output=True, text=True,
+                              env={**os.environ, **server, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"})
+    finally:
+        params_file.write_text(original)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: bake-off")]
+    assert done.returncode == 1 and errors == ["error: bake-off failed: prepare@extraction: params.yaml: "
+                                               "tasks.extraction.n_examples = 0: Input should be greater than 0"]
+    assert "Traceback" not in done.stdout + done.stderr

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,53 @@ def test_task_sections_name_the_task_key(tmp_path):
         section(TaskParams, "tasks", "extraction", path=path)
     with pytest.raises(TuneoffError, match="missing key 'tasks.nope'"):
         section(TaskParams, "tasks", "nope", path=ROOT / "params.yaml")
+
+
+def user_task_template() -> dict:
+    """The commented task entries under `tasks:` in params.yaml, uncommented."""
+    text = (ROOT / "params.yaml").read_text()
+    block = text[text.index("\ntasks:\n"):].split("\n")[2:]
+    lines = []
+    for line in block:
+        if not line.startswith("  #"):
+            break
+        if re.match(r"^  # ( *[a-z_]+:.*)$", line):
+            lines.append(line[4:])
+    return yaml.safe_load("\n".join(lines))
+
+
+def test_params_yaml_template_shows_every_user_task_key_at_its_default():
+    from tuneoff.params import CsvTask, HfDiskTask, JsonlTask, TaskParams
+
+    template = user_task_template()
+    models = {"csv": CsvTask, "jsonl": JsonlTask, "hf_disk": HfDiskTask}
+    assert sorted(entry["kind"] for entry in template.values()) == sorted(models)
+    for name, entry in template.items():
+        model = models[entry["kind"]]
+        assert list(entry) == list(model.model_fields), name  # every key, required ones first
+        parsed = section(TaskParams, "tasks", name, data={"tasks": template})
+        for key, field in model.model_fields.items():
+            if not field.is_required():
+                assert entry[key] == field.default == getattr(parsed, key), (name, key)
+
+
+def test_a_csv_task_needs_only_its_file_and_columns():
+    from tuneoff.params import TaskParams
+
+    data = {"tasks": {"clinc": {"kind": "csv", "path": "data/raw/clinc.csv", "text_column": "query",
+                                "label_column": "intent"}}}
+    task = section(TaskParams, "tasks", "clinc", data=data)
+    assert (task.test_path, task.labels_path, task.labels_in_prompt) == ("", "", False)
+    assert task.system_prompt == "Classify the text. Answer with the label only."
+
+
+def test_every_missing_key_is_named_at_once():
+    from tuneoff.params import TaskParams
+
+    data = {"tasks": {"clinc": {"kind": "csv", "text_column": "query"}}}
+    with pytest.raises(TuneoffError) as e:
+        section(TaskParams, "tasks", "clinc", data=data)
+    assert str(e.value) == "params.yaml: missing keys 'tasks.clinc.path', 'tasks.clinc.label_column'"
+    data["tasks"]["clinc"]["path"] = "clinc.csv"
+    with pytest.raises(TuneoffError, match=r"^params.yaml: missing key 'tasks.clinc.label_column'$"):
+        section(TaskParams, "tasks", "clinc", data=data)

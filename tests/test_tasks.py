@@ -1,8 +1,9 @@
 import json
 
 import pytest
+import yaml
 
-from conftest import BANKING77
+from conftest import BANKING77, ROOT
 from tuneoff.errors import TuneoffError
 from tuneoff.params import CsvTask, HfDiskTask, JsonlTask, PrepareParams
 from tuneoff.tasks import build_task, extraction, iso_codes, split
@@ -135,3 +136,25 @@ def test_jsonl_task_with_separate_test_file(tmp_path):
     test = write(tmp_path / "test.jsonl", "\n".join(line(i) for i in range(100, 105)))
     task = build_task(JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact"), PREP)
     assert len(split(task.examples, PREP)["test"]) == 5
+
+
+def test_prepare_runs_on_a_csv_task_with_only_the_required_keys(tmp_path, tiny_base, monkeypatch):
+    from stages import prepare
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tasks"]["clinc"] = {"kind": "csv", "path": "data/raw/clinc.csv", "text_column": "query",
+                                "label_column": "intent"}  # as the README's table lists them: nothing optional
+    params["bakeoff"]["tasks"] = ["clinc"]
+    params["tracking"]["enabled"] = False
+    write(tmp_path / "params.yaml", yaml.safe_dump(params))
+    (tmp_path / "data/raw").mkdir(parents=True)
+    write(tmp_path / "data/raw/clinc.csv", "query,intent\n" + "what's my balance,balance\nfreeze my card,freeze\n" * 10)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/base").symlink_to(tiny_base)
+    monkeypatch.chdir(tmp_path)
+    prepare.main("clinc")
+    meta = json.loads((tmp_path / "data/prepared/clinc/meta.json").read_text())
+    assert meta["scorer"] == "label" and meta["labels"] == ["balance", "freeze"]
+    assert meta["examples"] == {"train": 16, "val": 2, "test": 2}
+    system = json.loads((tmp_path / "data/prepared/clinc/train.jsonl").read_text().splitlines()[0])["messages"][0]
+    assert system == {"role": "system", "content": "Classify the text. Answer with the label only."}

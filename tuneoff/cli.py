@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tuneoff import estimate_cli
 from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.params import TrackingParams, section
+from tuneoff.params import BakeoffParams, TrackingParams, section
 from tuneoff.serving import server as serving
 
 
@@ -117,17 +117,25 @@ def ablate(command: str, apply: bool) -> None:
         raise TuneoffError(f"{command}: no winner to apply")
 
 
+@user_errors
 def run_flow(gpu_pool: str | None, repo: str | None) -> list[str]:
-    """The bake-off flow, here; against $PREFECT_API_URL if set, else a temporary local Prefect server."""
+    """The bake-off flow, here; against $PREFECT_API_URL if set, else a temporary local Prefect server.
+    A stage that fails before or after the per-method units ends the run with its one line."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    section(BakeoffParams, "bakeoff")  # a params error is one line before any server starts
     sys.path.insert(0, str(Path.cwd()))  # flows/ lives in the project
     from flows.bakeoff import bakeoff
+    from flows.server import ensure_server
 
-    outcome = bakeoff(gpu_pool=gpu_pool, repo=repo)
+    ensure_server()
+    state = bakeoff(gpu_pool=gpu_pool, repo=repo, return_state=True)
+    if not state.is_completed():
+        raise TuneoffError(f"bake-off {state.name.lower()}: {(state.message or '').strip().splitlines()[0]}")
+    outcome = state.result()
     for unit, result in outcome.items():
         print(f"{unit}: {result['state']}" + (f" on {result['host']}" if "host" in result else "")
-              + (f" ({result['error'].splitlines()[-1]})" if "error" in result else ""))
+              + (f" ({result['error']})" if "error" in result else ""))
     return [unit for unit, result in outcome.items() if result["state"] == "failed"]
 
 

@@ -32,6 +32,14 @@ def cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
+def cpu_has_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU (or one with these /proc/cpuinfo flags) has bf16 instructions: AVX512-BF16 or
+    AMX. Without them bf16 matmuls run in a slow fallback (on a 2-core AVX2 machine the benchmark
+    harness's bf16 matmul and bf16 training took its test past 15 minutes), so bf16 is not worth
+    timing there. Having them does not make bf16 faster than fp32: see cpu_has_fast_bf16."""
+    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else flags))
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether bf16 matmuls beat fp32 on this CPU: true with AMX tiles. AVX512-BF16 alone is not
     enough: on this project's 2-core avx512_bf16 machine (no AMX) oneDNN's bf16 matmul ran at

@@ -2,7 +2,12 @@
 
 Every default lives in params.yaml, not here: fields have no defaults, unknown keys are
 rejected (a typo like `rnak` is an error, not a silently ignored key), and each error names
-the key, the value given and what is allowed.
+the key, the value given and what is allowed (every missing key at once).
+
+The one exception is a task entry for a team's own data (`tasks.<name>` of kind jsonl, csv or
+hf_disk): its optional keys default here, on the fields, because a user writes that entry from
+scratch. params.yaml's commented template under `tasks:` shows each kind with these defaults
+(tests/test_params.py checks that it agrees), and so does the README's table.
 """
 
 from __future__ import annotations
@@ -48,27 +53,27 @@ class IsoCodesTask(Section):
 class JsonlTask(Section):
     kind: Literal["jsonl"]
     path: str
-    test_path: str  # "" = carve test out of `path`
-    system_prompt: str  # used when a record has no system message
-    scorer: Literal["exact", "json_fields"]
+    test_path: str = ""  # "" = carve test out of `path`
+    system_prompt: str = ""  # added to a record that has no system message; "" = none added
+    scorer: Literal["exact", "json_fields"] = "exact"
 
 
 class CsvTask(Section):
     kind: Literal["csv"]
     path: str
-    test_path: str
     text_column: str
     label_column: str
-    labels_path: str  # JSON list of labels; "" = the labels seen in `path`
-    labels_in_prompt: bool
-    system_prompt: str
+    test_path: str = ""  # "" = carve test out of `path`
+    labels_path: str = ""  # JSON list of labels; "" = the labels seen in `path`
+    labels_in_prompt: bool = False  # true appends every label to the system prompt (long with many labels)
+    system_prompt: str = "Classify the text. Answer with the label only."
 
 
 class HfDiskTask(Section):
     kind: Literal["hf_disk"]
     path: str
-    system_prompt: str
-    scorer: Literal["exact", "json_fields"]
+    system_prompt: str = ""  # added to a record that has no system message; "" = none added
+    scorer: Literal["exact", "json_fields"] = "exact"
 
 
 TaskParams = Annotated[
@@ -361,18 +366,24 @@ def section(model, *keys: str, path: Path = PARAMS_FILE, data: dict | None = Non
 
 
 def _describe(path: Path, dotted: str, error: ValidationError, node) -> str:
-    first = error.errors()[0]
-    parts = [str(p) for p in first["loc"]]
-    if parts and isinstance(node, dict) and parts[0] == node.get("kind"):
-        parts = parts[1:]  # a tagged union puts the tag first: tasks.x.csv.path -> tasks.x.path
+    errors = error.errors()
+    first = errors[0]
     if first["type"] == "union_tag_invalid":
         return f"{path}: {dotted}.kind = {node.get('kind')!r}: allowed: {first['ctx']['expected_tags']}"
-    loc = ".".join(parts)
-    key = f"{dotted}.{loc}" if loc else dotted
+    if first["type"] == "missing":  # every missing key at once, not one per run
+        keys = [repr(_key(dotted, e, node)) for e in errors if e["type"] == "missing"]
+        return f"{path}: missing key{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
+    key = _key(dotted, first, node)
     if first["type"] == "extra_forbidden":
         return f"{path}: unknown key {key!r}"
-    if first["type"] == "missing":
-        return f"{path}: missing key {key!r}"
-    if first["type"] == "value_error" and not loc:  # a check across keys: its message names them
+    if first["type"] == "value_error" and key == dotted:  # a check across keys: its message names them
         return f"{path}: {key}: {first['ctx']['error']}"
     return f"{path}: {key} = {first.get('input')!r}: {first['msg']}"
+
+
+def _key(dotted: str, error: dict, node) -> str:
+    """The dotted params key one pydantic error is about."""
+    parts = [str(p) for p in error["loc"]]
+    if parts and isinstance(node, dict) and parts[0] == node.get("kind"):
+        parts = parts[1:]  # a tagged union puts the tag first: tasks.x.csv.path -> tasks.x.path
+    return ".".join([dotted, *parts])
