@@ -24,7 +24,7 @@ allocator:
 	@$(PYTHON) -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('tcmalloc_minimal'))" \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	       && { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq $(TCMALLOC_PKG) || { apt-get update -qq && apt-get install -y -qq $(TCMALLOC_PKG); }; } >/dev/null 2>&1; } \
-	  || echo "note: $(TCMALLOC_PKG) not installed; training runs on the C library's malloc (README, Performance)"
+	  || echo "note: $(TCMALLOC_PKG) not installed; training runs on the C library's malloc (docs/performance.md)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -2,7 +2,7 @@
 tuneoff's training loop (tuneoff.train.train) for a few steps at the project's batch, row length, rank
 and target modules, on a project's prepared data.
 
-    .venv/bin/python benchmarks/estimate_vs_measured.py --project /work/run_default [--steps 2]
+    .venv/bin/python benchmarks/estimate_vs_measured.py --project PROJECT [--steps 2]
 
 `--project` is a project that has run the pipeline (models/base, models/base-nf4,
 data/prepared/<task>, runs/); the params come from this project's params.yaml. Per method:

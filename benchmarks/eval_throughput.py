@@ -1,7 +1,7 @@
 """Evaluation's batched greedy generation against generating one example at a time: examples per
 second for each, the ratio, and whether the predictions are identical.
 
-    .venv/bin/python benchmarks/eval_throughput.py --project /work/run_default --task extraction \\
+    .venv/bin/python benchmarks/eval_throughput.py --project PROJECT --task extraction \\
         --examples 64 --out benchmarks/results/eval_throughput_extraction.json
 
 Batched is tuneoff.generate.generate as stages/evaluate.py calls it (left padding, prompts sorted by

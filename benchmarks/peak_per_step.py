@@ -1,7 +1,7 @@
 """Peak resident set after each training step, per C allocator, with and without returning freed heap pages.
 
-    .venv/bin/python benchmarks/peak_per_step.py --project /work/run_default --method qlora --trim never
-    .venv/bin/python benchmarks/peak_per_step.py --project /work/run_default --method qlora --trim every-step
+    .venv/bin/python benchmarks/peak_per_step.py --project PROJECT --method qlora --trim never
+    .venv/bin/python benchmarks/peak_per_step.py --project PROJECT --method qlora --trim every-step
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/bin/python benchmarks/peak_per_step.py ...
 
 The process runs on the allocator it was started with (glibc's malloc unless LD_PRELOAD says otherwise;

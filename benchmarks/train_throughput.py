@@ -2,7 +2,7 @@
 batch and token budget: real (non-padding) tokens per second, peak memory, wall time, and the share of
 the machine's matmul peak each reaches.
 
-    .venv/bin/python benchmarks/train_throughput.py --project /work/run_default --task extraction \\
+    .venv/bin/python benchmarks/train_throughput.py --project PROJECT --task extraction \\
         --methods full,lora,qlora --impls tuneoff,hf-fp32,hf-bf16,trl --rounds 2 --steps 8 \\
         --out benchmarks/results/train_throughput_extraction.json
 

@@ -6,7 +6,7 @@ per-model GPU stages are grouped into units, one per method plus the untuned bas
     base:  evaluate_base@<task>
     full:  train@<task>-full, evaluate_full@<task>
     lora:  train@<task>-lora, merge@<task>-lora, evaluate@<task>-lora
-    qlora: train_nf4@<task>-qlora, merge@<task>-qlora, evaluate@<task>-qlora
+    qlora: train_nf4@<task>-qlora, merge@<task>-qlora, merge_nf4@<task>-qlora, evaluate_nf4@<task>-qlora
 
 Without a pool each unit is `dvc repro` here, one after another (DVC locks the workspace).
 With `gpu_pool`, each unit becomes a run of the `bakeoff-unit` deployment in that work pool, and
@@ -56,8 +56,10 @@ def unit_targets(unit: str, tasks: list[str]) -> list[str]:
         return [f"evaluate_base@{t}" for t in tasks]
     if unit == "full":
         return [s for t in tasks for s in (f"train@{t}-full", f"evaluate_full@{t}")]
-    train = "train_nf4" if unit == "qlora" else "train"
-    return [s for t in tasks for s in (f"{train}@{t}-{unit}", f"merge@{t}-{unit}", f"evaluate@{t}-{unit}")]
+    if unit == "qlora":  # scored in each deployable form: merged into the float base and into the NF4 weights
+        return [s for t in tasks for s in (f"train_nf4@{t}-{unit}", f"merge@{t}-{unit}", f"merge_nf4@{t}-{unit}",
+                                           f"evaluate_nf4@{t}-{unit}")]
+    return [s for t in tasks for s in (f"train@{t}-{unit}", f"merge@{t}-{unit}", f"evaluate@{t}-{unit}")]
 
 
 class CommandFailed(RuntimeError):

@@ -3,9 +3,10 @@
 Outputs runs/<task>/<method>/merged/, a standalone model folder that plain
 `AutoModelForCausalLM.from_pretrained` loads without peft, and merge.json with the measured
 logit difference between the adapter model and the merged model on held-out val rows. For
-qlora it also records how far the merged float model is from the model that trained (the
-adapter on the 4-bit base): that is quantization error, not a merge error, so it is reported
-and does not fail the stage.
+qlora this is the `float-merged` form (merge_nf4 makes the `nf4-merged` one; evaluate_nf4 scores
+both), and merge.json also records how far it is from the model that trained (the adapter on
+the 4-bit base): that is quantization error, not a merge error, so it is reported and does not
+fail the stage.
 """
 
 from __future__ import annotations

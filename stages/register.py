@@ -1,23 +1,58 @@
-"""DVC stage `register`: the recommended model of each task becomes a new registry version,
-with its lineage; registry/decision.json holds each decision and its rationale. A version
-promoted to production is published to models/production/<task>/, the path dvc.yaml's
-`artifacts:` section names (`dvc artifacts get . <task>-model`)."""
+"""DVC stage `register`: the recommended model of each task becomes a new registry version, with
+its lineage; registry/decision.json holds each decision, its rationale and what register did.
+
+Only a decided verdict registers anything: an inconclusive one, or one where no method beats the
+base, leaves the registry and production as they are. A new version replaces production only if,
+scored here on the current test split beside the production model (paired, the same items), it is
+at least as good (tuneoff/decide.py `replaces_champion`). A promoted version is published to
+models/production/<task>/, the path dvc.yaml's `artifacts:` section names
+(`dvc artifacts get . <task>-model`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tuneoff import measure, methods
 from tuneoff.atomic import write_json
+from tuneoff.decide import replaces_champion
 from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.merge import adapter_dir, deployable_dir
-from tuneoff.params import TrackingParams, read_params, section
-from tuneoff.tracking import flat, stage_run
-from tuneoff import methods
+from tuneoff.evaluation import load_test, score_model
+from tuneoff.merge import adapter_dir, deployment, load_adapter_model
+from tuneoff.params import EvaluateParams, RegisterParams, TrackingParams, read_params, section
 from tuneoff.registry import git_revision, lock_hashes, publish, register
+from tuneoff.tracking import flat, stage_run
 
 REGISTRY = Path("registry")
 PRODUCTION = Path("models/production")
+
+
+def test_sha256(task: str) -> str:
+    """Which test split a score is on: the sha256 of data/prepared/<task>/test.jsonl."""
+    return hashlib.sha256((Path("data/prepared") / task / "test.jsonl").read_bytes()).hexdigest()
+
+
+def score_production(task: str, production: dict, params: EvaluateParams) -> list[bool]:
+    """Per-item correctness of the published production model on the current test split."""
+    folder = PRODUCTION / task
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise TuneoffError(f"{folder}/ holds no model, but registry/registry.json names production v{production['version']}: "
+                           "restore it (`dvc pull models/production`) so the new version can be scored beside it")
+    dev = measure.device()
+    if (folder / "adapter_config.json").is_file():  # an adapter deployed on its base (QLoRA's nf4 form)
+        base = Path(production["base"])
+        net, tokenizer = load_adapter_model(base, folder, dev), AutoTokenizer.from_pretrained(base)
+    else:
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    scored = score_model(net, tokenizer, load_test(Path("data/prepared") / task), params, dev,
+                         f"register {task}: production v{production['version']}")
+    return [bool(r["correct"]) for r in scored.records]
 
 
 @user_errors
@@ -28,6 +63,8 @@ def main() -> None:
     report = json.loads(comparison_file.read_text())
     params = read_params()
     tracking_params = section(TrackingParams, "tracking", data=params)
+    rules = section(RegisterParams, "decide", data=params)
+    evaluate = section(EvaluateParams, "evaluate", data=params)
     revision = git_revision()
     PRODUCTION.mkdir(parents=True, exist_ok=True)  # the stage's output, even before any version is promoted
     decisions = {}
@@ -35,36 +72,56 @@ def main() -> None:
         task = comparison["task"]
         decision = report["decisions"][task]
         decisions[task] = dict(decision)
-        if decision["method"] is None:
-            print(f"register: {task}: nothing registered ({decision['rationale']})")
+        if decision["verdict"] != "decided":
+            decisions[task]["registered"] = None
+            decisions[task]["register"] = (f"nothing registered ({decision['verdict']}): the registry and "
+                                           "models/production are unchanged")
+            print(f"register: {task}: nothing registered, the verdict is {decision['verdict']}")
             continue
-        row = next(r for r in comparison["rows"] if r["method"] == decision["method"])
         method = decision["method"]
-        path = deployable_dir(task, method)
+        row = next(r for r in comparison["rows"] if r["method"] == method)
+        deployed = deployment(task, method)
+        test_hash = test_sha256(task)
+        challenger = [bool(json.loads(line)["correct"]) for line in
+                      (Path("runs") / task / method / "predictions.jsonl").read_text().splitlines()]
+
+        def judge(production: dict | None) -> tuple[bool, str]:
+            if production is None:
+                return True, "first version of this model"
+            promote, reason = replaces_champion(challenger, score_production(task, production, evaluate),
+                                                rules.max_gap_points)
+            if production.get("test_sha256") != test_hash:
+                reason += (f" (the test split changed since production v{production['version']} was registered; "
+                           "both were scored on the current one here)")
+            return promote, reason
+
         stages = ([methods.train_stage(task, method), f"prepare@{task}", "import_base"]
-                  + ([] if method == "full" else [f"merge@{task}-{method}"]) + (["quantize"] if method == "qlora" else []))
+                  + {"float-merged": [f"merge@{task}-{method}"], "nf4-merged": [f"merge_nf4@{task}-{method}"]}.get(
+                      deployed.form, []) + (["quantize"] if deployed.base == methods.NF4_BASE else []))
         version = register(REGISTRY, f"{task}-model", {
-            "method": decision["method"], "path": str(path), "main_metric": comparison["main_metric"],
-            # the unmerged adapter too: `tuneoff serve` hot-swaps adapters on one base instead of loading merged copies
-            **({} if method == "full" else {"adapter": str(adapter_dir(task, method))}),
-            "main": row["main"], "ci": [row["ci_low"], row["ci_high"]],
+            "method": method, "path": str(deployed.path), "main_metric": comparison["main_metric"],
+            # the unmerged adapter too, and the form and base it ships in: `tuneoff serve` hot-swaps adapters
+            # on one base instead of loading merged copies
+            **({} if method == "full" else {"adapter": str(adapter_dir(task, method)), "form": deployed.form,
+                                            "base": str(deployed.base)}),
+            "main": row["main"], "ci": [row["ci_low"], row["ci_high"]], "test_sha256": test_hash,
+            "test_examples": len(challenger),
             "lineage": {"git": revision, **lock_hashes(stages)},
             "params": {"train": params["train"], "prepare": params["prepare"], "task": params["tasks"][task]},
             "metrics": {"eval": row["metrics"], "train": row["train"]},
-        })
+        }, judge)
         decisions[task]["registered"] = {"name": f"{task}-model", "version": version["version"],
                                          "stage": version["stage"], "reason": version["reason"]}
         if version["stage"] == "production":
-            publish(path, PRODUCTION / task)
+            publish(deployed.path, PRODUCTION / task)
             decisions[task]["registered"]["published"] = str(PRODUCTION / task)
-        with stage_run("register", {"decide": params["decide"]}, task=task, method=method) as tracker:
+        with stage_run("register", {"decide": rules.model_dump()}, task=task, method=method) as tracker:
             tracker.summary(flat({"registered": decisions[task]["registered"], "main": row["main"]}))
             # the same version and stage as the local registry, as artifact aliases and a registry link
-            tracker.link(f"{task}-model", "model", path, {k: v for k, v in version.items() if k != "params"},
+            tracker.link(f"{task}-model", "model", deployed.path, {k: v for k, v in version.items() if k != "params"},
                          f"{tracking_params.registry}/{task}-model",
                          (f"v{version['version']}-local", version["stage"]))
-        print(f"register: {task}-model v{version['version']} ({decision['method']}) -> {version['stage']}: "
-              f"{version['reason']}")
+        print(f"register: {task}-model v{version['version']} ({method}) -> {version['stage']}: {version['reason']}")
     write_json(REGISTRY / "decision.json", decisions)
 
 

@@ -22,7 +22,8 @@ def main() -> None:
     data = read_params()
     bakeoff = section(BakeoffParams, "bakeoff", data=data)
     rules = section(RegisterParams, "decide", data=data)
-    comparisons = [compare_task(task, list(bakeoff.methods)) for task in bakeoff.tasks]
+    comparisons = [compare_task(task, list(bakeoff.methods), bootstrap_samples=rules.bootstrap_samples, seed=rules.seed)
+                   for task in bakeoff.tasks]
     decisions = {c["task"]: decide(c, rules) for c in comparisons}
     quantization = read_json(QUANTIZE) if bakeoff.nf4_methods else None
     with atomic_dir(OUT) as tmp:
@@ -30,16 +31,16 @@ def main() -> None:
         (tmp / "report.md").write_text(markdown(comparisons, decisions, quantization), encoding="utf-8")
         write_plot_data(comparisons, Path("runs"), tmp)
         for c in comparisons:
-            plot(c, Path("runs"), tmp / f"{c['task']}.png")
+            plot(c, Path("runs"), tmp / f"{c['task']}.png", rules.max_gap_points)
     with stage_run("report", {"bakeoff": bakeoff.model_dump(), "decide": rules.model_dump()}, data=data) as tracker:
         tracker.table("report/comparison", COLUMNS, [[row[c] for c in COLUMNS] for row in comparison_rows(comparisons, decisions)])
         for c in comparisons:
             tracker.image(f"report/{c['task']}", OUT / f"{c['task']}.png")
-        tracker.summary(flat({"decision": {task: {"method": d["method"], "rationale": d["rationale"]}
-                                           for task, d in decisions.items()}}))
+        tracker.summary(flat({"decision": {task: {"method": d["method"], "verdict": d["verdict"],
+                                                  "rationale": d["rationale"]} for task, d in decisions.items()}}))
         url = tracker.publish_report(f"tuneoff bake-off {group_id()}", (OUT / "report.md").read_text())
     for task, d in decisions.items():
-        print(f"report: {task}: recommend {d['method']}")
+        print(f"report: {task}: " + (f"recommend {d['method']}" if d["method"] else d["verdict"]))
     if url:
         print(f"report: W&B Report {url}")
     print(f"report -> {OUT}/report.md")

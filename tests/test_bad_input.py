@@ -234,7 +234,10 @@ def test_out_of_memory_names_the_setting_to_change():
 def _register(registry: str, i: int) -> None:
     from tuneoff.registry import register
 
-    register(Path(registry), "extraction-model", {"method": "lora", "main": i / 10, "writer": i})
+    def judge(production):  # under the lock, against whatever production the writer before left
+        return production is None or i / 10 > production["main"], "judged"
+
+    register(Path(registry), "extraction-model", {"method": "lora", "main": i / 10, "writer": i}, judge)
 
 
 def test_eight_concurrent_registrations_lose_and_duplicate_nothing(tmp_path):

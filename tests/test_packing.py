@@ -127,3 +127,55 @@ def test_batch_loss_on_one_row_of_real_tokens_matches_the_padded_rows(tiny_base,
     torch.testing.assert_close(joined, padded, atol=1e-4, rtol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_example_maps_every_position_to_its_source(tokenizer):
+    """`example` holds each position's index in pack()'s input (-1 on padding); a dropped example owns none."""
+    examples = [tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(9, 4)]
+    ids, trainable = examples[5]
+    examples[5] = (ids[: trainable.index(True)], trainable[: trainable.index(True)])  # no answer: dropped
+    packed = pack(examples, seq_len=max(len(ids) for ids, _ in examples) * 2, pad_id=tokenizer.pad_token_id)
+    assert packed.dropped == 1 and len(packed.input_ids) > 1  # packed out of input order, over several rows
+    owner = packed.example
+    assert ((owner >= 0).sum(1) == packed.real_tokens).all()  # every real token has an owner, padding none
+    assert set(owner.unique().tolist()) == {-1} | set(range(9)) - {5}
+    for i, (ids, _) in enumerate(examples):
+        if i == 5:
+            continue
+        (row,) = (owner == i).any(1).nonzero()[:, 0].tolist()  # one example, one row
+        at = (owner[row] == i).nonzero()[:, 0]
+        assert at.tolist() == list(range(int(at[0]), int(at[0]) + len(ids)))  # contiguous
+        assert packed.input_ids[row, at].tolist() == ids and packed.position_ids[row, at].tolist() == list(range(len(ids)))
+    assert (packed.targets[owner < 0] == IGNORE).all()  # every loss position belongs to an example
+
+
+def test_example_losses_match_each_example_alone(tiny_base, tokenizer):
+    """The per-example loss from packed rows (padded rows, and the rows joined as training joins them on
+    a CPU) equals each example's loss computed alone, unpacked; their token-weighted mean is eval_loss."""
+    import torch.nn.functional as F
+
+    from tuneoff import attention
+    from tuneoff.train import batch_loss, eval_loss, example_losses
+
+    examples = [tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(8, 5)]
+    packed = pack(examples, seq_len=max(len(ids) for ids, _ in examples) * 2 + 3, pad_id=tokenizer.pad_token_id)
+    rows = {k: v.long() for k, v in packed.tensors().items()}
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    alone = []
+    with torch.no_grad():
+        for ids, trainable in examples:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            keep = torch.tensor(trainable[1:])  # position t predicts token t+1
+            alone.append(float(F.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep])))
+    cpu = torch.device("cpu")
+    for joined in (False, True):
+        with attention.packed(model) if joined else contextlib.nullcontext():
+            means, counts = example_losses(model, rows, 2, cpu, "fp32")
+            idx = torch.arange(len(rows["input_ids"]))
+            per_position, n = batch_loss(model, rows, idx, cpu, "fp32", reduction="none")
+            total, _ = batch_loss(model, rows, idx, cpu, "fp32")
+            mean = eval_loss(model, rows, 2, cpu, "fp32")
+        assert counts.tolist() == [sum(t[1:]) for _, t in examples] and per_position.shape == (n,)
+        torch.testing.assert_close(means, torch.tensor(alone, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(per_position.sum(), total, atol=1e-3, rtol=1e-5)
+        assert abs(float((means * counts).sum() / counts.sum()) - mean) < 1e-5 * mean

@@ -55,6 +55,9 @@ def test_bakeoff_method_lists_must_agree(tmp_path):
     path = params_with(tmp_path, bakeoff__nf4_methods=["lora"])
     with pytest.raises(TuneoffError, match="bakeoff.nf4_methods.0 = 'lora'"):
         section(BakeoffParams, "bakeoff", path=path)
+    path = params_with(tmp_path, bakeoff__float_adapter_methods=[])  # lora would train but never be evaluated
+    with pytest.raises(TuneoffError, match=r"bakeoff: float_adapter_methods must list the adapter methods of float_methods, \['lora'\]"):
+        section(BakeoffParams, "bakeoff", path=path)
 
 
 def test_unknown_key_is_a_typo_not_ignored(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ import yaml
 
 from conftest import API_KEY, make_project, run
 from tuneoff import allocator
+from tuneoff.merge import FORMS
 
 pytestmark = pytest.mark.slow
-MEASURED = {"timing", "memory", "cost"}  # the keys of a metrics file a rerun may change
+MEASURED = {"timing", "memory", "cost", "examples_per_second"}  # the keys of a metrics file a rerun may change, at any depth
 TRAIN_KEYS = {
     "params": {"trainable", "total", "trainable_percent"},
     "tokens": {"budget", "real", "supervised", "steps", "batch_rows"},
@@ -35,7 +37,8 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
     tasks = ("extraction", "iso_codes")
     for stage in (["import_base", "quantize"] + [f"{s}@{t}" for s in ("prepare", "evaluate_base", "evaluate_full") for t in tasks]
                   + [f"train@{t}-{m}" for t in tasks for m in ("full", "lora")] + [f"train_nf4@{t}-qlora" for t in tasks]
-                  + [f"{s}@{t}-{m}" for s in ("merge", "evaluate") for t in tasks for m in ("lora", "qlora")]
+                  + [f"merge@{t}-{m}" for t in tasks for m in ("lora", "qlora")] + [f"evaluate@{t}-lora" for t in tasks]
+                  + [f"{s}@{t}-qlora" for s in ("merge_nf4", "evaluate_nf4") for t in tasks]
                   + ["report", "register"]):
         assert f"Running stage '{stage}'" in out
     for task in ("extraction", "iso_codes"):
@@ -65,14 +68,26 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             m = ev["metrics"]
             assert m["main_metric"] == ("exact_match") and 0 <= m["ci_low"] <= m["main"] <= m["ci_high"] <= 1
             assert m["n"] == meta["examples"]["test"] and ev["test_loss"] > 0
-            preds = (project / "runs" / task / model / "predictions.jsonl").read_text().splitlines()
-            assert len(preds) == m["n"] and {"input", "expected", "produced", "correct"} <= set(json.loads(preds[0]))
+            preds = [json.loads(line) for line in (project / "runs" / task / model / "predictions.jsonl").read_text().splitlines()]
+            assert len(preds) == m["n"] and all({"input", "expected", "produced", "correct", "loss"} <= set(p) for p in preds)
+            # each test item's reference loss, in test.jsonl order; null for an item packing dropped
+            losses = [p["loss"] for p in preds if p["loss"] is not None]
+            assert len(preds) - len(losses) == meta["test"]["dropped"] and all(loss > 0 for loss in losses)
+            assert min(losses) <= ev["test_loss"] <= max(losses)  # their token-weighted mean
         for m in ("lora", "qlora"):
             merge = json.loads((project / "runs" / task / m / "merge.json").read_text())
             assert merge["max_abs_logit_diff"] <= merge["tolerance"] and merge["positions_checked"] > 0
-            check = json.loads((project / "runs" / task / m / "eval.json").read_text())["adapter_check"]
-            assert check["examples"] == meta["examples"]["test"] and 0 <= check["same_predictions"] <= 1
-            assert check["adapter_base"] == ("models/base-nf4" if m == "qlora" else "models/base")
+        # QLoRA scored in every deployable form on the whole test set; predictions.jsonl is the deployed form's
+        qlora = project / "runs" / task / "qlora"
+        merge_nf4 = json.loads((qlora / "merge-nf4.json").read_text())
+        assert merge_nf4["max_abs_logit_diff"] <= merge_nf4["tolerance"] and merge_nf4["positions_checked"] > 0
+        ev = json.loads((qlora / "eval.json").read_text())
+        assert set(ev["forms"]) == set(FORMS) and ev["deployed_form"] in FORMS
+        for form, scores in ev["forms"].items():
+            assert scores["n"] == meta["examples"]["test"] and scores["test_loss"] > 0
+            assert len((qlora / f"predictions-{form}.jsonl").read_text().splitlines()) == scores["n"]
+        assert ev["metrics"]["main"] == ev["forms"][ev["deployed_form"]]["main"]
+        assert (qlora / "predictions.jsonl").read_text() == (qlora / f"predictions-{ev['deployed_form']}.jsonl").read_text()
         # the model QLoRA trained (adapter on NF4) differs from its float merge by the quantization error
         gap = json.loads((project / "runs" / task / "qlora/merge.json").read_text())["vs_trained_4bit"]
         assert gap["mean_abs_logit_diff"] > 0 and gap["positions"] > 0
@@ -100,9 +115,17 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             v = registry[f"{task}-model"][-1]
             assert v["method"] == d["method"] and v["stage"] == "production" and v["lineage"]["outs"]
             published = project / "models/production" / task
-            assert (published / "model.safetensors").read_bytes() == (project / v["path"] / "model.safetensors").read_bytes()
+            weights = list((project / v["path"]).glob("*.safetensors"))  # a merged model, or for QLoRA's nf4 form its adapter
+            assert weights and all((published / f.name).read_bytes() == f.read_bytes() for f in weights)
     for name in ("curves.csv", "tradeoff.csv"):
         assert len((project / "reports" / name).read_text().splitlines()) > 6
+
+
+def unmeasured(data):
+    """A metrics file's contents without its MEASURED keys (evaluate_nf4's speed is per form)."""
+    if isinstance(data, dict):
+        return {k: unmeasured(v) for k, v in data.items() if k not in MEASURED}
+    return data
 
 
 def deterministic_outputs(project: Path) -> dict:
@@ -110,9 +133,8 @@ def deterministic_outputs(project: Path) -> dict:
     of every DVC output (weights, adapters, prepared data) but the report's and registry's."""
     files = {}
     for path in sorted([*project.glob("runs/*/*/*.json"), project / "models/quantize.json"]):
-        data = json.loads(path.read_text())
-        files[str(path.relative_to(project))] = {k: v for k, v in data.items() if k not in MEASURED}
-    for path in sorted([*project.glob("runs/*/*/*.csv"), *project.glob("runs/*/*/predictions.jsonl")]):
+        files[str(path.relative_to(project))] = unmeasured(json.loads(path.read_text()))
+    for path in sorted([*project.glob("runs/*/*/*.csv"), *project.glob("runs/*/*/predictions*.jsonl")]):
         files[str(path.relative_to(project))] = path.read_text()
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     files["dvc.lock outs"] = {o["path"]: o["md5"] for name, s in lock.items() if name not in ("report", "register")
@@ -154,11 +176,13 @@ def test_wandb_offline_runs_hold_each_stage(project):
     assert runs["prepare@extraction"].artifacts[0]["type"] == "dataset"
     assert runs["merge@extraction-qlora"].artifacts[0]["name"] == "extraction-qlora-merged"
 
-    evaluate = runs["evaluate@extraction-qlora"]
+    evaluate = runs["evaluate_nf4@extraction-qlora"]
     ev = json.loads((project / "runs/extraction/qlora/eval.json").read_text())
     assert evaluate.summary["eval/main"] == ev["metrics"]["main"] and evaluate.summary["eval/ci_low"] == ev["metrics"]["ci_low"]
     assert evaluate.summary["eval/predictions/nrows"] == ev["metrics"]["n"]
-    assert "eval/adapter_check/same_predictions" in evaluate.summary
+    assert evaluate.summary["eval/deployed_form"] == ev["deployed_form"]
+    assert all(evaluate.summary[f"eval/forms/{form}/main"] == ev["forms"][form]["main"] for form in FORMS)
+    assert runs["merge_nf4@extraction-qlora"].artifacts[0]["name"] == "extraction-qlora-merged-nf4"
 
     report = runs["report"]
     assert report.summary["report/comparison/nrows"] == 8  # 2 tasks x (base + 3 methods)
@@ -192,11 +216,12 @@ def test_results_table_lists_every_run(project):
     assert "cpu_peak_rss" in out.splitlines()[-1]
 
 
-def test_merged_model_loads_without_peft(project):
-    code = ("import sys; sys.modules['peft'] = None\n"
+def test_merged_models_load_without_peft_or_bitsandbytes(project):
+    code = ("import sys; sys.modules['peft'] = None; sys.modules['bitsandbytes'] = None\n"
             "from transformers import AutoModelForCausalLM\n"
-            "m = AutoModelForCausalLM.from_pretrained('runs/extraction/qlora/merged')\n"
-            "assert not any('lora' in n for n, _ in m.named_parameters())\n")
+            "for form in ('merged', 'merged-nf4'):\n"
+            "    m = AutoModelForCausalLM.from_pretrained(f'runs/extraction/qlora/{form}')\n"
+            "    assert not any('lora' in n for n, _ in m.named_parameters())\n")
     run([sys.executable, "-c", code], project)
 
 
@@ -219,7 +244,7 @@ def test_quantize_params_rerun_only_qlora(project):
     out = run(["dvc", "repro"], project)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == sorted(["quantize", "register", "report"] + [f"train_nf4@{t}-qlora" for t in ("extraction", "iso_codes")]
-                         + [f"{s}@{t}-qlora" for s in ("merge", "evaluate") for t in ("extraction", "iso_codes")])
+                         + [f"{s}@{t}-qlora" for s in ("merge", "merge_nf4", "evaluate_nf4") for t in ("extraction", "iso_codes")])
     assert json.loads((project / "models/quantize.json").read_text())["double_quant"] is False
 
 
@@ -235,3 +260,39 @@ def test_bad_params_fail_the_stage_with_one_line(project):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml: train.lora.target_modules: ['query']")
     assert "Traceback" not in proc.stderr
     assert (project / "runs/extraction/lora/train.json").read_bytes() == before  # nothing half-written
+
+
+def test_register_scores_production_beside_the_new_version(project):
+    """A decided verdict registered twice into an empty registry: the first version is promoted; the
+    second is scored beside production (the first, reloaded from models/production) on the same test
+    items. As the same model it answers every item alike (+0.0 points), but a handful of items cannot
+    show it is within the margin, so production stays."""
+    moved = {name: project / name for name in ("registry", "models/production")}
+    for name, path in moved.items():
+        if path.exists():
+            path.rename(path.with_name(path.name + ".kept"))
+    comparison_file = project / "reports/comparison.json"
+    original = comparison_file.read_text()
+    report = json.loads(original)
+    for task in ("extraction", "iso_codes"):
+        report["decisions"][task].update(method="lora", verdict="decided")
+    comparison_file.write_text(json.dumps(report))
+    try:
+        run([sys.executable, "-m", "stages.register"], project)
+        out = run([sys.executable, "-m", "stages.register"], project)
+        versions = json.loads((project / "registry/registry.json").read_text())["models"]["extraction-model"]
+    finally:
+        comparison_file.write_text(original)
+        for path in moved.values():
+            if path.exists():
+                shutil.rmtree(path)
+            kept = path.with_name(path.name + ".kept")
+            if kept.exists():
+                kept.rename(path)
+    n = json.loads((project / "data/prepared/extraction/meta.json").read_text())["examples"]["test"]
+    assert [v["stage"] for v in versions] == ["production", "staging"]
+    assert versions[0]["reason"] == "first version of this model"
+    assert versions[1]["reason"].startswith("challenger - production +0.0 points [")
+    assert f"on the same {n} test items: cannot tell whether it is within the 2-point margin" in versions[1]["reason"]
+    assert versions[1]["form"] == "float-merged" and versions[1]["test_sha256"] == versions[0]["test_sha256"]
+    assert "register: extraction-model v2 (lora) -> staging" in out

@@ -333,25 +333,35 @@ def test_health_models_and_stats(server):
 
 def test_registry_serves_adapters_and_refuses_full_models(tmp_path, adapters):
     project = tmp_path / "project"
-    for task, method in (("extraction", "lora"), ("iso_codes", "qlora")):
+    for task, method in (("extraction", "lora"), ("iso_codes", "qlora"), ("tickets", "qlora")):
         shutil.copytree(adapters / "alpha", project / "runs" / task / method / "model")
     versions = {"models": {
         "extraction-model": [{"version": 1, "stage": "production", "method": "lora", "path": "runs/extraction/lora/merged",
-                              "adapter": "runs/extraction/lora/model"}],
+                              "adapter": "runs/extraction/lora/model", "form": "float-merged", "base": "models/base"}],
         "iso_codes-model": [{"version": 1, "stage": "archived", "method": "full", "path": "runs/iso_codes/full/model"},
                             # registered before the "adapter" key existed: the adapter beside the merged folder
                             {"version": 2, "stage": "production", "method": "qlora", "path": "runs/iso_codes/qlora/merged"}],
         "banking77-model": [{"version": 1, "stage": "production", "method": "full", "path": "runs/banking77/full/model"}],
+        # QLoRA deployed as it trained: its adapter needs the 4-bit base, not the float one served here
+        "tickets-model": [{"version": 1, "stage": "production", "method": "qlora", "path": "runs/tickets/qlora/merged-nf4",
+                           "adapter": "runs/tickets/qlora/model", "form": "nf4-merged", "base": "models/base-nf4"}],
     }}
     (project / "registry").mkdir()
     (project / "registry" / "registry.json").write_text(json.dumps(versions))
-    served, refused = from_registry(project / "registry", "production")
+    served, refused = from_registry(project / "registry", "production", project / "models/base")
     assert [(name, path, method) for name, path, method, _ in served] == [
         ("extraction-model", project / "runs/extraction/lora/model", "lora"),
         ("iso_codes-model", project / "runs/iso_codes/qlora/model", "qlora")]
-    assert list(refused) == ["banking77-model"]
+    assert list(refused) == ["banking77-model", "tickets-model"]
     assert "full fine-tune" in refused["banking77-model"]
     assert f"tuneoff serve --base {project / 'runs/banking77/full/model'}" in refused["banking77-model"]
+    assert "deployed as nf4-merged on the base models/base-nf4" in refused["tickets-model"]
+    assert f"tuneoff serve --base {project / 'models/base-nf4'}" in refused["tickets-model"]
+    assert f"tuneoff serve --base {project / 'runs/tickets/qlora/merged-nf4'} --base-name tickets-model" in refused["tickets-model"]
+    # on the 4-bit base it is the LoRA version, registered for the float base, that is refused
+    served, refused = from_registry(project / "registry", "production", project / "models/base-nf4")
+    assert [name for name, *_ in served] == ["iso_codes-model", "tickets-model"]
+    assert list(refused) == ["extraction-model", "banking77-model"]
 
 
 def test_in_process_app_refused_model_qlora_note_and_admin_off(tiny_base, adapters, monkeypatch):

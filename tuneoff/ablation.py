@@ -42,7 +42,10 @@ def label(spec: str | list[str]) -> str:
 
 
 def eval_stage(task: str, method: str) -> str:
-    return f"evaluate_full@{task}" if method == "full" else f"evaluate@{task}-{method}"
+    """The dvc.yaml stage that scores `method` on `task` (and so runs everything before it)."""
+    if method == "full":
+        return f"evaluate_full@{task}"
+    return f"{'evaluate_nf4' if methods.base_dir(method) == methods.NF4_BASE else 'evaluate'}@{task}-{method}"
 
 
 def adapter_params(method: str, rank: int, modules: list[str], alpha_per_rank: float) -> dict:

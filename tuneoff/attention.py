@@ -7,7 +7,7 @@ examples does about four times the attention work it needs (and, with a mask, gr
 attention copies its key/value heads). `packed_attention` runs SDPA causally on each example's span
 instead, from spans the train loop computes once per batch on the host. Same result
 (tests/test_packing.py compares logits and gradients); what it gains depends on how many examples
-share a row (README "Performance" has the measurements). Used on a CPU only: on a GPU, one small
+share a row (docs/performance.md has the measurements). Used on a CPU only: on a GPU, one small
 kernel launch per example per layer was not measured against the masked SDPA it would replace.
 
 Registered with transformers' AttentionInterface, the documented way to plug in an attention

@@ -2,7 +2,7 @@
 
 PEFT applies `nn.Dropout` to each adapter's input. On a CPU, torch's dropout draws one random number
 per element (`bernoulli_`): on the default task that was 8-10% of a LoRA step, more than every
-element-wise op of the model together (profile in README "Performance"). `Dropout` draws 64 random
+element-wise op of the model together (profile in docs/performance.md). `Dropout` draws 64 random
 bits per four elements and compares each 16-bit lane with p x 2^16: the same independent keep/drop
 draw per element with probability p rounded to a multiple of 2^-16 (0.05 becomes 0.0500031), at less
 than half the time. `cheaper(model)` swaps it in for the duration; a GPU keeps `nn.Dropout`, whose

@@ -1,28 +1,79 @@
-"""Merge a LoRA adapter into the full-precision base, and prove the merge is right.
+"""Merge a LoRA adapter into a base, prove the merge is right, and name what would be deployed.
 
-An adapter is always merged into the float base, never into 4-bit weights: merging into the
-quantized base is the most reported source of quality loss in QLoRA merges. A QLoRA adapter
-was trained against the NF4 base, so the merged model also differs from what was trained by
-the quantization error; that difference is measured and reported, not hidden.
+A LoRA adapter merges into the float base it trained on. A QLoRA adapter trained on the NF4
+base, so it has three deployable forms (FORMS), each scored on the whole test set by
+evaluate_nf4: `nf4` (the adapter on the 4-bit base, as trained), `nf4-merged` (merged into the
+dequantized NF4 weights, in float32: the function that trained, as a standalone model that needs
+neither peft nor bitsandbytes) and `float-merged` (merged into the float base: it differs from what
+trained by the quantization error, which changes answers). The best main metric ships.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tuneoff import quantize
+from tuneoff import methods, quantize
 from tuneoff.errors import TuneoffError
 from tuneoff.packing import IGNORE
 
+# QLoRA's deployable forms, in the order a tie goes: the function that trained first (nf4-merged
+# also serves without bitsandbytes), the float merge last
+FORMS = ("nf4-merged", "nf4", "float-merged")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What ships for one method: a model folder and, for an adapter method, its form and base."""
+
+    path: Path  # a standalone model; for the nf4 form the adapter, which runs on `base`
+    form: str | None  # one of FORMS (LoRA: float-merged); None for full
+    base: Path | None  # the base the method's adapter runs on (`tuneoff serve --base`); None for full
+
+
+def deployed_form(scores: dict[str, float]) -> str:
+    """The form that ships, from each scored form's main metric: the best, a tie to the earliest in FORMS."""
+    return max((f for f in FORMS if f in scores), key=lambda f: (scores[f], -FORMS.index(f)))
+
+
+def form_deployment(task: str, method: str, form: str | None) -> Deployment:
+    """Where `form` of `method` on `task` lives and the base its adapter needs. LoRA has one form
+    (float-merged) and full none; a QLoRA adapter runs on the NF4 base in both nf4 forms."""
+    run = Path("runs") / task / method
+    if method == "full":
+        return Deployment(run / "model", None, None)
+    allowed = FORMS if methods.base_dir(method) == methods.NF4_BASE else ("float-merged",)
+    if form not in allowed:
+        raise TuneoffError(f"{method} has no deployable form {form!r}; it has {list(allowed)}")
+    if form == "nf4":
+        return Deployment(run / "model", form, methods.NF4_BASE)
+    if form == "nf4-merged":
+        return Deployment(run / "merged-nf4", form, methods.NF4_BASE)
+    return Deployment(run / "merged", form, methods.FLOAT_BASE)
+
+
+def deployment(task: str, method: str) -> Deployment:
+    """What would be deployed for `method` on `task`: for a method trained on the NF4 base, the form
+    its evaluation chose (runs/<task>/<method>/eval.json `deployed_form`)."""
+    if method == "full":
+        return form_deployment(task, method, None)
+    if methods.base_dir(method) != methods.NF4_BASE:
+        return form_deployment(task, method, "float-merged")
+    scores = Path("runs") / task / method / "eval.json"
+    if not scores.is_file():
+        raise TuneoffError(f"{scores} not found: run `dvc repro evaluate_nf4@{task}-{method}` first "
+                           "(it chooses the form that ships)")
+    return form_deployment(task, method, json.loads(scores.read_text())["deployed_form"])
+
 
 def deployable_dir(task: str, method: str) -> Path:
-    """The model folder that would be deployed: full weights for `full`, the merged model for adapters."""
-    if method == "full":
-        return Path("runs") / task / "full" / "model"
-    return Path("runs") / task / method / "merged"
+    """The folder that would be deployed: full weights for `full`, the merged model for LoRA, and
+    for QLoRA the form its evaluation chose (the adapter itself for nf4)."""
+    return deployment(task, method).path
 
 
 def adapter_dir(task: str, method: str) -> Path:

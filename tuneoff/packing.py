@@ -43,19 +43,22 @@ class Packed:
     position_ids: torch.Tensor  # [rows, seq_len], restarting at 0 for every example
     targets: torch.Tensor  # [rows, seq_len], next token to predict, IGNORE where no loss
     real_tokens: torch.Tensor  # [rows] non-padding tokens per row
+    example: torch.Tensor  # [rows, seq_len], the source example's index in pack()'s input, -1 on padding
     examples: int
     truncated: int  # examples cut to seq_len
     dropped: int  # examples with no assistant token left after the cut
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids,
-                "targets": self.targets, "real_tokens": self.real_tokens}
+                "targets": self.targets, "real_tokens": self.real_tokens, "example": self.example}
 
 
 def pack(tokenized: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> Packed:
-    """First-fit-decreasing packing of examples into rows of `seq_len` tokens."""
+    """First-fit-decreasing packing of examples into rows of `seq_len` tokens. `example` maps each
+    position back to its example's index in `tokenized` (the split's JSONL line), so a loss per
+    position can be summed per example; a dropped example owns no position."""
     items, truncated, dropped = [], 0, 0
-    for ids, trainable in tokenized:
+    for index, (ids, trainable) in enumerate(tokenized):
         if len(ids) > seq_len:
             ids, trainable = ids[:seq_len], trainable[:seq_len]
             truncated += 1
@@ -64,11 +67,11 @@ def pack(tokenized: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: in
         if all(t == IGNORE for t in targets):
             dropped += 1
             continue
-        items.append((ids, targets))
+        items.append((ids, targets, index))
     if not items:
         raise TuneoffError(f"no example has an assistant token within seq_len={seq_len}")
 
-    rows: list[list[tuple[list[int], list[int]]]] = []
+    rows: list[list[tuple[list[int], list[int], int]]] = []
     free: list[int] = []
     for item in sorted(items, key=lambda it: -len(it[0])):
         n = len(item[0])
@@ -84,15 +87,17 @@ def pack(tokenized: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: in
     position_ids = torch.zeros((len(rows), seq_len), dtype=torch.int32)
     targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.int32)
     real = torch.zeros(len(rows), dtype=torch.int32)
+    example = torch.full((len(rows), seq_len), -1, dtype=torch.int32)
     for r, row in enumerate(rows):
         at = 0
-        for ids, tgt in row:
+        for ids, tgt, index in row:
             n = len(ids)
             input_ids[r, at : at + n] = torch.tensor(ids, dtype=torch.int32)
             position_ids[r, at : at + n] = torch.arange(n, dtype=torch.int32)
             targets[r, at : at + n] = torch.tensor(tgt, dtype=torch.int32)
+            example[r, at : at + n] = index
             at += n
         real[r] = at
         # padding is its own segment (positions restart at 0), so it never joins an example
         position_ids[r, at:] = torch.arange(seq_len - at, dtype=torch.int32)
-    return Packed(input_ids, position_ids, targets, real, len(items), truncated, dropped)
+    return Packed(input_ids, position_ids, targets, real, example, len(items), truncated, dropped)

@@ -145,14 +145,15 @@ class EvaluateParams(Section):
     max_new_tokens: int = Field(gt=0)
     bootstrap_samples: int = Field(ge=100)
     seed: int
-    adapter_check_examples: int = Field(ge=0)  # test examples the unmerged adapter is also scored on; 0 = skip
 
 
 class RegisterParams(Section):
     """Decision thresholds (tuneoff/decide.py) shared by the report and register stages."""
 
-    max_gap_points: float = Field(ge=0)  # largest acceptable gap to full fine-tuning, in points of the main metric
+    max_gap_points: float = Field(ge=0)  # non-inferiority margin to full fine-tuning, in points of the main metric
     memory_budget_gb: float = Field(ge=0)  # peak memory the target device allows; 0 = no limit
+    bootstrap_samples: int = Field(ge=100)  # resamples for the paired interval of the per-example loss
+    seed: int
 
 
 class CostParams(Section):
@@ -261,13 +262,16 @@ class BakeoffParams(Section):
 
     The methods are listed by the base they train on, because DVC cannot give one matrix
     stage different dependencies per method: `train` runs float_methods on models/base,
-    `train_nf4` runs nf4_methods on models/base-nf4 (the quantize stage).
+    `train_nf4` runs nf4_methods on models/base-nf4 (the quantize stage). For the same reason
+    `evaluate` runs float_adapter_methods (a merged model) and `evaluate_nf4` the nf4_methods
+    (each deployable form, tuneoff/merge.py FORMS).
     """
 
     tasks: list[TaskName] = Field(min_length=1)
     float_methods: list[Literal["full", "lora"]]
     nf4_methods: list[Literal["qlora"]]
     adapter_methods: list[Literal["lora", "qlora"]]
+    float_adapter_methods: list[Literal["lora"]]
 
     @property
     def methods(self) -> list[str]:
@@ -280,6 +284,9 @@ class BakeoffParams(Section):
         if set(self.adapter_methods) != {m for m in self.methods if m != "full"}:
             raise ValueError(f"adapter_methods must list the adapter methods that train, "
                              f"{[m for m in self.methods if m != 'full']}; got {self.adapter_methods}")
+        if set(self.float_adapter_methods) != set(self.float_methods) - {"full"}:
+            raise ValueError(f"float_adapter_methods must list the adapter methods of float_methods, "
+                             f"{[m for m in self.float_methods if m != 'full']}; got {self.float_adapter_methods}")
         return self
 
 

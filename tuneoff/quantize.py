@@ -38,6 +38,27 @@ def load(nf4_dir: Path, compute_dtype: torch.dtype, dev: torch.device):
     return _set_compute(model, compute_dtype)
 
 
+def dequantized(nf4_dir: Path, dev: torch.device):
+    """A saved 4-bit base as a plain float32 model: each bitsandbytes Linear4bit becomes an
+    nn.Linear holding its dequantized weights, the very weights QLoRA trained against. It saves
+    and loads without bitsandbytes (no quantization_config left)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    model = load(nf4_dir, torch.float32, dev)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            with torch.device("meta"):  # no random init of weights about to be replaced
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if module.bias is not None:
+                linear.bias = torch.nn.Parameter(module.bias.data.float(), requires_grad=False)
+            model.set_submodule(name, linear)
+    model.hf_quantizer.remove_quantization_config(model)
+    return model
+
+
 def _set_compute(model, compute_dtype: torch.dtype):
     import bitsandbytes as bnb
 

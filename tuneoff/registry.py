@@ -1,4 +1,5 @@
-"""A small file registry of model versions and stages, updated under a lock.
+"""A small file registry of model versions and stages, updated under a lock. Whether a new version
+replaces production is the caller's judgement (stages/register.py scores both on the same items).
 
 Why not GTO (DVC's git-tag registry): GTO records a version as a git tag on a commit, but a
 pipeline run registers its result before anyone commits it, and a scheduled run on a worker
@@ -43,27 +44,22 @@ def lock_hashes(stages: list[str], lock_file: Path = Path("dvc.lock")) -> dict:
     return {"dvc_lock_sha256": hashlib.sha256(text.encode()).hexdigest(), "outs": outs}
 
 
-def register(registry_dir: Path, name: str, entry: dict) -> dict:
-    """Add `entry` (needs "main") as the next version of model `name`. It is promoted to
-    production only if it beats the current production version's main metric; otherwise it
-    stays in staging. Returns the stored version with its stage and the reason."""
+def register(registry_dir: Path, name: str, entry: dict, judge) -> dict:
+    """Add `entry` as the next version of model `name`. `judge(production)`, given the current
+    production version (None if there is none), returns (promote, reason): whether the new version
+    replaces it. It runs under the registry's lock, so concurrent registrations are judged one after
+    another, each against the production the one before it left. Returns the stored version."""
     registry_dir.mkdir(parents=True, exist_ok=True)
     path = registry_dir / "registry.json"
     with FileLock(str(registry_dir / ".registry.lock")):
         data = json.loads(path.read_text()) if path.is_file() else {"models": {}}
         versions = data["models"].setdefault(name, [])
         production = next((v for v in versions if v["stage"] == "production"), None)
-        version = {"version": len(versions) + 1, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   **entry}
-        if production is None:
-            version.update(stage="production", reason="first version of this model")
-        elif entry["main"] > production["main"]:
+        promote, reason = judge(production)
+        if promote and production is not None:
             production["stage"] = "archived"
-            version.update(stage="production", reason=f"beats production v{production['version']} "
-                                                      f"({entry['main']:.4f} > {production['main']:.4f})")
-        else:
-            version.update(stage="staging", reason=f"does not beat production v{production['version']} "
-                                                   f"({entry['main']:.4f} <= {production['main']:.4f}); left in staging")
+        version = {"version": len(versions) + 1, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   **entry, "stage": "production" if promote else "staging", "reason": reason}
         versions.append(version)
         write_json(path, data)
     return version

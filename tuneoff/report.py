@@ -8,8 +8,13 @@ import json
 import statistics
 from pathlib import Path
 
+from tuneoff import stats
 from tuneoff.errors import TuneoffError
 from tuneoff.scoring import MAIN_METRIC
+
+# the seed article's task types, by the kind of task (and, for a user's JSONL, its scorer)
+TASK_TYPE = {"extraction": "format", "iso_codes": "knowledge", "csv": "classification", "json_fields": "format",
+             "exact": "generation"}
 
 
 def read_json(path: Path) -> dict:
@@ -18,19 +23,27 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
-                 prepared: Path = Path("data/prepared")) -> dict:
-    """Rows for the untuned base and each method, and the conditions that make them comparable."""
+def read_items(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TuneoffError(f"{path} not found: run the stages before report")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def compare_task(task: str, methods: list[str], runs: Path = Path("runs"), prepared: Path = Path("data/prepared"),
+                 bootstrap_samples: int = 2000, seed: int = 0) -> dict:
+    """Rows for the untuned base and each method, the paired comparisons the decision uses, and the
+    conditions that make them comparable."""
     meta = read_json(prepared / task / "meta.json")
-    rows, trains = [], {}
+    rows, trains, items = [], {}, {}
     for method in ["base", *methods]:
         failed = runs / task / method / "failed.json"
         if failed.is_file():  # the flow gave up on this method; it stays a row
             rows.append({"method": method, "failed": read_json(failed)["error"].strip().splitlines()[-1][:300],
                          "main": None, "ci_low": None, "ci_high": None, "test_loss": None, "metrics": {},
-                         "adapter_check": None, "train": None})
+                         "forms": None, "deployed_form": None, "train": None})
             continue
         ev = read_json(runs / task / method / "eval.json")
+        items[method] = read_items(runs / task / method / "predictions.jsonl")
         train = None
         if method != "base":
             train = trains[method] = read_json(runs / task / method / "train.json")
@@ -55,8 +68,11 @@ def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
     return {
         "task": task,
         "scorer": meta["scorer"],
+        "task_type": TASK_TYPE.get(meta["kind"], TASK_TYPE.get(meta["scorer"], "generation")),
         "main_metric": MAIN_METRIC[meta["scorer"]],
         "rows": rows,
+        "pairs": paired(items, bootstrap_samples, seed),
+        "form_pairs": form_pairs(rows, runs / task, bootstrap_samples, seed),
         "conditions": {
             "test_examples": meta["examples"]["test"], "train_examples": meta["examples"]["train"],
             "token_budget": first and first["tokens"]["budget"], "seed": first and first["seed"],
@@ -64,6 +80,47 @@ def compare_task(task: str, methods: list[str], runs: Path = Path("runs"),
             "same_tokens": len({t["tokens"]["real"] for t in trains.values()}) <= 1,
         },
     }
+
+
+# the comparisons the decision and the claims check use: each method against the base, each adapter
+# against full fine-tuning, QLoRA against LoRA
+PAIRS = [("full", "base"), ("lora", "base"), ("qlora", "base"), ("lora", "full"), ("qlora", "full"), ("qlora", "lora")]
+
+
+def paired(items: dict[str, list[dict]], bootstrap_samples: int, seed: int) -> list[dict]:
+    """a - b on the same test items for each pair in PAIRS that was scored: the main metric (points)
+    and the per-example loss of the reference answer (evidence beside it: continuous, so more sensitive)."""
+    return [one_pair(a, b, items, bootstrap_samples, seed) for a, b in PAIRS if a in items and b in items]
+
+
+def one_pair(a: str, b: str, items: dict[str, list[dict]], bootstrap_samples: int, seed: int) -> dict:
+    """a - b on the items both were scored on (each model's predictions.jsonl records)."""
+    if [x["expected"] for x in items[a]] != [x["expected"] for x in items[b]]:
+        raise TuneoffError(f"{a} and {b} were not scored on the same test items: rerun their evaluate stages")
+    main = stats.paired_binary([bool(x["correct"]) for x in items[a]], [bool(x["correct"]) for x in items[b]])
+    both = [(x["loss"], y["loss"]) for x, y in zip(items[a], items[b])
+            if x.get("loss") is not None and y.get("loss") is not None]
+    loss = stats.paired_mean(*zip(*both), samples=bootstrap_samples, seed=seed) if both else None
+    return {"a": a, "b": b, "n": main["n"], "diff_points": round(100 * main["diff"], 2),
+             "ci_points": [round(100 * main["ci"][0], 2), round(100 * main["ci"][1], 2)],
+             "p_value": round(main["p_value"], 4), "only_a": main["only_a"], "only_b": main["only_b"],
+             "sd": main["sd"], "interval": main["method"],
+             "loss": loss and {"diff": round(loss["diff"], 4), "ci": [round(x, 4) for x in loss["ci"]], "n": loss["n"],
+                               "interval": loss["method"]}}
+
+
+def form_pairs(rows: list[dict], task_runs: Path, bootstrap_samples: int, seed: int) -> list[dict]:
+    """For a method scored in several deployable forms (QLoRA), each other form against the deployed
+    one, on the same items: what deploying it another way would change."""
+    out = []
+    for r in rows:
+        if not r.get("forms"):
+            continue
+        deployed = f"{r['method']} {r['deployed_form']}"
+        items = {f"{r['method']} {form}": read_items(task_runs / r["method"] / f"predictions-{form}.jsonl")
+                 for form in r["forms"]}
+        out += [one_pair(other, deployed, items, bootstrap_samples, seed) for other in items if other != deployed]
+    return out
 
 
 def _estimate(train: dict) -> dict | None:
@@ -128,14 +185,17 @@ def _quality(ev: dict) -> dict:
     m = ev["metrics"]
     return {"main": m["main"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "test_loss": ev["test_loss"],
             "metrics": {k: v for k, v in m.items() if k not in ("main", "ci_low", "ci_high", "confusions")},
-            "adapter_check": ev.get("adapter_check")}
+            "examples_per_second": ev.get("timing", {}).get("examples_per_second"),
+            "forms": ev.get("forms"), "deployed_form": ev.get("deployed_form")}
 
 
-def _fmt_row(r: dict) -> list[str]:
+def _fmt_row(r: dict, c: dict) -> list[str]:
     if r.get("failed"):
         return [r["method"], f"failed: {r['failed'][:80]}"] + [""] * 8
     t = r["train"]
-    gap = "" if r["gap_to_full_points"] is None or r["method"] == "full" else f"{r['gap_to_full_points']:+.1f}"
+    vs_full = next((p for p in c["pairs"] if (p["a"], p["b"]) == (r["method"], "full")), None)
+    gap = "" if vs_full is None else (f"{vs_full['diff_points']:+.1f} [{vs_full['ci_points'][0]:+.1f}, "
+                                      f"{vs_full['ci_points'][1]:+.1f}]")
     cells = [r["method"], f"{100 * r['main']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]", gap,
              f"{r['test_loss']:.3f}"]
     if t is None:
@@ -145,13 +205,69 @@ def _fmt_row(r: dict) -> list[str]:
                     usd, f"{t['trainable_percent']:.2f}", f"{t['artifact_bytes'] / 2**20:.1f}"]
 
 
-def _adapter_note(c: dict) -> str:
-    checks = [(r["method"], r["adapter_check"]) for r in c["rows"] if r.get("adapter_check")]
-    if not checks:
+def _forms_note(c: dict) -> str:
+    """QLoRA scored in each form it could be deployed in, and which one ships."""
+    row = next((r for r in c["rows"] if r.get("forms")), None)
+    if row is None:
         return ""
-    parts = [f"{m} {100 * a['adapter_main']:.1f}% as trained vs {100 * a['merged_main']:.1f}% merged "
-             f"({100 * a['same_predictions']:.0f}% identical answers)" for m, a in checks]
-    return f" Adapter before merging, on the first {checks[0][1]['examples']} test examples: {'; '.join(parts)}."
+    forms = "; ".join(f"{name} {100 * f['main']:.1f}% [{100 * f['ci_low']:.1f}, {100 * f['ci_high']:.1f}]"
+                      for name, f in row["forms"].items())
+    return (f" {row['method']} was scored on the whole test set in each form it could be deployed in: {forms}. "
+            f"Deployed: {row['deployed_form']} (the best score; ties go to the function that trained: nf4-merged, "
+            "then nf4).")
+
+
+def _pairs_table(pairs: list[dict], metric: str) -> list[str]:
+    lines = [f"| a - b | {metric}, points [95% CI] | items right only in a / only in b | McNemar p "
+             "| test loss a - b [95% CI] |", "|---|---|---|---|---|"]
+    for p in pairs:
+        lo, hi = p["ci_points"]
+        loss = p["loss"] and f"{p['loss']['diff']:+.3f} [{p['loss']['ci'][0]:+.3f}, {p['loss']['ci'][1]:+.3f}]"
+        lines.append(f"| {p['a']} - {p['b']} | {p['diff_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {p['only_a']} / "
+                     f"{p['only_b']} | {p['p_value']:.3g} | {loss or '-'} |")
+    return lines
+
+
+def claims(c: dict) -> list[dict]:
+    """The seed article's claims this run can test, each: holds, does not hold, or cannot tell at this power."""
+    rows = {r["method"]: r for r in c["rows"] if not r.get("failed")}
+    pairs = {(p["a"], p["b"]): p for p in c["pairs"]}
+    out = []
+
+    def judged(claim, p, low, high):
+        """Holds when the interval lies inside [low, high], does not when it lies wholly outside."""
+        lo, hi = p["ci_points"]
+        status = ("holds" if lo >= low and hi <= high else "does not hold" if hi < low or lo > high
+                  else "cannot tell at this power")
+        out.append({"claim": claim, "status": status,
+                    "evidence": f"{p['a']} - {p['b']}: {p['diff_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}]"})
+
+    if ("lora", "full") in pairs:
+        if c["task_type"] == "knowledge":
+            judged("LoRA 4-7 points behind full fine-tuning on knowledge tasks", pairs["lora", "full"], -7, -4)
+        else:
+            judged(f"LoRA within 1-3 points of full fine-tuning ({c['task_type']} task; taken as: at most 3 behind)",
+                   pairs["lora", "full"], -3, float("inf"))
+    if ("qlora", "lora") in pairs:
+        judged("QLoRA within 0.5-1.5 points of LoRA (taken as: at most 1.5 behind)", pairs["qlora", "lora"], -1.5,
+               float("inf"))
+    measured = "one run each, no interval"
+    if "lora" in rows and rows["lora"]["train"]:
+        share = rows["lora"]["train"]["trainable_percent"]
+        out.append({"claim": "LoRA trains a fraction of a percent of the parameters",
+                    "status": "holds" if share < 1 else "does not hold", "evidence": f"{share:.2f}% trainable"})
+    if "lora" in rows and "qlora" in rows and rows["lora"]["train"] and rows["qlora"]["train"]:
+        saving = 100 * (1 - rows["qlora"]["train"]["peak_memory_bytes"] / rows["lora"]["train"]["peak_memory_bytes"])
+        out.append({"claim": "QLoRA needs 40-60% less memory than LoRA", "status": "holds" if 40 <= saving <= 60
+                    else "does not hold", "evidence": f"{saving:.0f}% less peak memory "
+                    f"({rows['lora']['train']['memory_measure']}; {measured})"})
+    if "lora" in rows and "full" in rows and rows["lora"]["train"] and rows["full"]["train"]:
+        lora, full = (rows[m]["train"]["cost_usd"] or 0 for m in ("lora", "full"))
+        if full:
+            share = 100 * lora / full
+            out.append({"claim": "LoRA costs 10-20% of full fine-tuning's compute", "status": "holds" if 10 <= share <= 20
+                        else "does not hold", "evidence": f"{share:.0f}% of full's cost ({measured})"})
+    return out
 
 
 def _quantize_note(quantization: dict | None) -> str:
@@ -169,23 +285,36 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
         device = next((r["train"]["device"] for r in c["rows"] if r["train"]), "?")
         measure = next((r["train"]["memory_measure"] for r in c["rows"] if r["train"]), "?")
         lines += [f"## {c['task']}", "",
-                  f"| method | {c['main_metric']} % [95% CI] | gap to full (points) | test loss | peak mem GiB "
+                  f"| method | {c['main_metric']} % [95% CI] | - full, paired (points) | test loss | peak mem GiB "
                   f"| train s | GPU-h | USD | trainable % | artifact MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += ["| " + " | ".join(_fmt_row(r)) + " |" for r in c["rows"]]
+        lines += ["| " + " | ".join(_fmt_row(r, c)) + " |" for r in c["rows"]]
         lines += ["", f"Fair by construction: every method trained on the same {cond['train_examples']} training "
                       f"examples with a budget of {cond['token_budget']:,} real tokens and seed {cond['seed']} "
                       f"(same batches: {'yes' if cond['same_tokens'] else 'NO'}), and was scored on the same "
                       f"{cond['test_examples']} held-out test examples. Device: {device}; peak memory is {measure}. "
-                      "Adapters are scored as merged into the full-precision base (what would be deployed)."
-                      + _adapter_note(c), ""]
+                      "LoRA is scored merged into the full-precision base (what would be deployed)."
+                      + _forms_note(c), ""]
         error = (quantization or {}).get("error", {}).get(c["task"])
         if error:
             lines += [_quantize_note(quantization) + f" Quantizing moved val loss {error['val_loss_float']:.3f} -> "
                       f"{error['val_loss_quantized']:.3f} (mean |logit diff| {error['mean_abs_logit_diff']:.3f}, "
                       f"top-1 agreement {100 * error['top1_agreement']:.1f}%).", ""]
         if decisions and c["task"] in decisions:
-            lines += [f"**Recommendation: {decisions[c['task']]['method'] or 'none'}.** {decisions[c['task']]['rationale']}", ""]
+            d = decisions[c["task"]]
+            head = {"decided": f"Recommendation: {d['method']}", "inconclusive": "Verdict: inconclusive",
+                    "none": "Verdict: no method qualifies"}[d["verdict"]]
+            lines += [f"**{head}.** {d['rationale']}", ""] + ([f"What would settle it: {d['settle']}", ""] if d["settle"] else [])
+        lines += ["Paired on the same test items (a - b; interval: Newcombe's paired score interval for the "
+                  "0/1 metric, a BCa paired bootstrap for the per-example loss of the reference answer, where lower "
+                  "is better):", "", *_pairs_table(c["pairs"], c["main_metric"]), ""]
+        if c["form_pairs"]:
+            lines += ["QLoRA in its other deployable forms, against the one deployed (same items):", "",
+                      *_pairs_table(c["form_pairs"], c["main_metric"]), ""]
+        checked = claims(c)
+        if checked:
+            lines += ["The seed article's claims, as this run can test them:", "", "| claim | this run | evidence |",
+                      "|---|---|---|", *(f"| {x['claim']} | {x['status']} | {x['evidence']} |" for x in checked), ""]
         lines += [f"![{c['task']}]({c['task']}.png)", ""]
     lines += _predictions_table(comparisons)
     return "\n".join(lines)
@@ -241,8 +370,9 @@ def write_plot_data(comparisons: list[dict], runs: Path, out_dir: Path) -> None:
                             round(t.get("peak_memory_bytes", 0) / 2**30, 3), t.get("train_seconds", 0.0)])
 
 
-def plot(comparison: dict, runs: Path, out: Path) -> None:
-    """Accuracy vs cost, peak memory by method, and training loss curves, in one PNG."""
+def plot(comparison: dict, runs: Path, out: Path, margin_points: float | None = None) -> None:
+    """The verdict (each method's paired difference from full fine-tuning, with the non-inferiority
+    margin), cost and peak memory by method, and training loss curves, in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,23 +380,33 @@ def plot(comparison: dict, runs: Path, out: Path) -> None:
 
     task, rows = comparison["task"], comparison["rows"]
     trained = [r for r in rows if r["train"]]
+    colours = {"base": "grey", "full": "C0", "lora": "C1", "qlora": "C2"}
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    base = next(r for r in rows if r["method"] == "base")
-    for r in trained:
-        cost = r["train"]["cost_usd"] or 0.0
-        ax1.errorbar(cost, 100 * r["main"], yerr=[[100 * (r["main"] - r["ci_low"])], [100 * (r["ci_high"] - r["main"])]],
-                     fmt="o", capsize=4, label=r["method"])
-        ax1.annotate(r["method"], (cost, 100 * r["main"]), textcoords="offset points", xytext=(6, 4))
-    if base["main"] is not None:
-        ax1.axhline(100 * base["main"], color="grey", linestyle="--", label="untuned base")
-    ax1.set(xlabel="cost (USD)", ylabel=f"{comparison['main_metric']} (%)", title=f"{task}: quality vs cost")
-    ax1.legend(fontsize=8)
-    ax2.bar([r["method"] for r in trained], [r["train"]["peak_memory_bytes"] / 2**30 for r in trained],
-            color=["C0", "C1", "C2", "C3"][: len(trained)])
-    ax2.set(ylabel="GiB", title=f"peak memory ({trained[0]['train']['memory_measure'] if trained else ''})")
+    vs_full = [p for p in comparison["pairs"] if p["b"] == "full"]
+    for y, p in enumerate(vs_full):
+        lo, hi = p["ci_points"]
+        ax1.errorbar(p["diff_points"], y, xerr=[[p["diff_points"] - lo], [hi - p["diff_points"]]], fmt="o", capsize=4,
+                     color=colours.get(p["a"]))
+    ax1.axvline(0, color="black", linewidth=0.8)
+    if margin_points is not None and vs_full:
+        ax1.axvline(-margin_points, color="C3", linestyle="--", label=f"margin: -{margin_points:g} points")
+        ax1.legend(fontsize=8, loc="lower right")
+    ax1.set_yticks(range(len(vs_full)), [p["a"] for p in vs_full])
+    ax1.set_ylim(-0.7, len(vs_full) - 0.3)
+    ax1.set(xlabel=f"{comparison['main_metric']} - full fine-tuning (points, paired 95% CI)",
+            title=f"{task}: each method against full")
+    names = [r["method"] for r in trained]
+    ax2.bar(names, [r["train"]["cost_usd"] or 0.0 for r in trained], color=[colours.get(n) for n in names])
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"${x:.2g}"))
+    memory = ax2.twinx()
+    memory.plot(names, [r["train"]["peak_memory_bytes"] / 2**30 for r in trained], "kD", label="peak memory")
+    memory.set_ylim(bottom=0)
+    memory.set_ylabel(f"peak memory, GiB ({trained[0]['train']['memory_measure'] if trained else ''})")
+    ax2.set(ylabel="training cost (USD)", title="cost (bars) and peak memory (diamonds)")
     for r in trained:
         log = _loss_log(runs, task, r["method"])
-        ax3.plot([int(x["tokens"]) for x in log], [float(x["train_loss"]) for x in log], label=r["method"])
+        ax3.plot([int(x["tokens"]) for x in log], [float(x["train_loss"]) for x in log], label=r["method"],
+                 color=colours.get(r["method"]))
     ax3.set(xlabel="real tokens trained", ylabel="train loss", title="training loss")
     ax3.legend(fontsize=8)
     fig.tight_layout()

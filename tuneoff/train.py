@@ -56,8 +56,11 @@ def autocast(dev: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the loss positions of rows[idx], and how many there are."""
+def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision,
+               reduction: str = "sum") -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the loss positions of rows[idx], and how many there are.
+    reduction="none" gives one loss per position instead, in the row-major order of
+    `rows["targets"][idx] != IGNORE` (both paths below keep that order)."""
     ids, pos, targets = (rows[k][idx] for k in ("input_ids", "position_ids", "targets"))
     n = int((targets != IGNORE).sum())  # counted on the host: no device sync
     extra = {}
@@ -73,7 +76,7 @@ def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision) -> tup
         # use_cache=False matters: transformers only reads position-id restarts as example
         # boundaries when there is no KV cache
         logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **extra).logits
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
     return loss, n
 
 
@@ -90,10 +93,32 @@ def eval_loss(model, rows: dict[str, torch.Tensor], batch_size: int, dev, precis
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def example_losses(model, rows: dict[str, torch.Tensor], batch_size: int, dev,
+                   precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss over each source example's loss tokens, and how many it has, indexed by
+    rows["example"] (packing.py); NaN for an index that owns no loss token. The token-weighted
+    mean of the means is eval_loss's number."""
+    was_training = model.training
+    model.eval()
+    owners = torch.where(rows["targets"] != IGNORE, rows["example"], -1)
+    examples = int(owners.max()) + 1
+    sums = torch.zeros(examples, dtype=torch.float64)  # float64: test_loss then sums every example's sum again
+    counts = torch.zeros(examples, dtype=torch.long)
+    for start in range(0, len(rows["input_ids"]), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(rows["input_ids"])))
+        losses, _ = batch_loss(model, rows, idx, dev, precision, reduction="none")
+        owner = owners[idx][owners[idx] >= 0]  # row-major, the order batch_loss returns them in
+        sums.index_add_(0, owner, losses.double().cpu())
+        counts.index_add_(0, owner, torch.ones_like(owner))
+    model.train(was_training)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan), counts
+
+
 def make_optimizer(params: list[torch.Tensor], weight_decay: float, lr: float, fused: bool | None = None):
     """AdamW with weight decay on matrices only (norms and biases are not decayed). `fused` (one kernel
     over all parameters) defaults to on for a GPU, where PyTorch documents it as the fastest, and
-    off for a CPU, where no gain was measured above this machine's noise (README "Performance")."""
+    off for a CPU, where no gain was measured above this machine's noise (docs/performance.md)."""
     if fused is None:
         fused = params[0].device.type == "cuda"
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},

@@ -93,13 +93,16 @@ def parse_adapter_arg(arg: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def from_registry(registry_dir: Path, stage: str) -> tuple[list[tuple[str, Path, str, str]], dict[str, str]]:
+def from_registry(registry_dir: Path, stage: str,
+                  base: Path) -> tuple[list[tuple[str, Path, str, str]], dict[str, str]]:
     """The adapters of each model's `stage` version in `registry_dir`/registry.json, as (name,
-    folder, method, source), and the models that cannot be served here with the reason.
+    folder, method, source), and the models that cannot be served on `base` with the reason.
 
     Paths in the registry are relative to the project, the registry folder's parent. A version
     without an `adapter` key (registered before the key existed) uses the train stage's adapter
-    beside its merged folder: runs/<task>/<method>/{model,merged}."""
+    beside its merged folder: runs/<task>/<method>/{model,merged}. A version whose `base` (the base
+    its deployed form runs on: models/base-nf4 for QLoRA deployed as nf4 or nf4-merged) is not
+    `base` is refused: on another base the adapter computes another function than the one scored."""
     registry_file = Path(registry_dir) / "registry.json"
     if not registry_file.is_file():
         raise TuneoffError(f"{registry_file} not found: run the pipeline's register stage first, "
@@ -114,6 +117,14 @@ def from_registry(registry_dir: Path, stage: str) -> tuple[list[tuple[str, Path,
         if version["method"] == "full":
             refused[name] = (f"{what} is a full fine-tune, a whole model rather than an adapter on this base; "
                              f"serve it on its own: tuneoff serve --base {project / version['path']} --base-name {name}")
+            continue
+        needs, form = version.get("base"), version.get("form")
+        if needs and (project / needs).resolve() != Path(base).resolve():
+            # a merged form is a whole model too: it can also be served on its own
+            alone = "" if form == "nf4" else (f", or its merged model on its own: tuneoff serve --base "
+                                              f"{project / version['path']} --base-name {name}")
+            refused[name] = (f"{what} is deployed as {form or 'an adapter'} on the base {needs}, not this "
+                             f"server's {base}; serve it on its base: tuneoff serve --base {project / needs}{alone}")
             continue
         folder = version.get("adapter") or str(Path(version["path"]).with_name("model"))
         if not (project / folder).is_dir():

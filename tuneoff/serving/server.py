@@ -45,7 +45,7 @@ def catalog(options: ServeOptions) -> tuple[list[AdapterSpec], dict[str, str]]:
     if registry is None and not options.adapters and (Path("registry") / "registry.json").is_file():
         registry = Path("registry")
     if registry is not None:
-        entries, refused = from_registry(registry, options.stage)
+        entries, refused = from_registry(registry, options.stage, options.base)
     entries += [(*parse_adapter_arg(arg), None, "--adapter") for arg in options.adapters]
     specs, seen = [], set()
     for name, path, method, source in entries:

@@ -1,0 +1,96 @@
+"""DVC stage `evaluate_nf4@<task>-<method>`: score QLoRA in each form it could be deployed in.
+
+A QLoRA adapter learned the NF4 weights, so merging it into the float base changes answers. Each
+form in tuneoff/merge.py FORMS is scored on the whole test set: nf4 (the adapter on
+models/base-nf4, as trained), nf4-merged (merge_nf4's standalone float32 model of that
+function) and float-merged (merge's model on the float base). The best main metric is the
+deployed form (a tie goes to the form that computes what trained, merge.deployed_form).
+
+Writes runs/<task>/<method>/eval.json: `forms` (each form's n, main, CI, test loss and speed),
+`deployed_form`, and the deployed form's `metrics`, `test_loss` and `timing` where evaluate
+writes them for the other models; predictions-<form>.jsonl for each form, and predictions.jsonl
+= the deployed form's (records as in stages/evaluate.py, with each reference's `loss`).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tuneoff import measure, methods
+from tuneoff.atomic import write_json, write_jsonl
+from tuneoff.errors import TuneoffError, user_errors
+from tuneoff.evaluation import RECORD_COLUMNS, load_test, score_model
+from tuneoff.merge import FORMS, deployed_form, form_deployment, load_adapter_model
+from tuneoff.params import EvaluateParams, check_task, read_params, section
+from tuneoff.tracking import flat, stage_run
+
+STAGE_OF_FORM = {"nf4": "train_nf4", "nf4-merged": "merge_nf4", "float-merged": "merge"}  # what writes each form
+
+
+@user_errors
+def main(task: str, method: str) -> None:
+    if methods.base_dir(method) != methods.NF4_BASE:
+        raise TuneoffError(f"evaluate_nf4@{task}-{method}: only methods trained on {methods.NF4_BASE} (qlora) "
+                           f"are scored here; `dvc repro evaluate@{task}-{method}`")
+    data = read_params()
+    check_task(task, data)
+    params = section(EvaluateParams, "evaluate", data=data)
+    test = load_test(Path("data/prepared") / task)
+    forms = {form: form_deployment(task, method, form) for form in FORMS}
+    for form, where in forms.items():
+        needed = where.path / ("adapter_config.json" if form == "nf4" else "config.json")
+        if not needed.is_file():
+            raise TuneoffError(f"{needed} not found: run `dvc repro {STAGE_OF_FORM[form]}@{task}-{method}` first")
+
+    with stage_run("evaluate_nf4", {"evaluate": params.model_dump()}, task=task, method=method, data=data) as tracker:
+        dev = measure.device()
+        tokenizer = AutoTokenizer.from_pretrained(methods.NF4_BASE)
+        scored, load_seconds = {}, {}
+        for form, where in forms.items():  # one model in memory at a time
+            start = time.perf_counter()
+            if form == "nf4":
+                net = load_adapter_model(where.base, where.path, dev)
+            else:
+                net = AutoModelForCausalLM.from_pretrained(where.path, dtype=torch.float32).to(dev).eval()
+            load_seconds[form] = time.perf_counter() - start
+            scored[form] = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{method} {form}")
+            del net
+            gc.collect()
+        chosen = deployed_form({form: s.metrics["main"] for form, s in scored.items()})
+
+        out = Path("runs") / task / method
+        deployed = scored[chosen]
+        for form, s in scored.items():
+            write_jsonl(out / f"predictions-{form}.jsonl", s.records)
+        write_jsonl(out / "predictions.jsonl", deployed.records)
+        summary = {form: {"n": s.metrics["n"], "main": s.metrics["main"], "ci_low": s.metrics["ci_low"],
+                          "ci_high": s.metrics["ci_high"], "test_loss": round(s.test_loss, 6),
+                          "examples_per_second": round(s.examples_per_second, 3)} for form, s in scored.items()}
+        write_json(out / "eval.json", {
+            "task": task, "model": method, "evaluated": str(forms[chosen].path), "scorer": test.scorer,
+            "deployed_form": chosen, "metrics": deployed.metrics, "test_loss": round(deployed.test_loss, 6),
+            "forms": summary,
+            "timing": {"load_seconds": round(load_seconds[chosen], 3),
+                       "generate_seconds": round(deployed.generate_seconds, 3),
+                       "examples_per_second": round(deployed.examples_per_second, 3)},
+        })
+        tracker.summary(flat({"eval": {k: v for k, v in deployed.metrics.items() if k != "confusions"}
+                                       | {"test_loss": deployed.test_loss, "deployed_form": chosen, "forms": summary}}))
+        tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in deployed.records])
+    for form, s in summary.items():
+        print(f"evaluate_nf4@{task}-{method}: {form:<12} {deployed.metrics['main_metric']} {s['main']:.3f} "
+              f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}], test loss {s['test_loss']:.3f}"
+              + ("  <- deployed" if form == chosen else ""))
+    print(f"evaluate_nf4@{task}-{method}: {summary[chosen]['n']} test examples per form -> {out}/eval.json")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m stages.evaluate_nf4 <task> <qlora>")
+    main(sys.argv[1], sys.argv[2])

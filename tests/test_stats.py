@@ -1,0 +1,70 @@
+"""Paired intervals: exact values where they are known, and coverage by simulation."""
+
+import random
+
+import pytest
+
+from tuneoff import stats
+
+
+def test_few_discordant_items_keep_an_honest_interval():
+    # 300 items, 30 right in both, 2 right only in a: the docstring's example
+    a = [True] * 32 + [False] * 268
+    b = [True] * 30 + [False] * 270
+    p = stats.paired_binary(a, b)
+    assert p["diff"] == pytest.approx(2 / 300)
+    assert p["ci"] == pytest.approx([-0.0062, 0.0209], abs=1e-4)
+    assert (p["only_a"], p["only_b"]) == (2, 0) and p["p_value"] == pytest.approx(0.5)
+
+
+def test_mcnemar_exact_p_value():
+    a = [True] * 10 + [False] * 90
+    b = [False] * 100
+    assert stats.paired_binary(a, b)["p_value"] == pytest.approx(2 * 0.5**10)
+
+
+def test_identical_scores_give_a_narrow_interval_around_zero():
+    a = [i % 3 == 0 for i in range(300)]
+    p = stats.paired_binary(a, a)
+    assert p["diff"] == 0 and p["ci"][0] < 0 < p["ci"][1] and p["ci"][1] - p["ci"][0] < 0.02
+
+
+def test_coverage_of_the_paired_interval_is_near_95_percent():
+    rng = random.Random(0)
+    covered = 0
+    for _ in range(400):  # true difference 0.10 - 0.05 = 0.05, correlated pairs
+        a, b = [], []
+        for _ in range(200):
+            u = rng.random()
+            a.append(u < 0.10)
+            b.append(u < 0.05)
+        lo, hi = stats.paired_binary(a, b)["ci"]
+        covered += lo <= 0.05 <= hi
+    assert 0.92 <= covered / 400 <= 0.99
+
+
+def test_paired_mean_interval_covers_a_known_shift():
+    rng = random.Random(1)
+    b = [rng.gauss(2.0, 1.0) for _ in range(300)]
+    a = [x - 0.1 + rng.gauss(0, 0.05) for x in b]  # a is 0.1 lower on every item, with a little noise
+    p = stats.paired_mean(a, b, samples=1000, seed=0)
+    assert p["ci"][0] < -0.1 < p["ci"][1] and p["ci"][1] - p["ci"][0] < 0.03
+
+
+def test_paired_mean_with_no_spread_is_exact():
+    p = stats.paired_mean([1.0, 2.0, 3.0], [0.5, 1.5, 2.5], samples=200, seed=0)
+    assert p["diff"] == 0.5 and p["ci"] == [0.5, 0.5]
+
+
+def test_unpaired_lengths_are_refused():
+    with pytest.raises(ValueError, match="same, non-zero number of items"):
+        stats.paired_binary([True], [True, False])
+
+
+def test_non_inferiority_and_the_items_that_would_decide():
+    assert stats.non_inferiority([-1.5, 1.0], 2.0) == "non-inferior"
+    assert stats.non_inferiority([-5.0, -2.5], 2.0) == "inferior"
+    assert stats.non_inferiority([-3.0, 0.5], 2.0) == "inconclusive"
+    # difference -1 point, sd 0.3 (as fractions), margin 2 points: (1.96 * 0.3 / 0.01)^2 = 3458 items
+    assert stats.items_to_decide(-0.01, 0.3, 0.02) == 3458
+    assert stats.items_to_decide(-0.02, 0.3, 0.02) is None
