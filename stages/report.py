@@ -31,7 +31,8 @@ def main() -> None:
         (tmp / "report.md").write_text(markdown(comparisons, decisions, quantization), encoding="utf-8")
         write_plot_data(comparisons, Path("runs"), tmp)
         for c in comparisons:
-            plot(c, Path("runs"), tmp / f"{c['task']}.png", rules.max_gap_points)
+            d = decisions[c["task"]]
+            plot(c, Path("runs"), tmp / f"{c['task']}.png", rules.max_gap_points, d["method"] or d["verdict"])
     with stage_run("report", {"bakeoff": bakeoff.model_dump(), "decide": rules.model_dump()}, data=data) as tracker:
         tracker.table("report/comparison", COLUMNS, [[row[c] for c in COLUMNS] for row in comparison_rows(comparisons, decisions)])
         for c in comparisons:

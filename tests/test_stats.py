@@ -65,6 +65,9 @@ def test_non_inferiority_and_the_items_that_would_decide():
     assert stats.non_inferiority([-1.5, 1.0], 2.0) == "non-inferior"
     assert stats.non_inferiority([-5.0, -2.5], 2.0) == "inferior"
     assert stats.non_inferiority([-3.0, 0.5], 2.0) == "inconclusive"
-    # difference -1 point, sd 0.3 (as fractions), margin 2 points: (1.96 * 0.3 / 0.01)^2 = 3458 items
-    assert stats.items_to_decide(-0.01, 0.3, 0.02) == 3458
-    assert stats.items_to_decide(-0.02, 0.3, 0.02) is None
+    # difference -1 point with an interval of +-5 on 100 items, margin 2 points: the interval clears -2
+    # once its half-width is under 1 point, at 100 x (5 / 1)^2 = 2,500 items
+    assert stats.items_to_decide(-1.0, [-6.0, 4.0], 100, -2.0) == 2500
+    assert stats.items_to_decide(-2.0, [-6.0, 2.0], 100, -2.0) is None
+    # every item alike (no discordance) still needs the items that narrow the interval: 90 x (3.6 / 2)^2
+    assert stats.items_to_decide(0.0, [-3.6, 3.6], 90, -2.0) == 292

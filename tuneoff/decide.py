@@ -156,7 +156,7 @@ def items_needed(comparison: dict, pairs: list[tuple[str, dict]], margin: float,
     n_now = comparison["conditions"]["test_examples"]
     parts, needed = [], 0
     for m, p in pairs:
-        n = stats.items_to_decide(p["diff_points"] / 100, p["sd"], margin / 100)
+        n = stats.items_to_decide(p["diff_points"], p["ci_points"], p["n"], -margin)
         needed = max(needed, n or 0)
         parts.append(f"{m}: {on_the_line}" if n is None else f"{m}: about {n:,} test items at this spread (now {n_now})")
     return parts, needed

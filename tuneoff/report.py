@@ -104,7 +104,7 @@ def one_pair(a: str, b: str, items: dict[str, list[dict]], bootstrap_samples: in
     return {"a": a, "b": b, "n": main["n"], "diff_points": round(100 * main["diff"], 2),
              "ci_points": [round(100 * main["ci"][0], 2), round(100 * main["ci"][1], 2)],
              "p_value": round(main["p_value"], 4), "only_a": main["only_a"], "only_b": main["only_b"],
-             "sd": main["sd"], "interval": main["method"],
+             "interval": main["method"],
              "loss": loss and {"diff": round(loss["diff"], 4), "ci": [round(x, 4) for x in loss["ci"]], "n": loss["n"],
                                "interval": loss["method"]}}
 
@@ -259,7 +259,8 @@ def claims(c: dict) -> list[dict]:
     if "lora" in rows and "qlora" in rows and rows["lora"]["train"] and rows["qlora"]["train"]:
         saving = 100 * (1 - rows["qlora"]["train"]["peak_memory_bytes"] / rows["lora"]["train"]["peak_memory_bytes"])
         out.append({"claim": "QLoRA needs 40-60% less memory than LoRA", "status": "holds" if 40 <= saving <= 60
-                    else "does not hold", "evidence": f"{saving:.0f}% less peak memory "
+                    else "does not hold", "evidence": (f"{saving:.0f}% less" if saving >= 0 else f"{-saving:.0f}% more")
+                    + " peak memory "
                     f"({rows['lora']['train']['memory_measure']}; {measured})"})
     if "lora" in rows and "full" in rows and rows["lora"]["train"] and rows["full"]["train"]:
         lora, full = (rows[m]["train"]["cost_usd"] or 0 for m in ("lora", "full"))
@@ -370,7 +371,7 @@ def write_plot_data(comparisons: list[dict], runs: Path, out_dir: Path) -> None:
                             round(t.get("peak_memory_bytes", 0) / 2**30, 3), t.get("train_seconds", 0.0)])
 
 
-def plot(comparison: dict, runs: Path, out: Path, margin_points: float | None = None) -> None:
+def plot(comparison: dict, runs: Path, out: Path, margin_points: float | None = None, verdict: str = "") -> None:
     """The verdict (each method's paired difference from full fine-tuning, with the non-inferiority
     margin), cost and peak memory by method, and training loss curves, in one PNG."""
     import matplotlib
@@ -394,7 +395,7 @@ def plot(comparison: dict, runs: Path, out: Path, margin_points: float | None = 
     ax1.set_yticks(range(len(vs_full)), [p["a"] for p in vs_full])
     ax1.set_ylim(-0.7, len(vs_full) - 0.3)
     ax1.set(xlabel=f"{comparison['main_metric']} - full fine-tuning (points, paired 95% CI)",
-            title=f"{task}: each method against full")
+            title=f"{task}: each method against full" + (f"\nverdict: {verdict}" if verdict else ""))
     names = [r["method"] for r in trained]
     ax2.bar(names, [r["train"]["cost_usd"] or 0.0 for r in trained], color=[colours.get(n) for n in names])
     ax2.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"${x:.2g}"))

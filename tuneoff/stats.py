@@ -53,10 +53,8 @@ def paired_binary(a: list[bool], b: list[bool]) -> dict:
     high = diff + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     discordant = only_a + only_b
     p_value = float(scipy_stats.binomtest(only_a, discordant).pvalue) if discordant else 1.0
-    # sd of the per-item difference (-1, 0 or 1), for sizing the test set that would decide
-    sd = math.sqrt(max(0.0, discordant / n - diff * diff))
     return {"n": n, "diff": diff, "ci": [max(-1.0, low), min(1.0, high)], "p_value": p_value,
-            "only_a": only_a, "only_b": only_b, "sd": sd, "method": "newcombe-paired-score"}
+            "only_a": only_a, "only_b": only_b, "method": "newcombe-paired-score"}
 
 
 def paired_mean(a: list[float], b: list[float], samples: int, seed: int) -> dict:
@@ -73,8 +71,7 @@ def paired_mean(a: list[float], b: list[float], samples: int, seed: int) -> dict
                                    vectorized=True, n_resamples=samples, confidence_level=LEVEL, method="BCa",
                                    rng=np.random.default_rng(seed)).confidence_interval
         low, high = float(ci.low), float(ci.high)
-    return {"n": len(d), "diff": diff, "ci": [low, high], "sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-            "method": "bca-paired-bootstrap"}
+    return {"n": len(d), "diff": diff, "ci": [low, high], "method": "bca-paired-bootstrap"}
 
 
 def above(ci: list[float], bound: float) -> bool:
@@ -95,12 +92,12 @@ def non_inferiority(ci: list[float], margin: float) -> str:
     return "inconclusive"
 
 
-def items_to_decide(diff: float, sd: float, margin: float, z: float = Z) -> int | None:
-    """Test items at which an interval of half-width z*sd/sqrt(n) around `diff` would clear -margin
-    (either way), at the observed spread; None when the difference sits on the margin itself."""
-    distance = abs(diff + margin)
+def items_to_decide(diff: float, ci: list[float], n: int, bound: float) -> int | None:
+    """Test items at which an interval like `ci` (on n items) around the same difference would lie
+    wholly on one side of `bound`, at the spread this run observed: the interval narrows as 1/sqrt(n),
+    so n x (half-width / distance to the bound)^2. None when the difference sits on the bound itself."""
+    distance = abs(diff - bound)
     if distance < 1e-9:
         return None
-    if sd == 0:
-        return 1
-    return math.ceil((z * sd / distance) ** 2)
+    half_width = (ci[1] - ci[0]) / 2
+    return max(n, math.ceil(n * (half_width / distance) ** 2))
