@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM = false
 
 setup: $(VENV)/.installed allocator
 
-# tcmalloc for the train stage's process (tuneoff/allocator.py): lower peak memory than glibc's malloc
+# tcmalloc for the train stage's process (tuneoff/training/allocator.py): lower peak memory than glibc's malloc
 # and no slower. Installed where this runs as root with apt; elsewhere training uses the C library's.
 TCMALLOC_PKG = libtcmalloc-minimal4
 allocator:

@@ -1,5 +1,5 @@
 """Attention alone, forward + backward, on one packed batch: transformers' SDPA over the whole row
-with the block-diagonal mask against tuneoff.attention.packed_attention (causal SDPA per example).
+with the block-diagonal mask against tuneoff.training.attention.packed_attention (causal SDPA per example).
 
     .venv/bin/python benchmarks/attention_packed.py --examples-per-row 3 --example-len 147   # extraction
     .venv/bin/python benchmarks/attention_packed.py --examples-per-row 8 --example-len 54    # Banking77
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
-from tuneoff import attention  # noqa: E402
+from tuneoff.training import attention  # noqa: E402
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """The element-wise parts of a SmolLM2 training step at the default batch (3 x 448 positions), forward +
-backward per call: LoRA's dropout (PEFT's nn.Dropout against tuneoff.dropout.Dropout), and RMSNorm,
+backward per call: LoRA's dropout (PEFT's nn.Dropout against tuneoff.training.dropout.Dropout), and RMSNorm,
 the rotary embedding and SiLU x up, eager against torch.compile (with the seconds the first call spent
 compiling; a second process finds the compiled code in inductor's cache and takes less).
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tuneoff.dropout import Dropout  # noqa: E402
+from tuneoff.training.dropout import Dropout  # noqa: E402
 
 POSITIONS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = (3, 448), 576, 1536, 9, 3, 64
 

@@ -1,5 +1,5 @@
 """The estimator against measurement on this CPU: SmolLM2-135M, each method in a fresh process running
-tuneoff's training loop (tuneoff.train.train) for a few steps at the project's batch, row length, rank
+tuneoff's training loop (tuneoff.training.loop.train) for a few steps at the project's batch, row length, rank
 and target modules, on a project's prepared data.
 
     .venv/bin/python benchmarks/estimate_vs_measured.py --project PROJECT [--steps 2]
@@ -36,6 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tuneoff.core.methods import METHODS  # noqa: E402
+
 GIB = 2**30
 
 
@@ -48,12 +51,13 @@ def status_bytes(field: str) -> int:
 
 def worker(method: str, mode: str, project: Path, task: str, steps: int) -> dict:
     """One method, one measurement, in this (fresh) process; imports what the train stage imports."""
-    import stages.train  # noqa: F401  (the stage's imports: torch, transformers, peft, wandb's seam)
     import torch
 
-    from tuneoff import measure, methods
-    from tuneoff.params import CommonTrainParams, read_params, section
-    from tuneoff.train import load_rows, plan_steps, train
+    import stages.train  # noqa: F401  (the stage's imports: torch, transformers, peft, wandb's seam)
+    from tuneoff.core import measure
+    from tuneoff.core.params import CommonTrainParams, read_params, section
+    from tuneoff.modeling import methods
+    from tuneoff.training.loop import load_rows, plan_steps, train
 
     data = read_params(ROOT / "params.yaml")
     common = section(CommonTrainParams, "train", "common", data=data)
@@ -67,7 +71,7 @@ def worker(method: str, mode: str, project: Path, task: str, steps: int) -> dict
     precision = measure.resolve_precision(common.precision, dev)
     torch.manual_seed(common.seed)
     rss_before_model = status_bytes("VmRSS")
-    model = methods.build(method, params, project / methods.base_dir(method), precision, dev, common.gradient_checkpointing)
+    model = methods.build(method, params, project / METHODS[method].base, precision, dev, common.gradient_checkpointing)
     out = {"method": method, "mode": mode, "steps": steps, "rss_before_model_bytes": rss_before_model,
            "model_bytes": measure.model_bytes(model), "params": dict(zip(("trainable", "total"),
                                                                          methods.trainable_and_total(model)))}
@@ -101,9 +105,16 @@ def gemm_tflops(dtype) -> float:
 
 def predict(project: Path, task: str, method: str, steps: int | None) -> tuple[dict, dict]:
     """The train stage's estimate for `method` on `task`'s rows, over the first `steps` planned steps."""
-    from tuneoff import estimate, methods
-    from tuneoff.params import CommonTrainParams, CostParams, EstimateParams, read_params, section
-    from tuneoff.train import load_rows, plan_steps
+    from tuneoff.core.params import (
+        CommonTrainParams,
+        CostParams,
+        EstimateParams,
+        read_params,
+        section,
+    )
+    from tuneoff.estimator import estimate
+    from tuneoff.modeling import methods
+    from tuneoff.training.loop import load_rows, plan_steps
 
     data = read_params(ROOT / "params.yaml")
     common = section(CommonTrainParams, "train", "common", data=data)
@@ -112,7 +123,7 @@ def predict(project: Path, task: str, method: str, steps: int | None) -> tuple[d
         plan = plan_steps(rows["real_tokens"], common.batch_size, common.token_budget, common.seed)[:steps]
         common = common.model_copy(update={"token_budget": int(sum(int(rows["real_tokens"][i].sum()) for i in plan))})
     return estimate.for_train_stage(method, section(methods.PARAMS_BY_METHOD[method], "train", method, data=data),
-                                    common, "fp32", "cpu", "cpu", project / methods.base_dir(method), rows,
+                                    common, "fp32", "cpu", "cpu", project / METHODS[method].base, rows,
                                     section(EstimateParams, "estimate", data=data),
                                     section(CostParams, "cost", data=data).price_per_hour)
 
@@ -123,7 +134,7 @@ def stage_runs(project: Path) -> list[dict]:
     runs = []
     for path in sorted(project.glob("runs/*/*/train.json")):
         stage = json.loads(path.read_text())
-        if stage["method"] not in ("full", "lora", "qlora"):
+        if stage["method"] not in METHODS:
             continue
         estimate, _ = predict(project, stage["task"], stage["method"], None)
         runs.append({"task": stage["task"], "method": stage["method"], "steps": stage["tokens"]["steps"],
@@ -155,14 +166,14 @@ def main() -> None:
         return
     import torch
 
-    from tuneoff import measure
+    from tuneoff.core import measure
 
     # bf16 only where the CPU has bf16 instructions: elsewhere it times a slow fallback for minutes
     bf16 = round(gemm_tflops(torch.bfloat16), 4) if measure.cpu_has_bf16() else None
     results = {"project": str(project), "task": args.task, "steps": args.steps, "torch": torch.__version__,
                "cpu_gemm_tflops": {"fp32": round(gemm_tflops(torch.float32), 4), "bf16": bf16}, "methods": {}}
     print(f"CPU GEMM (2048^3, best of 8): {results['cpu_gemm_tflops']}", flush=True)
-    for method in ("full", "lora", "qlora"):
+    for method in METHODS:
         row = results["methods"][method] = {}
         estimate, timing = predict(project, args.task, method, args.steps)
         row["estimate"] = {"peak_tensor_bytes": estimate["peak_tensor_bytes"], "peak_bytes": estimate["peak_memory_bytes"],

@@ -4,7 +4,7 @@ second for each, the ratio, and whether the predictions are identical.
     .venv/bin/python benchmarks/eval_throughput.py --project PROJECT --task extraction \\
         --examples 64 --out benchmarks/results/eval_throughput_extraction.json
 
-Batched is tuneoff.generate.generate as stages/evaluate.py calls it (left padding, prompts sorted by
+Batched is tuneoff.evaluation.generate.generate as stages/evaluate.py calls it (left padding, prompts sorted by
 length, evaluate.batch_size prompts per call, evaluate.max_new_tokens from `--params`). Per-example is
 what a user would write: each prompt in the chat template, tokenized alone (no padding), one greedy
 model.generate() call, decoded. Both run in this process on the same model (`--model`, default the
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 def per_example(model, tokenizer, conversations, max_new_tokens: int, dev) -> list[str]:
     import torch
 
-    from tuneoff.generate import chat_prompt
+    from tuneoff.evaluation.generate import chat_prompt
 
     replies = []
     with torch.no_grad():
@@ -54,9 +54,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneoff import measure
-    from tuneoff.generate import generate
-    from tuneoff.params import EvaluateParams, read_params, section
+    from tuneoff.core import measure
+    from tuneoff.core.params import EvaluateParams, read_params, section
+    from tuneoff.evaluation.generate import generate
 
     params = section(EvaluateParams, "evaluate", data=read_params(args.params))
     source = args.model or args.project / "models/base"

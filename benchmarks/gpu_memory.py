@@ -1,5 +1,5 @@
 """The estimator against a GPU: a real architecture's shape with random weights (nothing downloaded),
-a few training steps per method with tuneoff's loss (tuneoff.train.batch_loss) on synthetic packed
+a few training steps per method with tuneoff's loss (tuneoff.training.loop.batch_loss) on synthetic packed
 rows, measured peak memory and tokens/s beside the prediction.
 
     python benchmarks/gpu_memory.py                       # Llama 3 8B's shape: full, LoRA r16, QLoRA r16
@@ -34,13 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GIB = 2**30
 
+from tuneoff.core.methods import METHODS  # noqa: E402
+
 
 def synthetic_rows(rows: int, seq_len: int, vocab: int, seed: int, supervised: float) -> dict:
     """Packed rows like prepare's: examples of 60-400 tokens, position ids restarting at each, the
     loss on the last `supervised` share of each example (the assistant's answer)."""
     import torch
 
-    from tuneoff.packing import IGNORE
+    from tuneoff.data.packing import IGNORE
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (rows, seq_len), generator=gen)
@@ -63,16 +65,17 @@ def build(shape_name: str, method: str, rank: int, targets: list[str], dev, prec
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tuneoff.architectures import CATALOG
+    from tuneoff.estimator.architectures import CATALOG
 
     config = AutoConfig.for_model(**CATALOG[shape_name])
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    m = METHODS[method]
     with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if method == "full" else compute)
+        model = AutoModelForCausalLM.from_config(config, dtype=compute if m.adapter else torch.float32)
     model.config.use_cache = False
-    if method == "qlora":
+    if m.quantized:
         quantize_in_place(model, compute)
-    if method == "full":
+    if not m.adapter:
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -120,9 +123,10 @@ def worker(args) -> dict:
     """One method in this process: build, train `steps` steps, measure."""
     import torch
 
-    from tuneoff import measure, memory
-    from tuneoff.architectures import resolve
-    from tuneoff.train import batch_loss
+    from tuneoff.core import measure
+    from tuneoff.estimator import memory
+    from tuneoff.estimator.architectures import resolve
+    from tuneoff.training.loop import batch_loss
 
     dev = torch.device(args.device)
     precision = "bf16" if dev.type == "cuda" else "fp32"
@@ -130,7 +134,7 @@ def worker(args) -> dict:
     model = build(args.model, args.method, args.rank, targets, dev, precision)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if args.method != "full":
+        if METHODS[args.method].adapter:
             model.enable_input_require_grads()
     rows = synthetic_rows(args.batch_size * args.steps, args.seq_len, resolve(args.model).vocab, 0, args.supervised)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -172,8 +176,8 @@ def worker(args) -> dict:
 
 
 def predict(args, method: str, optimizer: str, positions: int, precision: str):
-    from tuneoff import memory
-    from tuneoff.architectures import resolve
+    from tuneoff.estimator import memory
+    from tuneoff.estimator.architectures import resolve
 
     setup = memory.Setup(method=method, batch_size=args.batch_size, seq_len=args.seq_len, precision=precision,
                          device="cuda" if args.device.startswith("cuda") else "cpu", optimizer=optimizer,
@@ -186,8 +190,8 @@ def predict(args, method: str, optimizer: str, positions: int, precision: str):
 def throughput_check(args, setup, measured: dict, params, precision: str) -> dict | None:
     """Tokens/s at params.yaml's utilisation prior vs measured, and the utilisation this run reached
     (what estimate.utilisation.cuda.<method> would be calibrated to)."""
-    from tuneoff import throughput
-    from tuneoff.architectures import resolve
+    from tuneoff.estimator import throughput
+    from tuneoff.estimator.architectures import resolve
 
     spec = params.devices.get(measured["device"])
     if spec is None or not measured["tokens_per_second"]:
@@ -203,7 +207,7 @@ def throughput_check(args, setup, measured: dict, params, precision: str) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="llama-3-8b", help="a catalog name (tuneoff/architectures.py)")
+    parser.add_argument("--model", default="llama-3-8b", help="a catalog name (tuneoff/estimator/architectures.py)")
     parser.add_argument("--methods", default="full,lora,qlora")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=2)
@@ -222,7 +226,7 @@ def main() -> None:
         return
     import torch
 
-    from tuneoff.params import EstimateParams, section
+    from tuneoff.core.params import EstimateParams, section
 
     precision = "bf16" if args.device.startswith("cuda") else "fp32"
     params = section(EstimateParams, "estimate", path=ROOT / "params.yaml")
@@ -234,7 +238,7 @@ def main() -> None:
                "capacity_bytes": capacity, "methods": {}}
     for method in args.methods.split(","):
         optimizer = "adamw"
-        if method == "full" and capacity:  # the estimator picks an optimizer that fits (with a 5% margin)
+        if not METHODS[method].adapter and capacity:  # the estimator picks an optimizer that fits (with a 5% margin)
             overhead = params.overhead_gib.cuda * GIB
             for optimizer in ("adamw", "adamw-8bit", "paged-adamw-8bit"):
                 _, est = predict(args, method, optimizer, args.batch_size * args.seq_len, precision)

@@ -5,9 +5,9 @@
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/bin/python benchmarks/peak_per_step.py ...
 
 The process runs on the allocator it was started with (glibc's malloc unless LD_PRELOAD says otherwise;
-the train stage starts on tcmalloc through tuneoff.launch).
+the train stage starts on tcmalloc through tuneoff.training.launch).
 
-Runs the train loop's step (tuneoff.train: batch_loss, backward, clip, AdamW, with the CPU paths) on the
+Runs the train loop's step (tuneoff.training.loop: batch_loss, backward, clip, AdamW, with the CPU paths) on the
 first `--steps` planned batches of `--task`, and prints the process's peak RSS (VmHWM, reset after the
 model is built) after each step and the seconds the steps took. `--trim every-step` calls
 train.return_freed_memory() after each step, as the loop does for a 4-bit model on a CPU on glibc.
@@ -25,10 +25,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneoff import allocator, measure, methods  # noqa: E402
-from tuneoff.params import CommonTrainParams, read_params, section  # noqa: E402
-from tuneoff.train import (batch_loss, cpu_paths, load_rows, make_optimizer, plan_steps,  # noqa: E402
-                           return_freed_memory)
+from tuneoff.core import measure
+from tuneoff.core.methods import method as method_named
+from tuneoff.core.params import CommonTrainParams, read_params, section  # noqa: E402
+from tuneoff.modeling import methods
+from tuneoff.training import allocator
+from tuneoff.training.loop import (  # noqa: E402
+    batch_loss,
+    cpu_paths,
+    load_rows,
+    make_optimizer,
+    plan_steps,
+    return_freed_memory,
+)
 
 
 def main() -> None:
@@ -45,7 +54,7 @@ def main() -> None:
     common = section(CommonTrainParams, "train", "common", data=data)
     params = section(methods.PARAMS_BY_METHOD[args.method], "train", args.method, data=data)
     dev = torch.device("cpu")
-    model = methods.build(args.method, params, args.project / methods.base_dir(args.method), "fp32", dev, False)
+    model = methods.build(args.method, params, args.project / method_named(args.method).base, "fp32", dev, False)
     rows = load_rows(args.project / "data/prepared" / args.task / "train.safetensors")
     steps = plan_steps(rows["real_tokens"], common.batch_size, common.token_budget, common.seed)[: args.steps]
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -12,9 +12,9 @@ lr, warmup, LoRA rank/alpha/dropout/targets, precision) come from `--params` (th
 
 Implementations, each (impl, method) run in its own fresh subprocess, the impl order rotating every round:
 
-  tuneoff   tuneoff.train.train() on rows packed by tuneoff.packing.pack from train.jsonl, exactly as the
+  tuneoff   tuneoff.training.loop.train() on rows packed by tuneoff.data.packing.pack from train.jsonl, exactly as the
             prepare and train stages do (checked against the prepared train.safetensors when present),
-            the model from tuneoff.methods.build.
+            the model from tuneoff.modeling.methods.build.
   hf-fp32   transformers' Trainer, batches padded to the longest example (labels padded with -100, as
   hf-bf16   DataCollatorForSeq2Seq does), in fp32 and with bf16=True (autocast; qlora computes in bf16).
             Each Trainer step gets exactly the examples of the matching tuneoff step (the segments of
@@ -28,7 +28,7 @@ Implementations, each (impl, method) run in its own fresh subprocess, the impl o
             every position, the whole-row masked attention, torch.compile, one thread, PEFT's dropout
             mask, the system's malloc), to measure what each of the loop's choices gives.
   <baseline>+tcmalloc
-            a baseline started on tcmalloc, as tuneoff's train stage is (tuneoff/allocator.py), so the
+            a baseline started on tcmalloc, as tuneoff's train stage is (tuneoff/training/allocator.py), so the
             allocator's share of the difference shows. The targets are judged against the baselines
             as users run them (the system's malloc); the summary gives the ratio to HF on tcmalloc apart.
 
@@ -47,10 +47,10 @@ from after the model is built to the end of training (process VmHWM reset via /p
 on a CPU, torch.cuda.max_memory_allocated on a GPU), final train loss.
 
 Achieved FLOP/s counts the same useful work for every impl: real tokens x F, with F =
-tuneoff.throughput.flops_per_position for an unpacked example of the task's mean length (causal
+tuneoff.estimator.throughput.flops_per_position for an unpacked example of the task's mean length (causal
 attention within it), the output layer on the supervised share of positions only, no gradient
 checkpointing recompute: roughly 6N per token for full and 4N for LoRA/QLoRA (N = decoder Linear
-weights), plus attention, head and adapters (formulas: tuneoff/throughput.py). Work an impl does
+weights), plus attention, head and adapters (formulas: tuneoff/estimator/throughput.py). Work an impl does
 beyond that (padding, the output layer on prompt positions, packed-row attention) lowers its
 utilisation. The peak is what a 2048 x 2048 matmul reaches here (fp32, and bf16 on a GPU or a CPU with
 bf16 instructions, same thread count; on a GPU also 8192 x 8192 bf16), measured by this script before
@@ -78,6 +78,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tuneoff.core.methods import METHODS  # noqa: E402
+
 IMPLS = ("tuneoff", "hf-fp32", "hf-bf16", "trl")
 BASELINES = IMPLS[1:]
 # tuneoff with one change, to measure what an optimisation gives: impl "tuneoff+<variant>"
@@ -90,10 +92,9 @@ VARIANTS = {
     "masked-attention": "SDPA over the whole packed row with the block-diagonal mask, not per example",
     "compile": "torch.compile(model) before training (compile time counts in train_seconds)",
     "1-thread": "torch.set_num_threads(1)",
-    "torch-dropout": "LoRA's nn.Dropout as PEFT builds it, not tuneoff.dropout.Dropout's cheaper mask",
+    "torch-dropout": "LoRA's nn.Dropout as PEFT builds it, not tuneoff.training.dropout.Dropout's cheaper mask",
     "system-malloc": "the system's malloc (glibc), with the heap trimmed after each QLoRA step, not tcmalloc",
 }
-METHODS = ("full", "lora", "qlora")
 
 
 # ---------------------------------------------------------------- data: the same examples for everyone
@@ -104,9 +105,9 @@ def load_plan(project: Path, task: str, params_path: Path, steps: int | None) ->
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from tuneoff.packing import pack, tokenize_chat
-    from tuneoff.params import CommonTrainParams, read_params, section
-    from tuneoff.train import plan_steps
+    from tuneoff.core.params import CommonTrainParams, read_params, section
+    from tuneoff.data.packing import pack, tokenize_chat
+    from tuneoff.training.loop import plan_steps
 
     prepared = project / "data/prepared" / task
     meta = json.loads((prepared / "meta.json").read_text())
@@ -144,15 +145,15 @@ def step_batches(plan_data: dict) -> list[list[dict]]:
 
 def useful_flops_per_token(project: Path, method: str, params, plan_data: dict, precision: str, dev_type: str) -> float:
     """F of the module docstring: flops_per_position for one unpacked example of the mean length."""
-    from tuneoff import memory, throughput
-    from tuneoff.architectures import from_config
+    from tuneoff.estimator import memory, throughput
+    from tuneoff.estimator.architectures import from_config
 
     batches = step_batches(plan_data)
     examples = [ex for batch in batches for ex in batch]
     mean_len = sum(len(ex["input_ids"]) for ex in examples) / len(examples)
     mean_supervised = sum(sum(l != -100 for l in ex["labels"]) for ex in examples) / len(examples)
     config = json.loads((project / "models/base/config.json").read_text())
-    lora = method != "full"
+    lora = METHODS[method].adapter
     setup = memory.Setup(method=method, batch_size=1, seq_len=max(1, round(mean_len)), precision=precision,
                          device=dev_type, optimizer="adamw", gradient_checkpointing=False,
                          rank=params.rank if lora else 16,
@@ -175,7 +176,7 @@ def runs_bf16(impl: str, precision: str) -> bool:
 def bf16_refusal(impls: list[str], precision: str, dev_type: str, flags: set[str] | None = None) -> str | None:
     """Why these impls cannot be timed here, or None: bf16 ones on a CPU without bf16 instructions
     (`flags`: /proc/cpuinfo's, this machine's by default)."""
-    from tuneoff import measure
+    from tuneoff.core import measure
 
     bf16 = [impl for impl in impls if runs_bf16(impl, precision)]
     if not bf16 or dev_type == "cuda" or measure.cpu_has_bf16(flags):
@@ -193,7 +194,7 @@ def matmul_peak() -> dict:
     allowed there)."""
     import torch
 
-    from tuneoff import measure
+    from tuneoff.core import measure
 
     dev = measure.device()
     sizes = [("fp32", torch.float32, 2048)]
@@ -224,8 +225,10 @@ def matmul_peak() -> dict:
 def worker(impl: str, method: str, project: Path, task: str, params_path: Path, steps: int | None) -> dict:
     import torch
 
-    from tuneoff import allocator, measure, methods
-    from tuneoff.params import read_params, section
+    from tuneoff.core import measure
+    from tuneoff.core.params import read_params, section
+    from tuneoff.modeling import methods
+    from tuneoff.training import allocator
 
     plan_data = load_plan(project, task, params_path, steps)
     common = plan_data["common"].model_copy(update={"token_budget": plan_data["budget"], "eval_every": 0})
@@ -239,12 +242,12 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
     if base_impl == "tuneoff" and variant:
         precision = apply_variant(variant, precision)
     if impl.startswith("tuneoff"):
-        model = methods.build(method, params, project / methods.base_dir(method), precision, dev,
+        model = methods.build(method, params, project / METHODS[method].base, precision, dev,
                               common.gradient_checkpointing)
     elif impl.startswith("hf"):
         # float bases keep fp32 master weights (bf16=True autocasts); the NF4 base computes in bf16 under bf16=True
-        build_precision = "bf16" if base_impl == "hf-bf16" and method == "qlora" else "fp32"
-        model = methods.build(method, params, project / methods.base_dir(method), build_precision, dev,
+        build_precision = "bf16" if base_impl == "hf-bf16" and METHODS[method].quantized else "fp32"
+        model = methods.build(method, params, project / METHODS[method].base, build_precision, dev,
                               common.gradient_checkpointing)
     else:
         model = trl_base(method, project, precision, dev)
@@ -252,7 +255,7 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
     if not impl.startswith("tuneoff"):  # the baselines' libraries are loaded before the peak is reset, as tuneoff's are
         import transformers.trainer  # noqa: F401
         if base_impl == "trl":
-            import datasets, trl  # noqa: F401, E401
+            import datasets  # noqa: F401, E401
     if variant == "compile":
         model = torch.compile(model)
     peak.reset()
@@ -281,7 +284,7 @@ def apply_variant(variant: str, precision: str) -> str:
 
     import torch
 
-    from tuneoff import train
+    from tuneoff.training import loop as train
 
     if variant in ("bf16", "fp32"):
         return variant
@@ -313,7 +316,7 @@ def apply_variant(variant: str, precision: str) -> str:
 
 
 def run_tuneoff(model, plan_data, common, params, dev, precision) -> dict:
-    from tuneoff.train import train
+    from tuneoff.training.loop import train
 
     val = {k: v[:1] for k, v in plan_data["rows"].items()}  # train() checks val loss before and after: keep it to one row
     with tempfile.TemporaryDirectory() as logs:
@@ -409,10 +412,10 @@ def trl_base(method: str, project: Path, precision: str, dev):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tuneoff import methods, quantize
+    from tuneoff.modeling import methods, quantize
 
-    base = project / methods.base_dir(method)
-    if method == "qlora":
+    base = project / METHODS[method].base
+    if METHODS[method].quantized:
         model = quantize.load(base, methods.DTYPES[precision], dev)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(dev)
@@ -430,9 +433,9 @@ def run_trl(model, plan_data, common, params, method: str, precision: str) -> di
     # TRL packs like tuneoff (best-fit decreasing into rows of seq_len), so about as many rows result
     rows_estimate = math.ceil(sum(len(ex["input_ids"]) for ex in examples) / plan_data["seq_len"])
     steps_estimate = math.ceil(rows_estimate / common.batch_size)
-    peft_config = None if method == "full" else LoraConfig(
+    peft_config = LoraConfig(
         r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-        target_modules=list(params.target_modules), task_type="CAUSAL_LM")
+        target_modules=list(params.target_modules), task_type="CAUSAL_LM") if METHODS[method].adapter else None
     counter, timer = None, timer_callback()
     with tempfile.TemporaryDirectory() as out_dir:
         args = SFTConfig(**trainer_args(common, params.lr, steps_estimate, precision == "bf16", out_dir,
@@ -450,9 +453,9 @@ def run_trl(model, plan_data, common, params, method: str, precision: str) -> di
 # ---------------------------------------------------------------- the driver
 
 def start_on(impl: str, params_path: Path) -> dict[str, str]:
-    """The environment an impl's process starts with: its allocator (tuneoff/allocator.py)."""
-    from tuneoff import allocator
-    from tuneoff.params import CommonTrainParams, section
+    """The environment an impl's process starts with: its allocator (tuneoff/training/allocator.py)."""
+    from tuneoff.core.params import CommonTrainParams, section
+    from tuneoff.training import allocator
 
     base_impl, _, variant = impl.partition("+")
     if base_impl == "tuneoff":
@@ -558,8 +561,8 @@ def main() -> None:
         import importlib.util
         if importlib.util.find_spec("trl") is None:
             sys.exit("impl trl needs TRL: pip install trl (or leave trl out of --impls)")
-    from tuneoff import measure
-    from tuneoff.params import CommonTrainParams, section
+    from tuneoff.core import measure
+    from tuneoff.core.params import CommonTrainParams, section
 
     dev = measure.device()
     common = section(CommonTrainParams, "train", "common", path=args.params)

@@ -25,10 +25,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +38,9 @@ from prefect import flow, get_run_logger, task
 from prefect.deployments import run_deployment
 from prefect.states import Failed
 
-from tuneoff.params import BakeoffParams, read_params, section
-from tuneoff.tracking import GROUP_ENV
+from tuneoff.core.methods import BASE, unit_stages
+from tuneoff.core.params import BakeoffParams, read_params, section
+from tuneoff.core.tracking import GROUP_ENV
 
 UNIT_DEPLOYMENT = "bakeoff-unit"
 AFTER = ["report", "register"]
@@ -48,18 +49,6 @@ AFTER = ["report", "register"]
 def before_stages(tasks: list[str]) -> list[str]:
     """The CPU stages the units depend on."""
     return ["import_base", *(f"prepare@{t}" for t in tasks), "quantize"]
-
-
-def unit_targets(unit: str, tasks: list[str]) -> list[str]:
-    """The dvc.yaml stages of one unit, in the order they run."""
-    if unit == "base":
-        return [f"evaluate_base@{t}" for t in tasks]
-    if unit == "full":
-        return [s for t in tasks for s in (f"train@{t}-full", f"evaluate_full@{t}")]
-    if unit == "qlora":  # scored in each deployable form: merged into the float base and into the NF4 weights
-        return [s for t in tasks for s in (f"train_nf4@{t}-{unit}", f"merge@{t}-{unit}", f"merge_nf4@{t}-{unit}",
-                                           f"evaluate_nf4@{t}-{unit}")]
-    return [s for t in tasks for s in (f"train@{t}-{unit}", f"merge@{t}-{unit}", f"evaluate@{t}-{unit}")]
 
 
 class CommandFailed(RuntimeError):
@@ -201,7 +190,7 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
     logger = get_run_logger()
     os.environ.setdefault(GROUP_ENV, time.strftime("bakeoff-%Y%m%d-%H%M%S", time.gmtime()))
     bakeoff_params = section(BakeoffParams, "bakeoff", data=read_params())
-    tasks, units = bakeoff_params.tasks, ["base", *(methods or bakeoff_params.methods)]
+    tasks, units = bakeoff_params.tasks, [BASE, *(methods or bakeoff_params.methods)]
     for t in tasks:
         for u in units:
             (Path("runs") / t / u / "failed.json").unlink(missing_ok=True)
@@ -212,14 +201,14 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
         return Failed(message=e.line)
     outcome = {}
     for unit in list(units):  # a unit whose stages are all up to date is not sent anywhere
-        if not json.loads(sh("dvc", "status", "--json", *unit_targets(unit, tasks)) or "{}"):
+        if not json.loads(sh("dvc", "status", "--json", *unit_stages(unit, tasks)) or "{}"):
             outcome[unit] = {"state": "up to date"}
             units.remove(unit)
     if gpu_pool:
         revision = git_revision_for_dispatch()
         sh("dvc", "push", "--quiet", *before)
         lock = Path("dvc.lock").read_text()
-        futures = {u: dispatch.submit(u, unit_targets(u, tasks), before, gpu_pool, repo or str(Path.cwd()), revision,
+        futures = {u: dispatch.submit(u, unit_stages(u, tasks), before, gpu_pool, repo or str(Path.cwd()), revision,
                                       lock, os.environ[GROUP_ENV]) for u in units}
         for unit, future in futures.items():
             try:
@@ -235,7 +224,7 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
     else:
         for unit in units:
             try:
-                run_here(unit, unit_targets(unit, tasks))
+                run_here(unit, unit_stages(unit, tasks))
                 outcome[unit] = {"state": "completed", "host": "local"}
             except Exception as e:
                 logger.error("unit %s failed for good: %s", unit, getattr(e, "line", e))
@@ -245,4 +234,4 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
         sh("dvc", "repro", "--single-item", *AFTER, echo=True)
     except CommandFailed as e:
         return Failed(message=e.line)
-    return {unit: outcome[unit] for unit in ["base", *(methods or bakeoff_params.methods)]}
+    return {unit: outcome[unit] for unit in [BASE, *(methods or bakeoff_params.methods)]}

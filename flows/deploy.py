@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flows.bakeoff import UNIT_DEPLOYMENT, bakeoff_unit
 from flows.retrain import retrain
-from tuneoff.params import RetrainParams, read_params, section
+from tuneoff.core.params import RetrainParams, read_params, section
 
 
 def deploy(gpu_pool: str, cpu_pool: str, source: str, image: str | None = None) -> list:

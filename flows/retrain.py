@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.bakeoff import bakeoff, sh
-from tuneoff.params import RetrainParams, read_params, section
+from tuneoff.core.params import RetrainParams, read_params, section
 
 
 def changed_stages() -> list[str]:

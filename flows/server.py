@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tuneoff.errors import TuneoffError
+from tuneoff.core.errors import TuneoffError
 
 STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # Prefect's own; its default is 20 s
 STARTUP_SECONDS = 300

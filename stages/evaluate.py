@@ -18,25 +18,27 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneoff import measure, methods
-from tuneoff.atomic import write_json, write_jsonl
-from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.evaluation import RECORD_COLUMNS, load_test, score_model
-from tuneoff.merge import deployable_dir
-from tuneoff.params import EvaluateParams, check_task, read_params, section
-from tuneoff.tracking import flat, stage_run
+from tuneoff.core import measure
+from tuneoff.core.atomic import write_json, write_jsonl
+from tuneoff.core.errors import TuneoffError, user_errors
+from tuneoff.core.methods import BASE, FLOAT_BASE, METHODS
+from tuneoff.core.params import EvaluateParams, check_task, read_params, section
+from tuneoff.core.records import EvalRecord, EvalTiming
+from tuneoff.core.tracking import flat, stage_run
+from tuneoff.evaluation.score import RECORD_COLUMNS, load_test, score_model
+from tuneoff.modeling.merge import deployable_dir
 
 
 @user_errors
 def main(task: str, model: str) -> None:
-    if model != "base" and methods.base_dir(model) == methods.NF4_BASE:
+    if model in METHODS and METHODS[model].quantized:
         raise TuneoffError(f"evaluate@{task}-{model}: {model} is scored in each deployable form by "
                            f"`dvc repro evaluate_nf4@{task}-{model}`")
     data = read_params()
     check_task(task, data)
     params = section(EvaluateParams, "evaluate", data=data)
     test = load_test(Path("data/prepared") / task)
-    source = methods.FLOAT_BASE if model == "base" else deployable_dir(task, model)
+    source = FLOAT_BASE if model == BASE else deployable_dir(task, model)
     if not (source / "config.json").is_file():
         raise TuneoffError(f"{source}/config.json not found: run the stages before evaluate@{task}-{model}")
 
@@ -51,12 +53,12 @@ def main(task: str, model: str) -> None:
 
         out = Path("runs") / task / model
         write_jsonl(out / "predictions.jsonl", scored.records)
-        write_json(out / "eval.json", {
-            "task": task, "model": model, "evaluated": str(source), "scorer": test.scorer,
-            "metrics": metrics, "test_loss": round(scored.test_loss, 6),
-            "timing": {"load_seconds": round(load_seconds, 3), "generate_seconds": round(scored.generate_seconds, 3),
-                       "examples_per_second": round(scored.examples_per_second, 3)},
-        })
+        record = EvalRecord(
+            task=task, model=model, evaluated=str(source), scorer=test.scorer, metrics=metrics,
+            test_loss=round(scored.test_loss, 6),
+            timing=EvalTiming(load_seconds=round(load_seconds, 3), generate_seconds=round(scored.generate_seconds, 3),
+                              examples_per_second=round(scored.examples_per_second, 3)))
+        write_json(out / "eval.json", record.model_dump(exclude_none=True))
         tracker.summary(flat({"eval": {k: v for k, v in metrics.items() if k != "confusions"}
                                        | {"test_loss": scored.test_loss}}))
         tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in scored.records])

@@ -1,7 +1,7 @@
 """DVC stage `evaluate_nf4@<task>-<method>`: score QLoRA in each form it could be deployed in.
 
 A QLoRA adapter learned the NF4 weights, so merging it into the float base changes answers. Each
-form in tuneoff/merge.py FORMS is scored on the whole test set: nf4 (the adapter on
+form in tuneoff/modeling/merge.py FORMS is scored on the whole test set: nf4 (the adapter on
 models/base-nf4, as trained), nf4-merged (merge_nf4's standalone float32 model of that
 function) and float-merged (merge's model on the float base). The best main metric is the
 deployed form (a tie goes to the form that computes what trained, merge.deployed_form).
@@ -22,21 +22,28 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneoff import measure, methods
-from tuneoff.atomic import write_json, write_jsonl
-from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.evaluation import RECORD_COLUMNS, load_test, score_model
-from tuneoff.merge import FORMS, deployed_form, form_deployment, load_adapter_model
-from tuneoff.params import EvaluateParams, check_task, read_params, section
-from tuneoff.tracking import flat, stage_run
+from tuneoff.core import measure
+from tuneoff.core.atomic import write_json, write_jsonl
+from tuneoff.core.errors import TuneoffError, user_errors
+from tuneoff.core.methods import METHODS, NF4_BASE
+from tuneoff.core.params import EvaluateParams, check_task, read_params, section
+from tuneoff.core.records import EvalRecord, EvalTiming
+from tuneoff.core.tracking import flat, stage_run
+from tuneoff.evaluation.score import RECORD_COLUMNS, load_test, score_model
+from tuneoff.modeling.merge import (
+    FORMS,
+    deployed_form,
+    form_deployment,
+    load_adapter_model,
+)
 
 STAGE_OF_FORM = {"nf4": "train_nf4", "nf4-merged": "merge_nf4", "float-merged": "merge"}  # what writes each form
 
 
 @user_errors
 def main(task: str, method: str) -> None:
-    if methods.base_dir(method) != methods.NF4_BASE:
-        raise TuneoffError(f"evaluate_nf4@{task}-{method}: only methods trained on {methods.NF4_BASE} (qlora) "
+    if method not in METHODS or not METHODS[method].quantized:
+        raise TuneoffError(f"evaluate_nf4@{task}-{method}: only methods trained on {NF4_BASE} (qlora) "
                            f"are scored here; `dvc repro evaluate@{task}-{method}`")
     data = read_params()
     check_task(task, data)
@@ -50,7 +57,7 @@ def main(task: str, method: str) -> None:
 
     with stage_run("evaluate_nf4", {"evaluate": params.model_dump()}, task=task, method=method, data=data) as tracker:
         dev = measure.device()
-        tokenizer = AutoTokenizer.from_pretrained(methods.NF4_BASE)
+        tokenizer = AutoTokenizer.from_pretrained(NF4_BASE)
         scored, load_seconds = {}, {}
         for form, where in forms.items():  # one model in memory at a time
             start = time.perf_counter()
@@ -72,14 +79,12 @@ def main(task: str, method: str) -> None:
         summary = {form: {"n": s.metrics["n"], "main": s.metrics["main"], "ci_low": s.metrics["ci_low"],
                           "ci_high": s.metrics["ci_high"], "test_loss": round(s.test_loss, 6),
                           "examples_per_second": round(s.examples_per_second, 3)} for form, s in scored.items()}
-        write_json(out / "eval.json", {
-            "task": task, "model": method, "evaluated": str(forms[chosen].path), "scorer": test.scorer,
-            "deployed_form": chosen, "metrics": deployed.metrics, "test_loss": round(deployed.test_loss, 6),
-            "forms": summary,
-            "timing": {"load_seconds": round(load_seconds[chosen], 3),
-                       "generate_seconds": round(deployed.generate_seconds, 3),
-                       "examples_per_second": round(deployed.examples_per_second, 3)},
-        })
+        record = EvalRecord(
+            task=task, model=method, evaluated=str(forms[chosen].path), scorer=test.scorer, deployed_form=chosen,
+            metrics=deployed.metrics, test_loss=round(deployed.test_loss, 6), forms=summary,
+            timing=EvalTiming(load_seconds=round(load_seconds[chosen], 3), generate_seconds=round(deployed.generate_seconds, 3),
+                              examples_per_second=round(deployed.examples_per_second, 3)))
+        write_json(out / "eval.json", record.model_dump(exclude_none=True))
         tracker.summary(flat({"eval": {k: v for k, v in deployed.metrics.items() if k != "confusions"}
                                        | {"test_loss": deployed.test_loss, "deployed_form": chosen, "forms": summary}}))
         tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in deployed.records])

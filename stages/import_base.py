@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneoff.atomic import atomic_dir, write_json
-from tuneoff.base_model import import_base
-from tuneoff.errors import user_errors
-from tuneoff.params import BaseModelParams, section
-from tuneoff.tracking import stage_run
+from tuneoff.core.atomic import atomic_dir, write_json
+from tuneoff.core.errors import user_errors
+from tuneoff.core.params import BaseModelParams, section
+from tuneoff.core.tracking import stage_run
+from tuneoff.modeling.base_model import import_base
 
 OUT = Path("models/base")
 

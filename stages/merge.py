@@ -1,12 +1,16 @@
-"""DVC stage `merge@<task>-<method>`: an adapter merged into the full-precision base.
+"""DVC stages `merge@<task>-<method>` and `merge_nf4@<task>-<method>`: an adapter merged into a base,
+checked against the unmerged model on held-out val rows within merge.tolerance.
 
-Outputs runs/<task>/<method>/merged/, a standalone model folder that plain
-`AutoModelForCausalLM.from_pretrained` loads without peft, and merge.json with the measured
-logit difference between the adapter model and the merged model on held-out val rows. For
-qlora this is the `float-merged` form (merge_nf4 makes the `nf4-merged` one; evaluate_nf4 scores
-both), and merge.json also records how far it is from the model that trained (the adapter on
-the 4-bit base): that is quantization error, not a merge error, so it is reported and does not
-fail the stage.
+- `merge` (form `float-merged`, the default): into the full-precision base. Outputs
+  runs/<task>/<method>/merged/ and merge.json. For qlora, merge.json also records how far this is
+  from the model that trained (the adapter on the 4-bit base): quantization error, not a merge
+  error, so it is reported and does not fail the stage.
+- `merge_nf4` (form `nf4-merged`, qlora only): each 4-bit Linear of models/base-nf4 dequantized to
+  a float32 nn.Linear and the adapter merged into those weights, checked against the adapter on the
+  4-bit base (the model as trained). Outputs runs/<task>/<method>/merged-nf4/ and merge-nf4.json.
+
+Either output is a standalone float32 model folder that plain `AutoModelForCausalLM.from_pretrained`
+loads without peft or bitsandbytes; evaluate (and evaluate_nf4 for qlora) score them.
 """
 
 from __future__ import annotations
@@ -16,60 +20,74 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from tuneoff import measure, methods, quantize
-from tuneoff.atomic import atomic_dir, write_json
-from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.merge import adapter_dir, check_merge, load_adapter_model, logits_on
-from tuneoff.params import MergeParams, check_task, read_params, section
-from tuneoff.tracking import flat, stage_run
-from tuneoff.train import load_rows
+from tuneoff.core import measure
+from tuneoff.core.atomic import atomic_dir, write_json
+from tuneoff.core.errors import TuneoffError, user_errors
+from tuneoff.core.methods import FLOAT_BASE, METHODS, NF4_BASE
+from tuneoff.core.params import MergeParams, check_task, read_params, section
+from tuneoff.core.tracking import flat, stage_run
+from tuneoff.modeling import quantize
+from tuneoff.modeling.merge import adapter_dir, check_merge, form_deployment, load_adapter_model, logits_on
+from tuneoff.training.loop import load_rows
 
-BASE = methods.FLOAT_BASE
+STAGES = {"float-merged": "merge", "nf4-merged": "merge_nf4"}
 
 
 @user_errors
-def main(task: str, method: str) -> None:
-    if method not in ("lora", "qlora"):
-        raise TuneoffError(f"merge@{task}-{method}: only adapter methods (lora, qlora) merge")
+def main(task: str, method: str, form: str = "float-merged") -> None:
+    stage, m = f"{STAGES[form]}@{task}-{method}", METHODS.get(method)
+    if form == "nf4-merged" and (m is None or not m.quantized):
+        raise TuneoffError(f"{stage}: only methods trained on {NF4_BASE} (qlora) merge here")
+    if m is None or not m.adapter:
+        raise TuneoffError(f"{stage}: only adapter methods (lora, qlora) merge")
     data = read_params()
     check_task(task, data)
     params = section(MergeParams, "merge", data=data)
     adapter = adapter_dir(task, method)
-    run = adapter.parent
     if not (adapter / "adapter_config.json").is_file():
-        raise TuneoffError(f"{adapter} has no adapter: run `dvc repro {methods.train_stage(task, method)}` first")
+        raise TuneoffError(f"{adapter} has no adapter: run `dvc repro {m.train_stage(task)}` first")
     dev = measure.device()
     rows = {k: v[: params.check_rows] for k, v in load_rows(Path("data/prepared") / task / "val.safetensors").items()}
 
-    model = load_adapter_model(BASE, adapter, dev)
-    with_adapter = logits_on(model, rows, dev)
-    merged = model.merge_and_unload()
-    merged_logits = logits_on(merged, rows, dev)
-    diff = check_merge(with_adapter, merged_logits, params.tolerance, f"merge@{task}-{method}")
-    vs_trained = {}
-    if method == "qlora":
-        trained = logits_on(load_adapter_model(methods.base_dir(method), adapter, dev), rows, dev)
-        vs_trained = {"vs_trained_4bit": quantize.logit_error(trained, merged_logits)}
+    deployed = form_deployment(task, method, form)
+    extra = {}
+    if form == "nf4-merged":
+        from peft import PeftModel
 
-    with atomic_dir(run / "merged") as tmp:
+        reference = logits_on(load_adapter_model(NF4_BASE, adapter, dev), rows, dev)  # the model as trained
+        merged = PeftModel.from_pretrained(quantize.dequantized(NF4_BASE, dev), adapter).merge_and_unload()
+        merged_into = f"{NF4_BASE} (dequantized)"
+    else:
+        model = load_adapter_model(FLOAT_BASE, adapter, dev)
+        reference = logits_on(model, rows, dev)
+        merged = model.merge_and_unload()
+        merged_into = str(FLOAT_BASE)
+    merged_logits = logits_on(merged, rows, dev)
+    diff = check_merge(reference, merged_logits, params.tolerance, stage)
+    if form == "float-merged" and m.quantized:
+        trained = logits_on(load_adapter_model(m.base, adapter, dev), rows, dev)
+        extra = {"vs_trained_4bit": quantize.logit_error(trained, merged_logits)}
+
+    with atomic_dir(deployed.path) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(BASE).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(deployed.base).save_pretrained(tmp)
     metrics = {
-        "task": task, "method": method, "merged_into": str(BASE), "dtype": "float32",
+        "task": task, "method": method, "merged_into": merged_into, "dtype": "float32",
         "max_abs_logit_diff": diff, "tolerance": params.tolerance,
-        "positions_checked": int(with_adapter.shape[0]), **vs_trained,
-        "weights_bytes": measure.dir_bytes(run / "merged", "*.safetensors"),
+        "positions_checked": int(reference.shape[0]), **extra,
+        "weights_bytes": measure.dir_bytes(deployed.path, "*.safetensors"),
     }
-    write_json(run / "merge.json", metrics)
-    with stage_run("merge", {"merge": params.model_dump()}, task=task, method=method) as tracker:
+    write_json(adapter.parent / f"{STAGES[form].replace('_', '-')}.json", metrics)
+    with stage_run(STAGES[form], {"merge": params.model_dump()}, task=task, method=method) as tracker:
         tracker.summary(flat({"merge": metrics}))
-        tracker.artifact(f"{task}-{method}-merged", "model", run / "merged",
+        tracker.artifact(f"{task}-{method}-{deployed.path.name}", "model", deployed.path,
                          {**metrics, "adapter": f"{task}-{method}", "standalone": True})
-    print(f"merge@{task}-{method}: max |logit diff| {diff:.2e} (tolerance {params.tolerance:g}) over "
-          f"{with_adapter.shape[0]} positions -> {run}/merged/")
+    against = "the adapter on the 4-bit base" if form == "nf4-merged" else "the adapter model"
+    print(f"{stage}: max |logit diff| vs {against} {diff:.2e} (tolerance {params.tolerance:g}) over "
+          f"{reference.shape[0]} positions -> {deployed.path}/")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m stages.merge <task> <lora|qlora>")
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] not in STAGES):
+        sys.exit(f"usage: python -m stages.merge <task> <lora|qlora> [{'|'.join(STAGES)}]")
+    main(*sys.argv[1:])

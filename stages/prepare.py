@@ -13,12 +13,18 @@ from pathlib import Path
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from tuneoff.atomic import atomic_dir, write_json, write_jsonl
-from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.packing import pack, tokenize_chat
-from tuneoff.params import PrepareParams, TaskParams, check_task, read_params, section
-from tuneoff.tasks import SPLITS, build_task, split
-from tuneoff.tracking import flat, stage_run
+from tuneoff.core.atomic import atomic_dir, write_json, write_jsonl
+from tuneoff.core.errors import TuneoffError, user_errors
+from tuneoff.core.params import (
+    PrepareParams,
+    TaskParams,
+    check_task,
+    read_params,
+    section,
+)
+from tuneoff.core.tracking import flat, stage_run
+from tuneoff.data.packing import pack, tokenize_chat
+from tuneoff.data.tasks import SPLITS, build_task, split
 
 BASE = Path("models/base")
 

@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneoff import measure, quantize
-from tuneoff.atomic import atomic_dir, write_json
-from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.merge import logits_on
-from tuneoff.methods import FLOAT_BASE, NF4_BASE
-from tuneoff.params import BakeoffParams, QuantizeParams, read_params, section
-from tuneoff.tracking import flat, stage_run
-from tuneoff.train import eval_loss, load_rows
+from tuneoff.core import measure
+from tuneoff.core.atomic import atomic_dir, write_json
+from tuneoff.core.errors import TuneoffError, user_errors
+from tuneoff.core.methods import FLOAT_BASE, NF4_BASE
+from tuneoff.core.params import BakeoffParams, QuantizeParams, read_params, section
+from tuneoff.core.tracking import flat, stage_run
+from tuneoff.modeling import quantize
+from tuneoff.modeling.merge import logits_on
+from tuneoff.training.loop import eval_loss, load_rows
 
 METRICS = Path("models/quantize.json")
 

@@ -4,7 +4,7 @@ its lineage; registry/decision.json holds each decision, its rationale and what 
 Only a decided verdict registers anything: an inconclusive one, or one where no method beats the
 base, leaves the registry and production as they are. A new version replaces production only if,
 scored here on the current test split beside the production model (paired, the same items), it is
-at least as good (tuneoff/decide.py `replaces_champion`). A promoted version is published to
+at least as good (tuneoff/decision/decide.py `replaces_champion`). A promoted version is published to
 models/production/<task>/, the path dvc.yaml's `artifacts:` section names
 (`dvc artifacts get . <task>-model`).
 """
@@ -18,15 +18,25 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneoff import measure, methods
-from tuneoff.atomic import write_json
-from tuneoff.decide import replaces_champion
-from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.evaluation import load_test, score_model
-from tuneoff.merge import adapter_dir, deployment, load_adapter_model
-from tuneoff.params import EvaluateParams, RegisterParams, TrackingParams, read_params, section
-from tuneoff.registry import git_revision, lock_hashes, publish, register
-from tuneoff.tracking import flat, stage_run
+from tuneoff.core import measure
+from tuneoff.core.atomic import write_json
+from tuneoff.core.errors import TuneoffError, user_errors
+from tuneoff.core.lineage import git_revision, lock_hashes
+from tuneoff.core.methods import NF4_BASE
+from tuneoff.core.methods import method as method_named
+from tuneoff.core.params import (
+    DecideParams,
+    EvaluateParams,
+    TrackingParams,
+    read_params,
+    section,
+)
+from tuneoff.core.records import Comparison, read
+from tuneoff.core.tracking import flat, stage_run
+from tuneoff.decision.decide import replaces_champion
+from tuneoff.decision.registry import publish, register
+from tuneoff.evaluation.score import load_test, score_model
+from tuneoff.modeling.merge import adapter_dir, deployment, load_adapter_model
 
 REGISTRY = Path("registry")
 PRODUCTION = Path("models/production")
@@ -60,10 +70,10 @@ def main() -> None:
     comparison_file = Path("reports/comparison.json")
     if not comparison_file.is_file():
         raise TuneoffError(f"{comparison_file} not found: run `dvc repro report` first")
-    report = json.loads(comparison_file.read_text())
+    report = read(Comparison, comparison_file)
     params = read_params()
     tracking_params = section(TrackingParams, "tracking", data=params)
-    rules = section(RegisterParams, "decide", data=params)
+    rules = section(DecideParams, "decide", data=params)
     evaluate = section(EvaluateParams, "evaluate", data=params)
     revision = git_revision()
     PRODUCTION.mkdir(parents=True, exist_ok=True)  # the stage's output, even before any version is promoted
@@ -95,15 +105,15 @@ def main() -> None:
                            "both were scored on the current one here)")
             return promote, reason
 
-        stages = ([methods.train_stage(task, method), f"prepare@{task}", "import_base"]
+        stages = ([method_named(method).train_stage(task), f"prepare@{task}", "import_base"]
                   + {"float-merged": [f"merge@{task}-{method}"], "nf4-merged": [f"merge_nf4@{task}-{method}"]}.get(
-                      deployed.form, []) + (["quantize"] if deployed.base == methods.NF4_BASE else []))
+                      deployed.form, []) + (["quantize"] if deployed.base == NF4_BASE else []))
         version = register(REGISTRY, f"{task}-model", {
             "method": method, "path": str(deployed.path), "main_metric": comparison["main_metric"],
             # the unmerged adapter too, and the form and base it ships in: `tuneoff serve` hot-swaps adapters
             # on one base instead of loading merged copies
-            **({} if method == "full" else {"adapter": str(adapter_dir(task, method)), "form": deployed.form,
-                                            "base": str(deployed.base)}),
+            **({"adapter": str(adapter_dir(task, method)), "form": deployed.form, "base": str(deployed.base)}
+               if method_named(method).adapter else {}),
             "main": row["main"], "ci": [row["ci_low"], row["ci_high"]], "test_sha256": test_hash,
             "test_examples": len(challenger),
             "lineage": {"git": revision, **lock_hashes(stages)},

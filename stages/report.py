@@ -1,17 +1,33 @@
 """DVC stage `report`: reports/comparison.json, reports/report.md and one PNG per task
-(quality vs cost, peak memory by method, loss curves), from this run's metrics files; plus
+(quality vs cost, peak memory by method, loss curves), from this run's metrics files, with dollars
+at params.yaml's prices and the estimator's prediction for each run (so a price edit reruns only this); plus
 curves.csv and tradeoff.csv for `dvc plots show`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tuneoff.atomic import atomic_dir, write_json
-from tuneoff.decide import decide
-from tuneoff.errors import user_errors
-from tuneoff.params import BakeoffParams, RegisterParams, read_params, section
-from tuneoff.report import COLUMNS, compare_task, comparison_rows, markdown, plot, read_json, write_plot_data
-from tuneoff.tracking import flat, group_id, stage_run
+from tuneoff.core.atomic import atomic_dir, write_json
+from tuneoff.core.errors import user_errors
+from tuneoff.core.params import (
+    BakeoffParams,
+    CostParams,
+    DecideParams,
+    EstimateParams,
+    read_params,
+    section,
+)
+from tuneoff.core.tracking import flat, group_id, stage_run
+from tuneoff.decision.decide import decide
+from tuneoff.decision.report import (
+    COLUMNS,
+    compare_task,
+    comparison_rows,
+    markdown,
+    plot,
+    read_json,
+    write_plot_data,
+)
 
 OUT = Path("reports")
 QUANTIZE = Path("models/quantize.json")
@@ -21,9 +37,11 @@ QUANTIZE = Path("models/quantize.json")
 def main() -> None:
     data = read_params()
     bakeoff = section(BakeoffParams, "bakeoff", data=data)
-    rules = section(RegisterParams, "decide", data=data)
-    comparisons = [compare_task(task, list(bakeoff.methods), bootstrap_samples=rules.bootstrap_samples, seed=rules.seed)
-                   for task in bakeoff.tasks]
+    rules = section(DecideParams, "decide", data=data)
+    estimate_params = section(EstimateParams, "estimate", data=data)
+    prices = section(CostParams, "cost", data=data).price_per_hour
+    comparisons = [compare_task(task, list(bakeoff.methods), estimate_params, prices,
+                                bootstrap_samples=rules.bootstrap_samples, seed=rules.seed) for task in bakeoff.tasks]
     decisions = {c["task"]: decide(c, rules) for c in comparisons}
     quantization = read_json(QUANTIZE) if bakeoff.nf4_methods else None
     with atomic_dir(OUT) as tmp:
@@ -33,7 +51,9 @@ def main() -> None:
         for c in comparisons:
             d = decisions[c["task"]]
             plot(c, Path("runs"), tmp / f"{c['task']}.png", rules.max_gap_points, d["method"] or d["verdict"])
-    with stage_run("report", {"bakeoff": bakeoff.model_dump(), "decide": rules.model_dump()}, data=data) as tracker:
+    sections = {"bakeoff": bakeoff.model_dump(), "decide": rules.model_dump(), "cost": {"price_per_hour": prices},
+                "estimate": estimate_params.model_dump()}
+    with stage_run("report", sections, data=data) as tracker:
         tracker.table("report/comparison", COLUMNS, [[row[c] for c in COLUMNS] for row in comparison_rows(comparisons, decisions)])
         for c in comparisons:
             tracker.image(f"report/{c['task']}", OUT / f"{c['task']}.png")

@@ -1,7 +1,8 @@
 """DVC stages `train@<task>-<method>` and `train_nf4@<task>-qlora`: one method on one task's prepared data.
 
 Outputs runs/<task>/<method>/: model/ (full weights for `full`, the PEFT adapter for `lora` and
-`qlora`), train.json (cost and quality metrics) and loss.csv / val_loss.csv for `dvc plots`.
+`qlora`), train.json (what the run measured and the shapes it trained with: tuneoff/core/records.py
+TrainRecord; dollars and predictions are the report's) and loss.csv / val_loss.csv for `dvc plots`.
 """
 
 from __future__ import annotations
@@ -14,36 +15,51 @@ import torch
 from transformers import AutoTokenizer
 
 import tuneoff
-from tuneoff import allocator, estimate, measure, methods
-from tuneoff.checkpoint import Checkpointer, fingerprint
-from tuneoff.atomic import atomic_dir, write_json
-from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.params import (METHODS, CheckpointParams, CommonTrainParams, CostParams, EstimateParams, check_task,
-                            read_params, section)
-from tuneoff.tracking import flat, stage_run
-from tuneoff.train import load_rows, train
+from tuneoff.core import measure
+from tuneoff.core.atomic import atomic_dir, write_json
+from tuneoff.core.errors import TuneoffError, user_errors
+from tuneoff.core.methods import method as method_named
+from tuneoff.core.params import (
+    CheckpointParams,
+    CommonTrainParams,
+    check_task,
+    read_params,
+    section,
+)
+from tuneoff.core.records import (
+    Loss,
+    Memory,
+    Output,
+    ParamCounts,
+    Setup,
+    Timing,
+    Tokens,
+    TrainRecord,
+)
+from tuneoff.core.tracking import flat, stage_run
+from tuneoff.modeling import methods
+from tuneoff.training import allocator
+from tuneoff.training.checkpoint import Checkpointer, fingerprint
+from tuneoff.training.loop import load_rows, step_shapes, train
+
 
 @user_errors
 def main(task: str, method: str) -> None:
-    if method not in METHODS:
-        raise TuneoffError(f"params.yaml: bakeoff: unknown method {method!r}; allowed: {list(METHODS)}")
+    spec = method_named(method)
     data = read_params()
     check_task(task, data)
     common = section(CommonTrainParams, "train", "common", data=data)
     params = section(methods.PARAMS_BY_METHOD[method], "train", method, data=data)
-    prices = section(CostParams, "cost", data=data).price_per_hour
     checkpoint = section(CheckpointParams, "checkpoint", data=data)
-    estimate_params = section(EstimateParams, "estimate", data=data)
     prepared = Path("data/prepared") / task
     if not (prepared / "train.safetensors").is_file():
         raise TuneoffError(f"{prepared}/train.safetensors not found: run `dvc repro prepare@{task}` first")
-    base = methods.base_dir(method)
+    base = spec.base
     if not (base / "config.json").is_file():
-        raise TuneoffError(f"{base}/ has no model: run `dvc repro {'quantize' if method == 'qlora' else 'import_base'}` first")
+        raise TuneoffError(f"{base}/ has no model: run `dvc repro {'quantize' if spec.quantized else 'import_base'}` first")
     methods.validate(method, params, base)
 
-    sections = {"train.common": common.model_dump(), f"train.{method}": params.model_dump(), "cost": {"price_per_hour": prices},
-                "estimate": estimate_params.model_dump()}
+    sections = {"train.common": common.model_dump(), f"train.{method}": params.model_dump()}
     with stage_run("train", sections, task=task, method=method, data=data) as tracker:
         dev = measure.device()
         precision = measure.resolve_precision(common.precision, dev)
@@ -59,10 +75,6 @@ def main(task: str, method: str) -> None:
         load_memory = peak.read()
         trainable, total = methods.trainable_and_total(model)
         train_rows, val_rows = load_rows(prepared / "train.safetensors"), load_rows(prepared / "val.safetensors")
-        # what tuneoff/memory.py and throughput.py predict, written beside what this run measures
-        predicted, predicted_timing = estimate.for_train_stage(method, params, common, precision, dev.type,
-                                                               measure.device_name(dev), base, train_rows,
-                                                               estimate_params, prices)
 
         out = Path("runs") / task / method
         out.mkdir(parents=True, exist_ok=True)
@@ -81,56 +93,46 @@ def main(task: str, method: str) -> None:
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                     raise
-                raise TuneoffError(out_of_memory(method, common, train_rows["input_ids"].shape[1], dev,
-                                                 predicted["peak_memory_bytes"])) from None
+                raise TuneoffError(out_of_memory(method, common, train_rows["input_ids"].shape[1], dev)) from None
             train_memory = peak.read()
             methods.save(model, method, model_dir)
             AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
-            wall = time.perf_counter() - stage_start
-            metrics = {
-                "task": task,
-                "method": method,
-                "device": measure.device_name(dev),
-                "precision": precision,
-                "seed": common.seed,
-                "params": {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)},
-                "tokens": {"budget": common.token_budget, "real": result.real_tokens, "supervised": result.loss_tokens,
-                           "steps": result.steps, "batch_rows": common.batch_size},
-                "loss": {"train_final": round(result.final_train_loss, 6), "val_before": round(result.val_loss_before, 6),
-                         "val": round(result.val_loss, 6)},
-                "memory": {"peak_memory_bytes": train_memory["peak_bytes"], "measure": train_memory["measure"],
-                           **({"peak_reserved_bytes": train_memory["peak_reserved_bytes"]} if dev.type == "cuda" else {}),
-                           "load_peak_memory_bytes": load_memory["peak_bytes"],
-                           "allocator": allocator.in_use()},  # the C malloc behind a CPU's peak RSS
-                "estimate": predicted,
-                # weights_bytes is what the method produced; folder_bytes adds config and tokenizer
-                "output": {"path": str(out / "model"), "kind": "model" if method == "full" else "adapter",
-                           "weights_bytes": measure.dir_bytes(model_dir, "*.safetensors"),
-                           "folder_bytes": measure.dir_bytes(model_dir)},
-                # timing lives in its own keys: everything else is reproducible run to run on CPU
-                # after a resume, train/eval seconds include the steps before the checkpoint; load
-                # and wall seconds, memory and cost are this process's only
-                "timing": {"resumed_from_step": result.resumed_from_step, "load_seconds": round(load_seconds, 3),
-                           "train_seconds": round(result.train_seconds, 3),
-                           "eval_seconds": round(result.eval_seconds, 3), "wall_seconds": round(wall, 3),
-                           "tokens_per_second": round(result.real_tokens / result.train_seconds, 2)},
-                "estimate_timing": predicted_timing,
-                # dollars are for the whole stage (load + train + val), which is what a rented device bills
-                "cost": measure.cost(wall, measure.device_name(dev), prices),
-            }
-            write_json(out / "train.json", metrics)
+            lora = params if spec.adapter else None
+            record = TrainRecord(
+                task=task, method=method, device=measure.device_name(dev), precision=precision, seed=common.seed,
+                params=ParamCounts(trainable=trainable, total=total, trainable_percent=round(100 * trainable / total, 4)),
+                tokens=Tokens(budget=common.token_budget, real=result.real_tokens, supervised=result.loss_tokens,
+                              steps=result.steps, batch_rows=common.batch_size),
+                loss=Loss(train_final=round(result.final_train_loss, 6), val_before=round(result.val_loss_before, 6),
+                          val=round(result.val_loss, 6)),
+                memory=Memory(peak_memory_bytes=train_memory["peak_bytes"], measure=train_memory["measure"],
+                              peak_reserved_bytes=train_memory.get("peak_reserved_bytes") if dev.type == "cuda" else None,
+                              load_peak_memory_bytes=load_memory["peak_bytes"], allocator=allocator.in_use()),
+                setup=Setup(base=str(base), gradient_checkpointing=common.gradient_checkpointing,
+                            **step_shapes(train_rows, common), rank=lora.rank if lora else None,
+                            target_modules=sorted(lora.target_modules) if lora else None,
+                            dropout=lora.dropout if lora else None),
+                output=Output(path=str(out / "model"), kind=spec.kind,
+                              weights_bytes=measure.dir_bytes(model_dir, "*.safetensors"),
+                              folder_bytes=measure.dir_bytes(model_dir)),
+                timing=Timing(resumed_from_step=result.resumed_from_step, load_seconds=round(load_seconds, 3),
+                              train_seconds=round(result.train_seconds, 3), eval_seconds=round(result.eval_seconds, 3),
+                              wall_seconds=round(time.perf_counter() - stage_start, 3),
+                              tokens_per_second=round(result.real_tokens / result.train_seconds, 2)))
+            write_json(out / "train.json", record.model_dump())
         checkpointer.clear()
+        metrics = record.model_dump()
         tracker.summary(flat({k: v for k, v in metrics.items() if k not in ("task", "method")}))
         tracker.artifact(f"{task}-{method}", "model", out / "model", {
-            "task": task, "method": method, "kind": metrics["output"]["kind"], "trained_on": f"{task}-data",
+            "task": task, "method": method, "kind": record.output.kind, "trained_on": f"{task}-data",
             "base": str(base), "metrics": metrics})
     gib = train_memory["peak_bytes"] / 2**30
     print(f"train@{task}-{method}: {result.steps} steps, {result.real_tokens:,} tokens in {result.train_seconds:.0f} s "
-          f"({metrics['timing']['tokens_per_second']:.0f} tok/s), val loss {result.val_loss_before:.3f} -> "
+          f"({record.timing.tokens_per_second:.0f} tok/s), val loss {result.val_loss_before:.3f} -> "
           f"{result.val_loss:.3f}, peak {gib:.2f} GiB ({train_memory['measure']}) -> {out}/")
 
 
-def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: torch.device, predicted_bytes: int) -> str:
+def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: torch.device) -> str:
     """The one-line error for a training step that ran out of memory: what was tried, on what,
     and what to change (each of these lowers the peak: activations scale with rows x seq_len)."""
     where = measure.device_name(dev)
@@ -140,9 +142,9 @@ def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: tor
     advice = [f"lower train.common.batch_size (now {common.batch_size} rows of {seq_len} tokens)"]
     if not common.gradient_checkpointing:
         advice.append("set train.common.gradient_checkpointing: true")
-    if method != "qlora":
+    if not method_named(method).quantized:
         advice.append("train qlora (4-bit base)")
-    return (f"out of memory training {method} on {where}; estimated peak {predicted_bytes / 2**30:.1f} GiB: "
+    return (f"out of memory training {method} on {where}: "
             + ", or ".join(advice) + "; `tuneoff estimate` compares the options before a run")
 
 

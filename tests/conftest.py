@@ -31,7 +31,7 @@ def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tuneoff.tasks import extraction, iso_codes
+    from tuneoff.data.tasks import extraction, iso_codes
 
     corpus = [m["content"] for ex in extraction.generate(200, 0) for m in ex["messages"]]
     corpus += [m["content"] for ex in iso_codes.generate(100, 0, 0.1) for m in ex["messages"]]
@@ -81,8 +81,8 @@ def tokenizer(tiny_base):
 def tiny_nf4(tiny_base, tmp_path_factory) -> Path:
     """The tiny base quantized as the quantize stage does it (needs bitsandbytes)."""
     pytest.importorskip("bitsandbytes")
-    from tuneoff import quantize
-    from tuneoff.params import QuantizeParams
+    from tuneoff.core.params import QuantizeParams
+    from tuneoff.modeling import quantize
 
     path = tmp_path_factory.mktemp("tiny-nf4")
     model = quantize.quantize(tiny_base, QuantizeParams(quant_type="nf4", double_quant=True, check_rows=2),

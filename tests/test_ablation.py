@@ -5,9 +5,9 @@ import json
 
 import pytest
 import yaml
-
 from conftest import make_project, run
-from tuneoff.ablation import climb, diminishing_returns, survivors
+
+from tuneoff.experiments.ablation import climb, diminishing_returns, survivors
 
 
 def test_halving_keeps_the_best_share_by_val_loss():

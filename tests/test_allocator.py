@@ -1,5 +1,5 @@
-"""The train process's allocator: `python -m tuneoff.launch` starts a module on the one
-`train.common.allocator` names (tuneoff/allocator.py)."""
+"""The train process's allocator: `python -m tuneoff.training.launch` starts a module on the one
+`train.common.allocator` names (tuneoff/training/allocator.py)."""
 
 import ctypes.util
 import subprocess
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneoff import allocator
-from tuneoff.errors import TuneoffError
+from tuneoff.core.errors import TuneoffError
+from tuneoff.training import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +20,9 @@ def launch(tmp_path: Path, choice: str) -> subprocess.CompletedProcess:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["common"]["allocator"] = choice
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "probe.py").write_text("from tuneoff import allocator\nprint(allocator.in_use())\n")
+    (tmp_path / "probe.py").write_text("from tuneoff.training import allocator\nprint(allocator.in_use())\n")
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "tuneoff.launch", "probe"], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-m", "tuneoff.training.launch", "probe"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

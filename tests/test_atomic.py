@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from tuneoff.atomic import atomic_dir, remove_stale, write_json
+from tuneoff.core.atomic import atomic_dir, remove_stale, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITER = """
 import sys, time
 from pathlib import Path
-from tuneoff.atomic import atomic_dir
+from tuneoff.core.atomic import atomic_dir
 with atomic_dir(Path(sys.argv[1])) as tmp:
     print("writing", flush=True)
     for i in range(5):

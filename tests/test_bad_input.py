@@ -15,10 +15,23 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tuneoff.errors import TuneoffError
-from tuneoff.params import (BakeoffParams, CheckpointParams, CommonTrainParams, LoraParams, TaskParams,
-                            check_task, read_params, section)
-from tuneoff.tasks.loaders import MAX_RECORD_CHARS, load_csv, load_jsonl, read_labels
+from tuneoff.core.errors import TuneoffError
+from tuneoff.core.params import (
+    BakeoffParams,
+    CheckpointParams,
+    CommonTrainParams,
+    LoraParams,
+    TaskParams,
+    check_task,
+    read_params,
+    section,
+)
+from tuneoff.data.tasks.loaders import (
+    MAX_RECORD_CHARS,
+    load_csv,
+    load_jsonl,
+    read_labels,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -223,8 +236,8 @@ def test_out_of_memory_names_the_setting_to_change():
     from stages.train import out_of_memory
 
     common = section(CommonTrainParams, "train", "common", path=ROOT / "params.yaml")
-    message = out_of_memory("full", common, 448, torch.device("cpu"), 5 * 2**30)
-    assert message == ("out of memory training full on cpu; estimated peak 5.0 GiB: lower train.common.batch_size "
+    message = out_of_memory("full", common, 448, torch.device("cpu"))
+    assert message == ("out of memory training full on cpu: lower train.common.batch_size "
                        "(now 3 rows of 448 tokens), or set train.common.gradient_checkpointing: true, or train qlora "
                        "(4-bit base); `tuneoff estimate` compares the options before a run")
 
@@ -232,7 +245,7 @@ def test_out_of_memory_names_the_setting_to_change():
 # -- the registry under concurrent writers ------------------------------------------------------
 
 def _register(registry: str, i: int) -> None:
-    from tuneoff.registry import register
+    from tuneoff.decision.registry import register
 
     def judge(production):  # under the lock, against whatever production the writer before left
         return production is None or i / 10 > production["main"], "judged"
@@ -255,3 +268,17 @@ def test_eight_concurrent_registrations_lose_and_duplicate_nothing(tmp_path):
     # production is the best version seen at each step, so in the end the best of all
     assert next(v for v in versions if v["stage"] == "production")["writer"] == 7
     assert not list(tmp_path.glob(".registry.json.tmp-*"))
+
+
+# -- files stages hand each other -----------------------------------------------------------------
+
+def test_a_stale_or_broken_train_json_is_one_line_naming_the_file(tmp_path):
+    from tuneoff.core.records import TrainRecord, read
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"task": "t", "method": "lora", "cost": {"usd": 1.0}}))  # an older tuneoff's file
+    with pytest.raises(TuneoffError, match=r"train.json: device: Field required .*dvc repro --force"):
+        read(TrainRecord, path)
+    path.write_text("{")
+    with pytest.raises(TuneoffError, match=r"train.json: not JSON"):
+        read(TrainRecord, path)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
-from tuneoff import allocator, measure
-from tuneoff.tasks import extraction
+from tuneoff.core import measure
+from tuneoff.data.tasks import extraction
+from tuneoff.training import allocator
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None

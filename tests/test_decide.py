@@ -6,15 +6,15 @@ import json
 import shutil
 
 import pytest
-
 from conftest import ROOT
-from tuneoff.decide import decide, replaces_champion
-from tuneoff.params import RegisterParams
-from tuneoff.registry import register
-from tuneoff.report import claims, paired
+
+from tuneoff.core.params import DecideParams
+from tuneoff.decision.decide import decide, replaces_champion
+from tuneoff.decision.registry import register
+from tuneoff.decision.report import claims, paired
 
 GIB = 2**30
-RULES = RegisterParams(max_gap_points=2.0, memory_budget_gb=0, bootstrap_samples=500, seed=0)
+RULES = DecideParams(max_gap_points=2.0, memory_budget_gb=0, bootstrap_samples=500, seed=0)
 N = 400
 
 
@@ -97,7 +97,7 @@ def test_a_method_worse_than_the_base_is_out_and_the_cheapest_adapter_wins_witho
 
 
 def test_memory_budget_excludes_full_and_picks_the_adapter_that_fits():
-    rules = RegisterParams(max_gap_points=2, memory_budget_gb=3.5, bootstrap_samples=500, seed=0)
+    rules = DecideParams(max_gap_points=2, memory_budget_gb=3.5, bootstrap_samples=500, seed=0)
     d = decide(comparison(base=scores(100), full=scores(300), lora=scores(250), qlora=scores(240)), rules)
     assert d["method"] == "qlora"
     assert "full needs 8.0 GiB" in d["rationale"] and "lora needs 4.0 GiB" in d["rationale"]
@@ -163,8 +163,10 @@ def test_a_verdict_that_is_not_decided_registers_and_promotes_nothing(tmp_path, 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "reports").mkdir()
     decision = {"method": None, "verdict": kind, "rationale": "cannot tell", "settle": None, "numbers": {}}
+    task = {"task": "extraction", "scorer": "json_fields", "task_type": "format", "main_metric": "exact_match",
+            "rows": [], "pairs": [], "form_pairs": [], "conditions": {}}
     (tmp_path / "reports/comparison.json").write_text(json.dumps(
-        {"tasks": [{"task": "extraction", "rows": []}], "decisions": {"extraction": decision}}))
+        {"tasks": [task], "decisions": {"extraction": decision}, "quantization": None}))
     monkeypatch.chdir(tmp_path)
     register_stage.main()
     written = json.loads((tmp_path / "registry/decision.json").read_text())["extraction"]

@@ -3,9 +3,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from tuneoff import dropout
-from tuneoff.measure import current_memory_bytes
-from tuneoff.train import return_freed_memory
+from tuneoff.core.measure import current_memory_bytes
+from tuneoff.training import dropout
+from tuneoff.training.loop import return_freed_memory
 
 
 def test_mask_drops_each_element_independently_with_probability_p():

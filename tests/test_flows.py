@@ -16,7 +16,6 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import ROOT, make_project, run
 
 pytestmark = pytest.mark.slow

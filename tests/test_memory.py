@@ -1,4 +1,4 @@
-"""The estimator (tuneoff/memory.py, throughput.py, estimate.py, plan.py) against what PyTorch actually
+"""The estimator (tuneoff/estimator/memory.py, throughput.py, estimate.py, plan.py) against what PyTorch actually
 does: exact parameter counts, exactly the bytes autograd saves, the peak of bytes held in tensors
 within 10%, and the CLI."""
 
@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneoff import architectures, attention, dropout, estimate, measure, memory, methods, throughput
-from tuneoff.errors import TuneoffError
-from tuneoff.packing import IGNORE
-from tuneoff.params import CommonTrainParams, FullParams, LoraParams, QloraParams
+from tuneoff.core import measure
+from tuneoff.core.errors import TuneoffError
+from tuneoff.core.params import CommonTrainParams, FullParams, LoraParams, QloraParams
+from tuneoff.data.packing import IGNORE
+from tuneoff.estimator import architectures, estimate, memory, throughput
+from tuneoff.modeling import methods
+from tuneoff.training import attention, dropout
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -30,8 +33,8 @@ PUBLISHED = {"llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496, "llama-
 
 
 def rows_for(tokenizer, n=12, seq_len=256):
-    from tuneoff.packing import pack, tokenize_chat
-    from tuneoff.tasks import extraction
+    from tuneoff.data.packing import pack, tokenize_chat
+    from tuneoff.data.tasks import extraction
 
     packed = pack([tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(n, 0)], seq_len,
                   tokenizer.pad_token_id)
@@ -172,7 +175,7 @@ def test_activations_at_smollm2_scale():
 def test_peak_within_10_percent_of_measured(tiny_base, tokenizer, request, method, checkpointing):
     """tuneoff's own loop (train.train) for 3 steps on the tiny model; measured: the peak of bytes held in
     tensors (torch's profiler, measure.TensorPeak) plus the model's own."""
-    from tuneoff.train import plan_steps, train
+    from tuneoff.training.loop import plan_steps, train
 
     base = request.getfixturevalue("tiny_nf4") if method == "qlora" else tiny_base
     rows = rows_for(tokenizer, 24)
@@ -187,7 +190,7 @@ def test_peak_within_10_percent_of_measured(tiny_base, tokenizer, request, metho
     with tempfile.TemporaryDirectory() as logs, measure.TensorPeak() as peak:
         train(model, rows, {k: v[:2] for k, v in rows.items()}, common, params.lr, CPU, "fp32", Path(logs), "t")
     measured = peak.peak_bytes + measure.model_bytes(model)
-    s = estimate.setup_for_run(method, params, common, "fp32", "cpu", 256,
+    s = estimate.setup_for_run(method, None if method == "full" else params, common.batch_size, checkpointing, "fp32", "cpu", 256,
                                max(int((rows["targets"][i] != IGNORE).sum()) for i in steps),
                                json.loads((base / "config.json").read_text()))
     s = estimate.joined_rows(s, max(int(rows["real_tokens"][i].sum()) for i in steps))  # the rows batch_loss joins
@@ -245,18 +248,14 @@ def test_flops_per_token_match_the_6n_rule():
     assert ckpt == pytest.approx(6 * n, rel=0.03)
 
 
-def test_calibration_uses_measured_runs(tmp_path):
+def test_calibration_uses_measured_runs():
     gpu = device(tflops=100.0)
-    for task, seconds in (("a", 100.0), ("b", 200.0), ("c", 300.0)):
-        run = tmp_path / task / "lora"
-        run.mkdir(parents=True)
-        (run / "train.json").write_text(json.dumps({
-            "method": "lora", "device": "GPU X", "precision": "bf16", "timing": {"train_seconds": seconds},
-            "estimate": {"train_flops": 4e15}}))
-    cal = throughput.calibrate(tmp_path, gpu, "lora", "bf16", prior=0.9)
+    runs = [throughput.Measured("lora", "GPU X", "bf16", 4e15, seconds, task)
+            for task, seconds in (("a", 100.0), ("b", 200.0), ("c", 300.0))]
+    cal = throughput.calibrate(runs, gpu, "lora", "bf16", prior=0.9)
     assert cal.utilisation == pytest.approx(4e15 / 200 / 100e12) and len(cal.runs) == 3  # the median run
-    assert throughput.calibrate(tmp_path, gpu, "full", "bf16", prior=0.9).utilisation == 0.9
-    assert throughput.calibrate(tmp_path, gpu, "lora", "fp32", prior=0.9).source == "prior"
+    assert throughput.calibrate(runs, gpu, "full", "bf16", prior=0.9).utilisation == 0.9
+    assert throughput.calibrate(runs, gpu, "lora", "fp32", prior=0.9).source == "prior"
 
 
 def test_find_device():
@@ -273,7 +272,7 @@ def test_train_stage_estimate(tiny_base, tokenizer):
     rows = rows_for(tokenizer, 40)
     common = CommonTrainParams(seed=0, batch_size=2, token_budget=1500, precision="fp32", gradient_checkpointing=False, allocator="system",
                                warmup_fraction=0.0, weight_decay=0.0, max_grad_norm=1.0, eval_every=0, log_every=1)
-    from tuneoff.params import CostParams, EstimateParams, section
+    from tuneoff.core.params import CostParams, EstimateParams, section
 
     params = section(EstimateParams, "estimate", path=ROOT / "params.yaml")
     prices = section(CostParams, "cost", path=ROOT / "params.yaml").price_per_hour
@@ -356,8 +355,8 @@ def test_bad_config_files(tmp_path):
 # --- plan ------------------------------------------------------------------------------------------------
 
 def plan_for(model, task_type, device_name, examples, tolerance):
-    from tuneoff import plan
-    from tuneoff.params import CostParams, EstimateParams, PlanParams, section
+    from tuneoff.core.params import CostParams, EstimateParams, PlanParams, section
+    from tuneoff.estimator import plan
 
     params = section(EstimateParams, "estimate", path=ROOT / "params.yaml")
     catalog = estimate.devices(params, section(CostParams, "cost", path=ROOT / "params.yaml").price_per_hour)
@@ -383,7 +382,7 @@ def test_plan_rules():
 
 def test_report_shows_predicted_vs_measured():
     """Memory error against the run's own estimate; time calibrated on the other task's run of the method."""
-    from tuneoff import report
+    from tuneoff.decision import report
 
     def row(method, predicted, measured, flops, seconds):
         train = {"peak_memory_bytes": measured, "memory_measure": "cuda_max_memory_allocated", "train_seconds": seconds,
@@ -405,7 +404,7 @@ def test_report_shows_predicted_vs_measured():
 def test_shipped_estimate_and_plan_params_are_valid_and_checked(tmp_path):
     import yaml
 
-    from tuneoff.params import EstimateParams, PlanParams, section
+    from tuneoff.core.params import EstimateParams, PlanParams, section
 
     estimate_params = section(EstimateParams, "estimate", path=ROOT / "params.yaml")
     assert "cpu" in estimate_params.devices and section(PlanParams, "plan", path=ROOT / "params.yaml").rank["format"] > 0

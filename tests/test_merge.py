@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from tuneoff.errors import TuneoffError
-from tuneoff.merge import FORMS, deployed_form, deployment, form_deployment
+from tuneoff.core.errors import TuneoffError
+from tuneoff.modeling.merge import FORMS, deployed_form, deployment, form_deployment
 
 CPU = torch.device("cpu")
 
@@ -43,8 +43,8 @@ def test_merge_into_dequantized_nf4_computes_the_adapter_as_trained(tiny_nf4, tm
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tuneoff import quantize
-    from tuneoff.merge import load_adapter_model
+    from tuneoff.modeling import quantize
+    from tuneoff.modeling.merge import load_adapter_model
 
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

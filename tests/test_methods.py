@@ -3,10 +3,10 @@ import importlib.util
 import pytest
 import torch
 
-from tuneoff import methods
-from tuneoff.errors import TuneoffError
-from tuneoff.params import FullParams, LoraParams, QloraParams
-from tuneoff.train import batch_loss, eval_loss, plan_steps
+from tuneoff.core.errors import TuneoffError
+from tuneoff.core.params import FullParams, LoraParams, QloraParams
+from tuneoff.modeling import methods
+from tuneoff.training.loop import batch_loss, eval_loss, plan_steps
 
 CPU = torch.device("cpu")
 LORA = dict(lr=1e-3, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -14,8 +14,8 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 
 
 def rows(tokenizer, n=4):
-    from tuneoff.packing import pack, tokenize_chat
-    from tuneoff.tasks import extraction
+    from tuneoff.data.packing import pack, tokenize_chat
+    from tuneoff.data.tasks import extraction
 
     packed = pack([tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(n, 0)], 256,
                   tokenizer.pad_token_id)
@@ -55,8 +55,8 @@ def test_qlora_trains_on_the_saved_4bit_base(tiny_base, tiny_nf4):
 def test_quantization_error_is_measured(tiny_base, tiny_nf4, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from tuneoff import quantize
-    from tuneoff.merge import logits_on
+    from tuneoff.modeling import quantize
+    from tuneoff.modeling.merge import logits_on
 
     data = rows(tokenizer)
     ref = logits_on(AutoModelForCausalLM.from_pretrained(tiny_base), data, CPU)
@@ -100,7 +100,7 @@ def test_step_plan_meets_the_budget_and_is_shared():
 
 
 def test_merge_check_catches_a_wrong_merge(tiny_base, tokenizer, tmp_path):
-    from tuneoff.merge import check_merge, load_adapter_model, logits_on
+    from tuneoff.modeling.merge import check_merge, load_adapter_model, logits_on
 
     model = methods.build("lora", LoraParams(**LORA), tiny_base, "fp32", CPU, False)
     for name, p in model.named_parameters():  # a trained adapter: B is no longer zero

@@ -3,8 +3,8 @@ import contextlib
 import torch
 from transformers import AutoModelForCausalLM
 
-from tuneoff.packing import IGNORE, pack, tokenize_chat
-from tuneoff.tasks import extraction
+from tuneoff.data.packing import IGNORE, pack, tokenize_chat
+from tuneoff.data.tasks import extraction
 
 CHAT = [
     {"role": "system", "content": "Answer with the code only."},
@@ -74,7 +74,7 @@ def test_example_without_answer_in_window_is_dropped(tokenizer):
 def test_per_example_attention_matches_the_masked_row(tiny_base, tokenizer):
     """attention.packed_attention (SDPA on each example's span) gives the logits and gradients of
     transformers' SDPA with its block-diagonal mask, on a row of three examples and trailing padding."""
-    from tuneoff import attention
+    from tuneoff.training import attention
 
     examples = [tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(3, 2)]
     packed = pack(examples, seq_len=sum(len(ids) for ids, _ in examples) + 7, pad_id=tokenizer.pad_token_id)
@@ -107,8 +107,8 @@ def test_batch_loss_on_one_row_of_real_tokens_matches_the_padded_rows(tiny_base,
     """With per-example attention, batch_loss joins the batch's rows into one row of their real tokens
     (no compute on padding): the loss, its token count and the gradients are those of the padded rows
     under transformers' masked SDPA."""
-    from tuneoff import attention
-    from tuneoff.train import batch_loss
+    from tuneoff.training import attention
+    from tuneoff.training.loop import batch_loss
 
     examples = [tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(7, 3)]
     packed = pack(examples, seq_len=max(len(ids) for ids, _ in examples) * 2 + 5, pad_id=tokenizer.pad_token_id)
@@ -154,8 +154,8 @@ def test_example_losses_match_each_example_alone(tiny_base, tokenizer):
     a CPU) equals each example's loss computed alone, unpacked; their token-weighted mean is eval_loss."""
     import torch.nn.functional as F
 
-    from tuneoff import attention
-    from tuneoff.train import batch_loss, eval_loss, example_losses
+    from tuneoff.training import attention
+    from tuneoff.training.loop import batch_loss, eval_loss, example_losses
 
     examples = [tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(8, 5)]
     packed = pack(examples, seq_len=max(len(ids) for ids, _ in examples) * 2 + 3, pad_id=tokenizer.pad_token_id)

@@ -4,8 +4,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneoff.errors import TuneoffError
-from tuneoff.params import BakeoffParams, CommonTrainParams, LoraParams, QloraParams, QuantizeParams, section
+from tuneoff.core.errors import TuneoffError
+from tuneoff.core.params import (
+    BakeoffParams,
+    CommonTrainParams,
+    LoraParams,
+    QloraParams,
+    QuantizeParams,
+    section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +83,7 @@ def test_missing_section_and_bad_yaml(tmp_path):
 
 
 def test_task_sections_name_the_task_key(tmp_path):
-    from tuneoff.params import TaskParams
+    from tuneoff.core.params import TaskParams
 
     path = params_with(tmp_path, tasks__banking77__text_colum="text")
     with pytest.raises(TuneoffError, match="unknown key 'tasks.banking77.text_colum'"):
@@ -102,7 +109,7 @@ def user_task_template() -> dict:
 
 
 def test_params_yaml_template_shows_every_user_task_key_at_its_default():
-    from tuneoff.params import CsvTask, HfDiskTask, JsonlTask, TaskParams
+    from tuneoff.core.params import CsvTask, HfDiskTask, JsonlTask, TaskParams
 
     template = user_task_template()
     models = {"csv": CsvTask, "jsonl": JsonlTask, "hf_disk": HfDiskTask}
@@ -117,7 +124,7 @@ def test_params_yaml_template_shows_every_user_task_key_at_its_default():
 
 
 def test_a_csv_task_needs_only_its_file_and_columns():
-    from tuneoff.params import TaskParams
+    from tuneoff.core.params import TaskParams
 
     data = {"tasks": {"clinc": {"kind": "csv", "path": "data/raw/clinc.csv", "text_column": "query",
                                 "label_column": "intent"}}}
@@ -127,7 +134,7 @@ def test_a_csv_task_needs_only_its_file_and_columns():
 
 
 def test_every_missing_key_is_named_at_once():
-    from tuneoff.params import TaskParams
+    from tuneoff.core.params import TaskParams
 
     data = {"tasks": {"clinc": {"kind": "csv", "text_column": "query"}}}
     with pytest.raises(TuneoffError) as e:

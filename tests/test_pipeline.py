@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import API_KEY, make_project, run
-from tuneoff import allocator
-from tuneoff.merge import FORMS
+
+from tuneoff.modeling.merge import FORMS
+from tuneoff.training import allocator
 
 pytestmark = pytest.mark.slow
 MEASURED = {"timing", "memory", "cost", "examples_per_second"}  # the keys of a metrics file a rerun may change, at any depth
@@ -23,7 +23,8 @@ TRAIN_KEYS = {
     "memory": {"peak_memory_bytes", "measure", "load_peak_memory_bytes", "allocator"},
     "output": {"path", "kind", "weights_bytes", "folder_bytes"},
     "timing": {"resumed_from_step", "load_seconds", "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second"},
-    "cost": {"device", "device_hours", "gpu_hours", "price_per_hour", "usd"},
+    "setup": {"base", "seq_len", "steps", "max_step_tokens", "max_supervised_positions", "gradient_checkpointing", "rank",
+              "target_modules", "dropout"},
 }
 
 
@@ -51,7 +52,7 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             assert metrics["device"] == "cpu" and metrics["memory"]["measure"].startswith("cpu_peak_rss")
             assert metrics["memory"]["allocator"] == ("tcmalloc" if allocator.library() else "system")  # allocator: auto
             assert metrics["tokens"]["real"] >= 1500 and metrics["memory"]["peak_memory_bytes"] > 0
-            assert metrics["cost"]["usd"] > 0 and metrics["cost"]["gpu_hours"] == 0
+            assert "cost" not in metrics and "estimate" not in metrics  # dollars and predictions are the report's
             lines = (project / "runs" / task / method / "loss.csv").read_text().splitlines()
             assert lines[0] == "step,tokens,train_loss,lr" and len(lines) > 2
         # the same data and budget for every method; the same batches, so the same token counts
@@ -163,10 +164,10 @@ def test_wandb_offline_runs_hold_each_stage(project):
     train = runs["train@extraction-lora"]
     assert train.job_type == "train" and {"extraction", "lora"} <= set(train.tags)
     # config: exactly the params sections the stage read, plus git and dvc.lock
-    assert set(train.config["params"]) == {"train.common", "train.lora", "cost", "estimate"}
+    assert set(train.config["params"]) == {"train.common", "train.lora"}
     assert train.config["params"]["train.lora"]["rank"] == 16 and train.config["git"]["commit"]
     metrics = json.loads((project / "runs/extraction/lora/train.json").read_text())
-    assert train.summary["cost/usd"] == metrics["cost"]["usd"]
+    assert train.summary["timing/wall_seconds"] == metrics["timing"]["wall_seconds"]
     assert train.summary["memory/peak_memory_bytes"] == metrics["memory"]["peak_memory_bytes"]
     steps = [h for h in train.history if "train/loss" in h]
     assert len(steps) >= 2 and all({"train/lr", "train/tokens_per_second", "memory/current_bytes"} <= set(h) for h in steps)
@@ -187,7 +188,7 @@ def test_wandb_offline_runs_hold_each_stage(project):
     report = runs["report"]
     assert report.summary["report/comparison/nrows"] == 8  # 2 tasks x (base + 3 methods)
     assert report.summary["report/extraction/_type"] == "image-file"
-    assert set(report.config["params"]) == {"bakeoff", "decide"}
+    assert set(report.config["params"]) == {"bakeoff", "decide", "cost", "estimate"}
 
 
 def test_api_key_is_in_no_file_the_run_wrote(project):
@@ -235,6 +236,25 @@ def test_second_repro_does_nothing_and_rank_reruns_only_lora(project):
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == sorted([f"{s}@{t}-lora" for s in ("train", "merge", "evaluate") for t in ("extraction", "iso_codes")]
                          + ["register", "report"])
+
+
+def test_a_price_or_estimator_edit_reruns_only_report_and_register(project):
+    """Dollars and the estimator's predictions are computed where they are reported: no model retrains."""
+    def lora_row():
+        comparison = json.loads((project / "reports/comparison.json").read_text())
+        return next(r for r in comparison["tasks"][0]["rows"] if r["method"] == "lora")["train"]
+
+    before = lora_row()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["cost"]["price_per_hour"]["cpu"] *= 3
+    params["estimate"]["overhead_gib"]["cpu"] += 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], project)
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == ["register", "report"]
+    after = lora_row()
+    assert after["cost_usd"] == pytest.approx(3 * before["cost_usd"], rel=1e-3)
+    assert after["estimate"]["peak_memory_bytes"] == before["estimate"]["peak_memory_bytes"] + 2**29
 
 
 def test_quantize_params_rerun_only_qlora(project):

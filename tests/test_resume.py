@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import make_project, run
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 MEASURED = {"timing", "memory", "cost"}  # what a rerun may change: seconds, bytes of RSS, dollars

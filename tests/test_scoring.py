@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tuneoff.scoring import bootstrap_ci, macro_f1, score
+from tuneoff.evaluation.metrics import bootstrap_ci, macro_f1, score
 
 RECORD = {"name": "Maria Garcia", "order_id": "ORD-12345", "product": "blender", "issue": "refund", "urgency": "high"}
 

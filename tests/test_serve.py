@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 
-from tuneoff.generate import generate
+from tuneoff.evaluation.generate import generate
 from tuneoff.serving.catalog import AdapterSpec, from_registry
 
 ROOT = Path(__file__).resolve().parents[1]

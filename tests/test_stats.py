@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tuneoff import stats
+from tuneoff.decision import stats
 
 
 def test_few_discordant_items_keep_an_honest_interval():

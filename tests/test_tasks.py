@@ -2,12 +2,12 @@ import json
 
 import pytest
 import yaml
-
 from conftest import BANKING77, ROOT
-from tuneoff.errors import TuneoffError
-from tuneoff.params import CsvTask, HfDiskTask, JsonlTask, PrepareParams
-from tuneoff.tasks import build_task, extraction, iso_codes, split
-from tuneoff.tasks.loaders import load_jsonl
+
+from tuneoff.core.errors import TuneoffError
+from tuneoff.core.params import CsvTask, HfDiskTask, JsonlTask, PrepareParams
+from tuneoff.data.tasks import build_task, extraction, iso_codes, split
+from tuneoff.data.tasks.loaders import load_jsonl
 
 PREP = PrepareParams(seed=0, seq_len=256, val_fraction=0.1, test_fraction=0.1, max_val_examples=0, max_test_examples=0)
 

@@ -1,7 +1,7 @@
 """The tracking seam: off means off, and a broken W&B never fails a stage."""
 
-from tuneoff import tracking
-from tuneoff.params import TrackingParams
+from tuneoff.core import tracking
+from tuneoff.core.params import TrackingParams
 
 PARAMS = dict(enabled=True, project="tuneoff-test", entity="", system_metrics_seconds=5, registry="wandb-registry-model")
 

@@ -4,38 +4,16 @@ deploy the flows to a Prefect server, upload offline W&B runs, and serve the reg
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tuneoff import estimate_cli
-from tuneoff.errors import TuneoffError, user_errors
-from tuneoff.params import BakeoffParams, TrackingParams, section
+from tuneoff.core.errors import TuneoffError, user_errors
+from tuneoff.core.params import TrackingParams, section
+from tuneoff.decision.report import results_table
+from tuneoff.estimator import cli as estimate_cli
 from tuneoff.serving import server as serving
-
-
-def results_table(runs: Path = Path("runs")) -> str:
-    """One line per (task, method) from runs/<task>/<method>/train.json."""
-    rows = []
-    for path in sorted(runs.glob("*/*/train.json")):
-        m = json.loads(path.read_text())
-        usd = m["cost"]["usd"]
-        rows.append([m["task"], m["method"], m["device"], m["precision"],
-                     f"{m['params']['trainable_percent']:.2f}%",
-                     f"{m['memory']['peak_memory_bytes'] / 2**30:.2f}",
-                     f"{m['timing']['train_seconds']:.0f}", f"{m['timing']['tokens_per_second']:.0f}",
-                     f"{m['loss']['val_before']:.3f} -> {m['loss']['val']:.3f}",
-                     f"{m['output']['weights_bytes'] / 2**20:.1f}", "n/a" if usd is None else f"{usd:.4f}"])
-    if not rows:
-        return f"no results under {runs}/ yet: run `dvc repro` (or `make run`)"
-    header = ["task", "method", "device", "prec", "trainable", "peak GiB", "train s", "tok/s",
-              "val loss", "weights MiB", "USD"]
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    memory_kind = json.loads(next(runs.glob("*/*/train.json")).read_text())["memory"]["measure"]
-    return "\n".join([fmt(header), *map(fmt, rows), f"(peak memory: {memory_kind}; details in {runs}/<task>/<method>/train.json)"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("results", help="print the per-method results table")
     sub.add_parser("sync", help="upload the offline W&B runs (needs WANDB_API_KEY)")
     estimate_cli.add_arguments(sub.add_parser("estimate", help="peak memory, time and cost of each method before a run "
-                                                                "(tuneoff/memory.py, docs/estimator.md)"), plan=False)
+                                                                "(tuneoff/estimator/memory.py, docs/estimator.md)"), plan=False)
     estimate_cli.add_arguments(sub.add_parser("plan", help="a starting method, rank and target modules from the seed "
                                                             "article's rules, and the bake-off's cost"), plan=True)
     serve = sub.add_parser("serve", help="serve the registered adapters (or any adapter folders) on one base over an "
@@ -72,22 +50,34 @@ def main(argv: list[str] | None = None) -> None:
         return serve_adapters(args)
     if args.command == "sync":
         sys.exit(sync())
-    if args.command == "deploy":
-        from flows.deploy import deploy as deploy_flows
+    if args.command == "results":
+        return print(results_table())
+    options = {"gpu_pool": args.gpu_pool, "repo": getattr(args, "repo", None), "cpu_pool": getattr(args, "cpu_pool", None),
+               "source": getattr(args, "source", None), "image": getattr(args, "image", None)}
+    project_flow("run" if args.command == "run" else "deploy",
+                 [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if v])
 
-        deploy_flows(args.gpu_pool, args.cpu_pool, args.source, args.image)
-        return
-    failed = run_flow(args.gpu_pool, args.repo) if args.command == "run" else []
-    print(results_table())
-    if failed:
-        sys.exit(f"failed: {', '.join(failed)} (see runs/<task>/<method>/failed.json and the report)")
+
+@user_errors
+def project_flow(module: str, args: list[str]) -> None:
+    """`tuneoff run` / `tuneoff deploy`: the project's own flows (flows/ beside dvc.yaml, not part of
+    this package), in this process's place so that signals reach the flow."""
+    if not Path("flows", f"{module}.py").is_file() or not Path("dvc.yaml").is_file():
+        raise TuneoffError(f"no flows/{module}.py and dvc.yaml in {Path.cwd()}: run `tuneoff {module}` in the project folder")
+    os.execv(sys.executable, [sys.executable, "-m", f"flows.{module}", *args])
 
 
 @user_errors
 def ablate(command: str, apply: bool) -> None:
-    """`tuneoff sweep` / `tuneoff escalate` in the current project (tuneoff/ablation.py)."""
-    from tuneoff import ablation
-    from tuneoff.params import CommonTrainParams, EscalateParams, SweepParams, check_task, read_params
+    """`tuneoff sweep` / `tuneoff escalate` in the current project (tuneoff/experiments/ablation.py)."""
+    from tuneoff.core.params import (
+        CommonTrainParams,
+        EscalateParams,
+        SweepParams,
+        check_task,
+        read_params,
+    )
+    from tuneoff.experiments import ablation
 
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     data = read_params()
@@ -115,28 +105,6 @@ def ablate(command: str, apply: bool) -> None:
         print(f"applied {winner}: `dvc repro` (or `tuneoff run`) now reports and registers it like the bake-off's")
     elif apply:
         raise TuneoffError(f"{command}: no winner to apply")
-
-
-@user_errors
-def run_flow(gpu_pool: str | None, repo: str | None) -> list[str]:
-    """The bake-off flow, here; against $PREFECT_API_URL if set, else a temporary local Prefect server.
-    A stage that fails before or after the per-method units ends the run with its one line."""
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    section(BakeoffParams, "bakeoff")  # a params error is one line before any server starts
-    sys.path.insert(0, str(Path.cwd()))  # flows/ lives in the project
-    from flows.bakeoff import bakeoff
-    from flows.server import ensure_server
-
-    ensure_server()
-    state = bakeoff(gpu_pool=gpu_pool, repo=repo, return_state=True)
-    if not state.is_completed():
-        raise TuneoffError(f"bake-off {state.name.lower()}: {(state.message or '').strip().splitlines()[0]}")
-    outcome = state.result()
-    for unit, result in outcome.items():
-        print(f"{unit}: {result['state']}" + (f" on {result['host']}" if "host" in result else "")
-              + (f" ({result['error']})" if "error" in result else ""))
-    return [unit for unit, result in outcome.items() if result["state"] == "failed"]
 
 
 @user_errors

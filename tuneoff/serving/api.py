@@ -26,16 +26,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, Header, Request as HttpRequest
+from fastapi import FastAPI, Header
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tuneoff.errors import TuneoffError
-from tuneoff.generate import chat_prompt
-from tuneoff.serving.catalog import AdapterSpec, adapter_method, check_adapter_dir, check_name, within_roots
-from tuneoff.serving.engine import Completion, Engine, EngineStopped, QueueFull, Request, Sampling
+from tuneoff.core.errors import TuneoffError
+from tuneoff.evaluation.generate import chat_prompt
+from tuneoff.serving.catalog import (
+    AdapterSpec,
+    adapter_method,
+    check_adapter_dir,
+    check_name,
+    within_roots,
+)
+from tuneoff.serving.engine import (
+    Completion,
+    Engine,
+    EngineStopped,
+    QueueFull,
+    Request,
+    Sampling,
+)
 from tuneoff.serving.model import AdapterConflict, MultiLoraModel, UnknownModel
 
 log = logging.getLogger("tuneoff.serve")

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneoff.errors import TuneoffError
+from tuneoff.core.errors import TuneoffError
+from tuneoff.core.methods import FULL, METHODS
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 PEFT_RESERVED = {"__base__"}  # PEFT's name for "no adapter" in a mixed batch
@@ -82,7 +83,7 @@ def adapter_method(folder: Path) -> str | None:
         method = json.loads(train.read_text()).get("method")
     except (OSError, ValueError, AttributeError):
         return None
-    return method if method in ("lora", "qlora") else None
+    return method if method in METHODS and METHODS[method].adapter else None
 
 
 def parse_adapter_arg(arg: str) -> tuple[str, Path]:
@@ -114,7 +115,7 @@ def from_registry(registry_dir: Path, stage: str,
         if version is None:
             continue
         what = f"registry {name} v{version['version']} ({version['method']}, {stage})"
-        if version["method"] == "full":
+        if version["method"] == FULL.name:
             refused[name] = (f"{what} is a full fine-tune, a whole model rather than an adapter on this base; "
                              f"serve it on its own: tuneoff serve --base {project / version['path']} --base-name {name}")
             continue

@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from tuneoff.serving.model import MultiLoraModel
 
@@ -153,7 +158,7 @@ class Engine:
     def __init__(self, model: MultiLoraModel, max_batch_size: int, batch_wait_s: float, max_queue: int):
         self.model, self.max_batch_size, self.batch_wait_s, self.max_queue = model, max_batch_size, batch_wait_s, max_queue
         tok = model.tokenizer
-        self.eos_ids = {tok.eos_token_id}  # the same end as evaluation's generate (tuneoff/generate.py)
+        self.eos_ids = {tok.eos_token_id}  # the same end as evaluation's generate (tuneoff/evaluation/generate.py)
         self.pending: deque[Request] = deque()
         self.control: deque[tuple[Callable, tuple, Future]] = deque()
         self.cond = threading.Condition()

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from tuneoff.errors import TuneoffError
-from tuneoff.merge import is_4bit, load_base
+from tuneoff.core.errors import TuneoffError
+from tuneoff.core.methods import LORA, QLORA
+from tuneoff.modeling.merge import is_4bit, load_base
 from tuneoff.serving.catalog import WEIGHTS, AdapterSpec
 
 log = logging.getLogger("tuneoff.serve")
@@ -124,7 +125,7 @@ class MultiLoraModel:
 
     def serving_note(self, spec: AdapterSpec) -> str | None:
         """What differs between the adapter as trained and as served on this base."""
-        if spec.method == "qlora" and not self.base_is_4bit:
+        if spec.method == QLORA.name and not self.base_is_4bit:
             note = "trained on the 4-bit NF4 base, served on this float base (as the merge stage merges it)"
             try:
                 gap = json.loads((spec.path.parent / "merge.json").read_text())["vs_trained_4bit"]
@@ -132,7 +133,7 @@ class MultiLoraModel:
             except (OSError, ValueError, KeyError, TypeError):
                 pass
             return note
-        if spec.method == "lora" and self.base_is_4bit:
+        if spec.method == LORA.name and self.base_is_4bit:
             return "trained on the float base, served on this 4-bit base"
         return None
 

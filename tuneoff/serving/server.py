@@ -11,9 +11,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneoff.errors import TuneoffError
-from tuneoff.serving.catalog import AdapterSpec, adapter_method, check_adapter_dir, check_name, from_registry, \
-    parse_adapter_arg
+from tuneoff.core.errors import TuneoffError
+from tuneoff.serving.catalog import (
+    AdapterSpec,
+    adapter_method,
+    check_adapter_dir,
+    check_name,
+    from_registry,
+    parse_adapter_arg,
+)
 
 log = logging.getLogger("tuneoff.serve")
 

@@ -1,0 +1,220 @@
+"""The files stages hand each other, defined once: train.json (what a train stage measured),
+eval.json (what an evaluate stage scored) and comparison.json (the report's rows, pairs and
+verdicts, which register acts on). Writers build these; readers get them validated, so a file
+from an older version is a one-line error naming it, not a KeyError three modules later.
+
+train.json holds what was measured and the shapes that set it, not prices or predictions: dollars
+and the estimator's predictions are computed where they are reported (report, `tuneoff results`),
+so a price edit reruns only the report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from typing_extensions import (  # pydantic validates typing's TypedDict only from 3.12
+    NotRequired,
+    TypedDict,
+)
+
+from tuneoff.core.errors import TuneoffError
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+R = TypeVar("R")
+
+
+class ParamCounts(Record):
+    trainable: int
+    total: int
+    trainable_percent: float
+
+
+class Tokens(Record):
+    budget: int
+    real: int
+    supervised: int
+    steps: int
+    batch_rows: int
+
+
+class Loss(Record):
+    train_final: float
+    val_before: float
+    val: float
+
+
+class Memory(Record):
+    peak_memory_bytes: int
+    measure: str  # cpu_peak_rss... | cuda_max_memory_allocated
+    peak_reserved_bytes: int | None = None  # CUDA only
+    load_peak_memory_bytes: int
+    allocator: str  # the C malloc behind a CPU's peak RSS
+
+
+class Setup(Record):
+    """The shapes the run trained with: what the estimator needs to predict its memory and time."""
+
+    base: str  # the folder of the base it trained on (its config.json)
+    seq_len: int
+    steps: int
+    max_step_tokens: int  # the most real tokens in one step (a CPU attends per example over them)
+    max_supervised_positions: int  # the most positions one step's output layer ran on
+    gradient_checkpointing: bool
+    rank: int | None  # adapters only
+    target_modules: list[str] | None
+    dropout: float | None
+
+
+class Output(Record):
+    path: str
+    kind: Literal["model", "adapter"]
+    weights_bytes: int  # what the method produced
+    folder_bytes: int  # with config and tokenizer
+
+
+class Timing(Record):
+    """Seconds; after a resume, train and eval seconds include the steps before the checkpoint, load
+    and wall seconds are this process's only. wall_seconds is what a rented device bills."""
+
+    resumed_from_step: int | None
+    load_seconds: float
+    train_seconds: float
+    eval_seconds: float
+    wall_seconds: float
+    tokens_per_second: float
+
+
+class TrainRecord(Record):
+    task: str
+    method: str
+    device: str  # params.yaml cost / estimate.devices key: cpu, H100-80GB, ...
+    precision: str
+    seed: int
+    params: ParamCounts
+    tokens: Tokens
+    loss: Loss
+    memory: Memory
+    setup: Setup
+    output: Output
+    timing: Timing  # timing lives in its own keys: everything else is reproducible run to run on CPU
+
+
+class EvalTiming(Record):
+    load_seconds: float
+    generate_seconds: float
+    examples_per_second: float
+
+
+class EvalRecord(Record):
+    """eval.json: the model as deployed, scored on the task's test split. A method scored in several
+    deployable forms (QLoRA) also has `forms` (each one's scores) and which is `deployed_form`."""
+
+    task: str
+    model: str  # base or a method
+    evaluated: str  # the folder scored (the deployed form's, for QLoRA)
+    scorer: str
+    metrics: dict  # n, main_metric, main, ci_low, ci_high and the scorer's own metrics
+    test_loss: float | None
+    timing: EvalTiming
+    forms: dict[str, dict] | None = None  # form -> n, main, ci_low, ci_high, test_loss, examples_per_second
+    deployed_form: str | None = None
+
+
+# comparison.json: plain dicts in the report and the decision (built and read in one process), validated
+# where register reads the file
+
+
+class RunCosts(TypedDict):
+    """A trained method's costs in the report: measured (train.json) and priced (params.yaml cost)."""
+
+    peak_memory_bytes: int
+    memory_measure: str
+    train_seconds: float
+    gpu_hours: float
+    device_hours: float
+    cost_usd: float | None  # null on a device params.yaml has no price for
+    trainable_percent: float
+    artifact_bytes: int
+    artifact_kind: str
+    device: str
+    precision: str
+    estimate: dict  # the estimator's prediction for the run: peak_memory_bytes, phase, train_flops, train_seconds
+
+
+class ComparisonRow(TypedDict):
+    """The base or one method on one task; `failed` (and null scores) when the flow gave up on it."""
+
+    method: str
+    main: float | None
+    ci_low: float | None
+    ci_high: float | None
+    test_loss: float | None
+    metrics: dict
+    examples_per_second: NotRequired[float | None]
+    forms: dict | None
+    deployed_form: str | None
+    train: RunCosts | None  # None for the base
+    gap_to_full_points: float | None
+    failed: NotRequired[str]
+
+
+class Pair(TypedDict):
+    """a - b on the same test items: the main metric in points, and the per-example loss beside it."""
+
+    a: str
+    b: str
+    n: int
+    diff_points: float
+    ci_points: list[float]
+    p_value: float
+    only_a: int
+    only_b: int
+    interval: str
+    loss: dict | None
+
+
+class TaskComparison(TypedDict):
+    task: str
+    scorer: str
+    task_type: str
+    main_metric: str
+    rows: list[ComparisonRow]
+    pairs: list[Pair]
+    form_pairs: list[Pair]
+    conditions: dict
+
+
+class Decision(TypedDict):
+    method: str | None  # the recommended method; None unless the verdict is decided
+    verdict: Literal["decided", "inconclusive", "none"]
+    rationale: str
+    settle: str | None
+    numbers: dict
+
+
+class Comparison(TypedDict):
+    tasks: list[TaskComparison]
+    decisions: dict[str, Decision]
+    quantization: dict | None
+
+
+def read(kind: type[R], path: Path) -> R:
+    """`path` as a `kind`, or a one-line error naming the file and what is wrong with it."""
+    try:
+        return TypeAdapter(kind).validate_python(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise TuneoffError(f"{path} not found: run the stage that writes it (`dvc repro`)") from None
+    except json.JSONDecodeError as e:
+        raise TuneoffError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise TuneoffError(f"{path}: {where}: {first['msg']} (written by an older tuneoff? rerun its stage: "
+                           f"`dvc repro --force <stage>`)") from None

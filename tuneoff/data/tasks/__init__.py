@@ -1,0 +1,77 @@
+"""A task turns raw data into chat examples (system/user/assistant) and names the scorer the
+evaluate stage uses. Built-in tasks are generated; a team's own data comes through loaders.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneoff.core.errors import TuneoffError
+from tuneoff.core.params import (
+    CsvTask,
+    ExtractionTask,
+    HfDiskTask,
+    IsoCodesTask,
+    JsonlTask,
+    PrepareParams,
+)
+from tuneoff.data.tasks import extraction, iso_codes, loaders
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Task:
+    examples: list[dict]  # {"messages": [...], "split"?: "train"|"val"|"test"}
+    scorer: str  # "json_fields" | "exact" | "label"
+    labels: list[str] = field(default_factory=list)  # closed label set, for "label" tasks
+
+
+def build_task(params, prep: PrepareParams) -> Task:
+    """The examples and scorer for one `tasks.<name>` entry of params.yaml."""
+    if isinstance(params, ExtractionTask):
+        return Task(extraction.generate(params.n_examples, prep.seed), "json_fields")
+    if isinstance(params, IsoCodesTask):
+        return Task(iso_codes.generate(params.n_facts, prep.seed, prep.val_fraction), "exact")
+    if isinstance(params, JsonlTask):
+        examples = loaders.load_jsonl(Path(params.path), params.system_prompt)
+        if params.test_path:
+            test = loaders.load_jsonl(Path(params.test_path), params.system_prompt)
+            examples += [{**ex, "split": "test"} for ex in test]
+        return Task(examples, params.scorer)
+    if isinstance(params, CsvTask):
+        path = Path(params.path)
+        rows = loaders.load_csv(path, params.text_column, params.label_column)
+        test_rows = loaders.load_csv(Path(params.test_path), params.text_column, params.label_column) if params.test_path else []
+        labels = loaders.read_labels(Path(params.labels_path)) if params.labels_path else sorted({lab for _, lab in rows})
+        make = lambda rs, p: loaders.classification_examples(rs, labels, p, params.system_prompt, params.labels_in_prompt)  # noqa: E731
+        examples = make(rows, path) + [{**ex, "split": "test"} for ex in make(test_rows, Path(params.test_path))]
+        return Task(examples, "label", labels)
+    if isinstance(params, HfDiskTask):
+        return Task(loaders.load_hf_disk(Path(params.path), params.system_prompt), params.scorer)
+    raise TypeError(f"unhandled task params {type(params).__name__}")
+
+
+def split(examples: list[dict], prep: PrepareParams) -> dict[str, list[dict]]:
+    """Deterministic train/val/test split. Val or test examples the data names are kept; a
+    split the data does not provide is carved from the training pool."""
+    given = {s: [ex for ex in examples if ex.get("split") == s] for s in SPLITS}
+    pool = given["train"] + [ex for ex in examples if "split" not in ex]
+    random.Random(prep.seed).shuffle(pool)
+    for name, fraction in (("test", prep.test_fraction), ("val", prep.val_fraction)):
+        if not given[name]:
+            n = max(1, round(len(examples) * fraction))
+            given[name], pool = pool[:n], pool[n:]
+    given["train"] = pool
+    caps = {"val": prep.max_val_examples, "test": prep.max_test_examples}
+    out = {}
+    for name in SPLITS:
+        items = [{"messages": ex["messages"]} for ex in given[name]]
+        if caps.get(name) and len(items) > caps[name]:
+            items = random.Random(prep.seed).sample(items, caps[name])
+        if not items:
+            raise TuneoffError(f"the {name} split is empty: the data has too few examples ({len(examples)})")
+        out[name] = items
+    return out

@@ -1,0 +1,192 @@
+"""The seed article's decision framework as explicit, testable rules, decided on paired intervals.
+
+Every method is scored on the same test items, so each comparison the decision uses is paired
+(tuneoff/decision/stats.py: difference of the main metric with its 95% interval, in points):
+
+1. A method is in only if its interval against the untuned base lies wholly above 0: fine-tuning
+   is shown to have bought something. One whose interval straddles 0 is "not shown to beat the base".
+2. A method over the memory budget (`decide.memory_budget_gb`, 0 = none) is out.
+3. Non-inferiority to full fine-tuning, the article's rule ("LoRA within 1-3% of full"), with
+   margin `decide.max_gap_points`: an adapter whose whole interval of (adapter - full) lies above
+   -margin is good enough, and the cheapest such adapter wins; when every adapter's interval lies
+   wholly below -margin, full fine-tuning wins; otherwise the verdict is **inconclusive**, with
+   what would settle it.
+4. Only a decided verdict names a method; the register stage promotes nothing otherwise.
+"""
+
+from __future__ import annotations
+
+from tuneoff.core.methods import BASE, FULL
+from tuneoff.core.params import DecideParams
+from tuneoff.core.records import Decision, Pair, TaskComparison
+from tuneoff.decision import stats
+
+GIB = 2**30
+
+
+def pair(comparison: TaskComparison, a: str, b: str) -> Pair | None:
+    """The paired comparison a - b from the report's comparison, if both were scored."""
+    return next((p for p in comparison.get("pairs", []) if (p["a"], p["b"]) == (a, b)), None)
+
+
+def interval(p: dict) -> str:
+    lo, hi = p["ci_points"]
+    return f"{p['diff_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}]"
+
+
+def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
+    """{"method", "verdict": decided | inconclusive | none, "rationale", "settle", "numbers"} for one task."""
+    rows = {r["method"]: r for r in comparison["rows"]}
+    base, metric = rows[BASE], comparison["main_metric"]
+    numbers = {name: {"main": r["main"], "ci": [r["ci_low"], r["ci_high"]],
+                      "cost_usd": r["train"] and r["train"]["cost_usd"],
+                      "peak_memory_bytes": r["train"] and r["train"]["peak_memory_bytes"]} for name, r in rows.items()}
+    numbers["pairs"] = {f"{p['a']} - {p['b']}": {"diff_points": p["diff_points"], "ci_points": p["ci_points"]}
+                        for p in comparison.get("pairs", [])}
+    if base.get("failed"):
+        return verdict(None, "none", f"The untuned base was not evaluated ({base['failed']}): without it no method "
+                                     "can be judged.", numbers)
+    reasons, eligible, unclear = [], [], []
+    for name, r in rows.items():
+        if name == BASE:
+            continue
+        if r.get("failed"):
+            reasons.append(f"{name} failed ({r['failed']})")
+            continue
+        mem = r["train"]["peak_memory_bytes"] / GIB
+        if rules.memory_budget_gb and mem > rules.memory_budget_gb:
+            reasons.append(f"{name} needs {mem:.1f} GiB, over the {rules.memory_budget_gb:g} GiB budget")
+            continue
+        vs_base = pair(comparison, name, BASE)
+        if stats.above(vs_base["ci_points"], 0):
+            eligible.append(r)
+        elif stats.below(vs_base["ci_points"], 0):
+            reasons.append(f"{name} is worse than the untuned base ({interval(vs_base)})")
+        else:
+            reasons.append(f"{name} is not shown to beat the untuned base ({interval(vs_base)})")
+            unclear.append(r)
+    excluded = (" Excluded: " + "; ".join(reasons) + ".") if reasons else ""
+    if not eligible:
+        if unclear:
+            return verdict(None, "inconclusive", f"No method is shown to beat the untuned base yet: {'; '.join(reasons)}.",
+                           numbers, settle=settle(comparison, settle_base(comparison, [r["method"] for r in unclear])))
+        return verdict(None, "none", f"No method qualifies: {'; '.join(reasons)}. Raise the token budget or check the "
+                                     "data before spending more.", numbers)
+
+    cost = lambda r: (r["train"]["cost_usd"] or 0.0, r["train"]["peak_memory_bytes"])  # noqa: E731
+    full = rows.get(FULL.name) if any(r["method"] == FULL.name for r in eligible) else None
+    adapters = sorted((r for r in eligible if r["method"] != FULL.name), key=cost)
+    if full is None:
+        pick = adapters[0]
+        return verdict(pick["method"], "decided", f"{pick['method']}: the cheapest method shown to beat the untuned "
+                       f"base ({interval(pair(comparison, pick['method'], BASE))}); full fine-tuning is not in "
+                       "the running." + excluded, numbers)
+    # an adapter not shown to beat the base is still weighed against full: it may yet be good enough
+    candidates = sorted(adapters + [r for r in unclear if r["method"] != FULL.name], key=cost)
+    if not candidates:
+        return verdict(FULL.name, "decided", "full fine-tuning: the only method shown to beat the untuned base "
+                       f"({interval(pair(comparison, FULL.name, BASE))})." + excluded, numbers)
+
+    margin = rules.max_gap_points
+    judged = {r["method"]: (stats.non_inferiority(pair(comparison, r["method"], FULL.name)["ci_points"], margin),
+                            pair(comparison, r["method"], FULL.name)) for r in candidates}
+    good = [r for r in adapters if judged[r["method"]][0] == "non-inferior"]
+    if good:
+        pick = good[0]
+        p = judged[pick["method"]][1]
+        share = (pick["train"]["cost_usd"] or 0) / (full["train"]["cost_usd"] or 1)
+        why = (f"{pick['method']}: against full fine-tuning {interval(p)} of {metric}, the whole interval above the "
+               f"-{margin:g}-point margin, so it is non-inferior, at {100 * share:.0f}% of full's cost and "
+               f"{pick['train']['peak_memory_bytes'] / GIB:.2f} GiB peak memory vs "
+               f"{full['train']['peak_memory_bytes'] / GIB:.2f}.")
+        cheaper = [r["method"] for r in candidates if cost(r) < cost(pick)]
+        if cheaper:
+            why += f" {', '.join(cheaper)} would be cheaper still, but this run cannot tell whether it is good enough."
+        return verdict(pick["method"], "decided", why + excluded, numbers)
+    if all(status == "inferior" for status, _ in judged.values()):
+        best = max(candidates, key=lambda r: r["main"])
+        return verdict(FULL.name, "decided", f"full fine-tuning: every adapter is shown to be more than {margin:g} "
+                       f"points behind it (best: {best['method']}, {interval(judged[best['method']][1])}). Before "
+                       "paying for full fine-tuning in production, try LoRA at rank 64 on all linear layers." + excluded,
+                       numbers)
+    # what is left open: an adapter whose interval straddles the margin, or one within the margin that is
+    # not shown to beat the base
+    straddle = [m for m, (status, _) in judged.items() if status == "inconclusive"]
+    near_base = [r["method"] for r in unclear if judged.get(r["method"], ("",))[0] == "non-inferior"]
+    parts = [f"{m} - full {interval(judged[m][1])} holds both a gap within the {margin:g}-point margin and one "
+             "beyond it" for m in straddle]
+    parts += [f"{m} is within the margin of full ({interval(judged[m][1])}) but not shown to beat the base"
+              for m in near_base]
+    needs = ([settle_margin(comparison, straddle, margin)] if straddle else []) + (
+        [settle_base(comparison, near_base)] if near_base else [])
+    return verdict(None, "inconclusive", f"Inconclusive on {metric}: {'; '.join(parts)}. This run cannot tell whether "
+                   "an adapter is good enough; nothing is promoted." + excluded, numbers, settle=settle(comparison, *needs))
+
+
+def replaces_champion(challenger: list[bool], champion: list[bool], margin: float) -> tuple[bool, str]:
+    """Whether a challenger replaces the production model, both scored on the same test items: only when
+    its paired interval lies wholly above -margin and it scored at least as well; a champion that is
+    better on these items, or a difference this run cannot size, keeps production where it is."""
+    p = stats.paired_binary(challenger, champion)
+    lo, hi = (100 * x for x in p["ci"])
+    what = f"challenger - production {100 * p['diff']:+.1f} points [{lo:+.1f}, {hi:+.1f}] on the same {p['n']} test items"
+    if stats.non_inferiority([lo, hi], margin) == "non-inferior" and p["diff"] >= 0:
+        return True, f"{what}: at least as good, within the {margin:g}-point margin; promoted"
+    if stats.below([lo, hi], 0):
+        return False, f"{what}: production is better; left in staging"
+    if p["diff"] < 0:
+        return False, f"{what}: production scored higher; left in staging"
+    return False, f"{what}: cannot tell whether it is within the {margin:g}-point margin; left in staging"
+
+
+def verdict(method, kind: str, rationale: str, numbers: dict, settle: str | None = None) -> Decision:
+    return {"method": method, "verdict": kind, "rationale": rationale, "settle": settle, "numbers": numbers}
+
+
+def settle_margin(comparison: dict, adapters: list[str], margin: float) -> tuple[list[str], int]:
+    """How many test items would decide each open adapter-vs-full comparison at the spread observed."""
+    return items_needed(comparison, [(m, pair(comparison, m, FULL.name)) for m in adapters], margin,
+                        "its difference sits on the margin, so no test set size would decide it")
+
+
+def settle_base(comparison: dict, methods: list[str]) -> tuple[list[str], int]:
+    """How many test items would show each method above the base at the spread observed."""
+    return items_needed(comparison, [(m, pair(comparison, m, BASE)) for m in methods], 0.0,
+                        "it scored exactly like the base, so no test set size would show a difference")
+
+
+def items_needed(comparison: dict, pairs: list[tuple[str, dict]], margin: float, on_the_line: str) -> tuple[list[str], int]:
+    n_now = comparison["conditions"]["test_examples"]
+    parts, needed = [], 0
+    for m, p in pairs:
+        n = stats.items_to_decide(p["diff_points"], p["ci_points"], p["n"], -margin)
+        needed = max(needed, n or 0)
+        parts.append(f"{m}: {on_the_line}" if n is None else f"{m}: about {n:,} test items at this spread (now {n_now})")
+    return parts, needed
+
+
+def settle(comparison: dict, *needs: tuple[list[str], int]) -> str:
+    """What would settle an open verdict: test items, with what scoring them costs, or more training."""
+    parts = [part for texts, _ in needs for part in texts]
+    needed = max(n for _, n in needs)
+    return " ".join(filter(None, ["; ".join(parts) + ".", evaluation_cost(comparison, needed),
+                                  training_cost(comparison)]))
+
+
+def evaluation_cost(comparison: dict, items: int) -> str:
+    """Scoring `items` test items with every model, at the rates this run measured."""
+    rates = [r["examples_per_second"] for r in comparison["rows"] if r.get("examples_per_second")]
+    if not items or not rates:
+        return ""
+    seconds = sum(items / rate for rate in rates)
+    return f"Scoring {items:,} items with all {len(rates)} models takes about {seconds / 60:.0f} min here."
+
+
+def training_cost(comparison: dict) -> str:
+    """What doubling the token budget costs, from this run's measured training (time is linear in tokens)."""
+    trained = [r["train"] for r in comparison["rows"] if r.get("train")]
+    if not trained:
+        return ""
+    seconds, usd = sum(t["train_seconds"] for t in trained), sum(t["cost_usd"] or 0 for t in trained)
+    return (f"A larger effect needs more training: twice the token budget adds about {seconds / 60:.0f} min "
+            f"(${usd:.4f}) of training for these {len(trained)} methods.")

@@ -1,0 +1,1 @@
+"""Peak memory, time and cost of each method before a run (tuneoff estimate / plan)."""

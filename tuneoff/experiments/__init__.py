@@ -1,0 +1,1 @@
+"""Configurations tried as DVC experiments: rank/target sweeps and the escalation ladder."""

@@ -1,0 +1,123 @@
+"""Merge a LoRA adapter into a base, prove the merge is right, and name what would be deployed.
+
+A LoRA adapter merges into the float base it trained on. A QLoRA adapter trained on the NF4
+base, so it has three deployable forms (FORMS), each scored on the whole test set by
+evaluate_nf4: `nf4` (the adapter on the 4-bit base, as trained), `nf4-merged` (merged into the
+dequantized NF4 weights, in float32: the function that trained, as a standalone model that needs
+neither peft nor bitsandbytes) and `float-merged` (merged into the float base: it differs from what
+trained by the quantization error, which changes answers). The best main metric ships.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tuneoff.core.errors import TuneoffError
+from tuneoff.core.methods import FLOAT_BASE, NF4_BASE
+from tuneoff.core.methods import method as method_named
+from tuneoff.data.packing import IGNORE
+from tuneoff.modeling import quantize
+
+# QLoRA's deployable forms, in the order a tie goes: the function that trained first (nf4-merged
+# also serves without bitsandbytes), the float merge last
+FORMS = ("nf4-merged", "nf4", "float-merged")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What ships for one method: a model folder and, for an adapter method, its form and base."""
+
+    path: Path  # a standalone model; for the nf4 form the adapter, which runs on `base`
+    form: str | None  # one of FORMS (LoRA: float-merged); None for full
+    base: Path | None  # the base the method's adapter runs on (`tuneoff serve --base`); None for full
+
+
+def deployed_form(scores: dict[str, float]) -> str:
+    """The form that ships, from each scored form's main metric: the best, a tie to the earliest in FORMS."""
+    return max((f for f in FORMS if f in scores), key=lambda f: (scores[f], -FORMS.index(f)))
+
+
+def form_deployment(task: str, method: str, form: str | None) -> Deployment:
+    """Where `form` of `method` on `task` lives and the base its adapter needs. LoRA has one form
+    (float-merged) and full none; a QLoRA adapter runs on the NF4 base in both nf4 forms."""
+    run, m = Path("runs") / task / method, method_named(method)
+    if not m.adapter:
+        return Deployment(run / "model", None, None)
+    allowed = FORMS if m.quantized else ("float-merged",)
+    if form not in allowed:
+        raise TuneoffError(f"{method} has no deployable form {form!r}; it has {list(allowed)}")
+    if form == "nf4":
+        return Deployment(run / "model", form, NF4_BASE)
+    if form == "nf4-merged":
+        return Deployment(run / "merged-nf4", form, NF4_BASE)
+    return Deployment(run / "merged", form, FLOAT_BASE)
+
+
+def deployment(task: str, method: str) -> Deployment:
+    """What would be deployed for `method` on `task`: for a method trained on the NF4 base, the form
+    its evaluation chose (runs/<task>/<method>/eval.json `deployed_form`)."""
+    m = method_named(method)
+    if not m.adapter:
+        return form_deployment(task, method, None)
+    if not m.quantized:
+        return form_deployment(task, method, "float-merged")
+    scores = Path("runs") / task / method / "eval.json"
+    if not scores.is_file():
+        raise TuneoffError(f"{scores} not found: run `dvc repro evaluate_nf4@{task}-{method}` first "
+                           "(it chooses the form that ships)")
+    return form_deployment(task, method, json.loads(scores.read_text())["deployed_form"])
+
+
+def deployable_dir(task: str, method: str) -> Path:
+    """The folder that would be deployed: full weights for `full`, the merged model for LoRA, and
+    for QLoRA the form its evaluation chose (the adapter itself for nf4)."""
+    return deployment(task, method).path
+
+
+def adapter_dir(task: str, method: str) -> Path:
+    """The PEFT adapter an adapter method trained (what `tuneoff serve` loads onto one base)."""
+    return Path("runs") / task / method / "model"
+
+
+@torch.no_grad()
+def logits_on(model, rows: dict[str, torch.Tensor], dev: torch.device) -> torch.Tensor:
+    """Float32 logits at the loss positions of `rows` (the positions a fine-tune was trained on)."""
+    model.eval()
+    keep = rows["targets"] != IGNORE
+    out = model(input_ids=rows["input_ids"].to(dev), position_ids=rows["position_ids"].to(dev),
+                logits_to_keep=keep.to(dev), use_cache=False)
+    return out.logits.float().cpu()
+
+
+def is_4bit(base_dir: Path) -> bool:
+    """Whether `base_dir` holds a quantized (the quantize stage's 4-bit) checkpoint."""
+    return hasattr(AutoConfig.from_pretrained(base_dir), "quantization_config")
+
+
+def load_base(base_dir: Path, dev: torch.device, dtype: torch.dtype = torch.float32):
+    """The base in `base_dir`, computing in `dtype`. A 4-bit base (the quantize stage's) loads
+    as 4-bit: that is the model QLoRA trained."""
+    if is_4bit(base_dir):
+        return quantize.load(base_dir, dtype, dev)
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(dev)
+
+
+def load_adapter_model(base_dir: Path, adapter_dir: Path, dev: torch.device):
+    """The base in `base_dir` with the adapter attached, unmerged, computing in float32."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(base_dir, dev), adapter_dir).eval()
+
+
+def check_merge(reference: torch.Tensor, merged: torch.Tensor, tolerance: float, what: str) -> float:
+    """Max |logit difference|; a difference beyond `tolerance` fails the stage."""
+    diff = float((reference - merged).abs().max())
+    if not diff <= tolerance:
+        raise TuneoffError(f"{what}: merged model's logits differ from the adapter model's by {diff:.3g} "
+                           f"(> merge.tolerance = {tolerance:g}); the merge is wrong, not saved")
+    return diff

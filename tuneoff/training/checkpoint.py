@@ -1,0 +1,95 @@
+"""Resumable training: every `checkpoint.every_steps` steps the loop saves what it needs to go on
+as if it had never stopped, so a killed stage rerun by `dvc repro` ends with the same weights
+and metrics, bit for bit on CPU, as an uninterrupted run.
+
+A checkpoint is a folder under checkpoints/<task>/<method>/ (outside every DVC output, so
+`dvc repro` does not delete it before the rerun): the trainable weights as safetensors,
+the optimizer, scheduler and RNG state (torch.save, read back with `weights_only=True`: tensors
+and plain containers only, no arbitrary pickle), and progress.json (step, counters, the log rows
+so far). It is written whole or not at all (atomic_dir) and resumed only when its fingerprint
+(the params, data and base model it was trained from) matches the run's; a successful stage
+deletes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tuneoff.core.atomic import atomic_dir, write_json
+
+
+def fingerprint(config: dict, *paths: Path) -> str:
+    """sha256 of `config` (JSON) and of every file under `paths`: what a resumed run must share
+    with the run that saved the checkpoint."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for root in paths:
+        for f in sorted(p for p in Path(root).rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            h.update(str(f.relative_to(root)).encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Saves and restores one training run's state in `folder`."""
+
+    def __init__(self, folder: Path, fingerprint: str, every_steps: int):
+        self.folder, self.fingerprint, self.every_steps = Path(folder), fingerprint, every_steps
+
+    def due(self, step: int, last_step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0 and step != last_step
+
+    def save(self, model, optimizer, scheduler, tensors: dict[str, torch.Tensor], progress: dict) -> None:
+        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        with atomic_dir(self.folder) as tmp:
+            save_file(trainable, tmp / "trainable.safetensors")
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state(), "tensors": tensors}, tmp / "state.pt")
+            write_json(tmp / "progress.json", {"fingerprint": self.fingerprint, **progress})
+
+    def load(self, model, optimizer, scheduler) -> tuple[dict, dict] | None:
+        """Restore the saved state into model, optimizer, scheduler and the RNG; return
+        (progress, tensors), or None when there is no checkpoint or it is from another run."""
+        progress_file = self.folder / "progress.json"
+        if not progress_file.is_file():
+            return None
+        progress = json.loads(progress_file.read_text())
+        if progress.get("fingerprint") != self.fingerprint:
+            print(f"checkpoint {self.folder}: saved from other params, data or base; starting over")
+            self.clear()
+            return None
+        saved = load_file(self.folder / "trainable.safetensors")
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if saved.keys() != params.keys():
+            raise RuntimeError(f"{self.folder}: trainable parameters differ from the model's")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        state = torch.load(self.folder / "state.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        return progress, state["tensors"]
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,270 @@
+"""The one training loop every method shares.
+
+Batches are packed rows (see packing.py). The loss is the mean cross-entropy over assistant
+tokens, and the output layer only runs on those positions (`logits_to_keep` with a boolean
+mask): SmolLM2's 49,152 x 576 vocabulary projection is about a fifth of its FLOPs per token,
+and prompt positions carry no loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from tuneoff.core import measure
+from tuneoff.core.atomic import atomic_file
+from tuneoff.core.params import CommonTrainParams
+from tuneoff.core.tracking import NoTracker
+from tuneoff.data.packing import IGNORE
+from tuneoff.training import allocator, attention, dropout
+from tuneoff.training.checkpoint import Checkpointer
+
+
+def load_rows(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.long() for k, v in load_file(path).items()}
+
+
+def plan_steps(real_tokens: torch.Tensor, batch_size: int, token_budget: int, seed: int) -> list[torch.Tensor]:
+    """Row indices for each optimizer step until `token_budget` real tokens are reached.
+    Rows are reshuffled every epoch from `seed`, so every method sees the same batches."""
+    gen = torch.Generator().manual_seed(seed)
+    steps, seen, order = [], 0, torch.empty(0, dtype=torch.long)
+    while seen < token_budget:
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(real_tokens), generator=gen)])
+        idx, order = order[:batch_size], order[batch_size:]
+        steps.append(idx)
+        seen += int(real_tokens[idx].sum())
+    return steps
+
+
+def step_shapes(rows: dict[str, torch.Tensor], common: CommonTrainParams) -> dict[str, int]:
+    """The shapes the steps of a run take (train.json `setup`, what the estimator predicts from):
+    row length, step count, and the most real tokens and supervised positions of any one step."""
+    steps = plan_steps(rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
+    return {"seq_len": rows["input_ids"].shape[1], "steps": len(steps),
+            "max_step_tokens": max(int(rows["real_tokens"][idx].sum()) for idx in steps),
+            "max_supervised_positions": max(int((rows["targets"][idx] != IGNORE).sum()) for idx in steps)}
+
+
+def autocast(dev: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision,
+               reduction: str = "sum") -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the loss positions of rows[idx], and how many there are.
+    reduction="none" gives one loss per position instead, in the row-major order of
+    `rows["targets"][idx] != IGNORE` (both paths below keep that order)."""
+    ids, pos, targets = (rows[k][idx] for k in ("input_ids", "position_ids", "targets"))
+    n = int((targets != IGNORE).sum())  # counted on the host: no device sync
+    extra = {}
+    if model.config._attn_implementation == attention.NAME:
+        # attention per example (attention.py, the loop on a CPU) needs no row boundaries: the batch
+        # becomes one row of its real tokens, so no compute goes to the rows' trailing padding
+        real = torch.arange(ids.shape[1]) < rows["real_tokens"][idx, None]
+        ids, pos, targets = (t[real][None] for t in (ids, pos, targets))
+        extra["packed_spans"] = attention.spans(pos)
+    ids, pos, targets = (t.to(dev, non_blocking=True) for t in (ids, pos, targets))
+    keep = targets != IGNORE
+    with autocast(dev, precision):
+        # use_cache=False matters: transformers only reads position-id restarts as example
+        # boundaries when there is no KV cache
+        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **extra).logits
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+    return loss, n
+
+
+@torch.no_grad()
+def eval_loss(model, rows: dict[str, torch.Tensor], batch_size: int, dev, precision) -> float:
+    """Token-weighted mean loss over every row."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows["input_ids"]), batch_size):
+        loss, n = batch_loss(model, rows, torch.arange(start, min(start + batch_size, len(rows["input_ids"]))), dev, precision)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def example_losses(model, rows: dict[str, torch.Tensor], batch_size: int, dev,
+                   precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss over each source example's loss tokens, and how many it has, indexed by
+    rows["example"] (packing.py); NaN for an index that owns no loss token. The token-weighted
+    mean of the means is eval_loss's number."""
+    was_training = model.training
+    model.eval()
+    owners = torch.where(rows["targets"] != IGNORE, rows["example"], -1)
+    examples = int(owners.max()) + 1
+    sums = torch.zeros(examples, dtype=torch.float64)  # float64: test_loss then sums every example's sum again
+    counts = torch.zeros(examples, dtype=torch.long)
+    for start in range(0, len(rows["input_ids"]), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(rows["input_ids"])))
+        losses, _ = batch_loss(model, rows, idx, dev, precision, reduction="none")
+        owner = owners[idx][owners[idx] >= 0]  # row-major, the order batch_loss returns them in
+        sums.index_add_(0, owner, losses.double().cpu())
+        counts.index_add_(0, owner, torch.ones_like(owner))
+    model.train(was_training)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan), counts
+
+
+def make_optimizer(params: list[torch.Tensor], weight_decay: float, lr: float, fused: bool | None = None):
+    """AdamW with weight decay on matrices only (norms and biases are not decayed). `fused` (one kernel
+    over all parameters) defaults to on for a GPU, where PyTorch documents it as the fastest, and
+    off for a CPU, where no gain was measured above this machine's noise (docs/performance.md)."""
+    if fused is None:
+        fused = params[0].device.type == "cuda"
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+
+
+@contextlib.contextmanager
+def cpu_paths(model, dev: torch.device):
+    """What the loop changes on a CPU while it runs: per-example attention on packed rows
+    (attention.py) and a cheaper LoRA dropout mask (dropout.py). A GPU keeps the model as it is."""
+    with contextlib.ExitStack() as stack:
+        if dev.type == "cpu":
+            stack.enter_context(attention.packed(model))
+            stack.enter_context(dropout.cheaper(model))
+        yield model
+
+
+_libc = ctypes.CDLL(None) if os.name == "posix" else None  # the process's own symbols, libc's among them
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the OS (glibc's malloc_trim); a no-op where the C
+    library has none. The loop calls it after each step of a 4-bit (QLoRA) model on a CPU when the
+    process runs on the system's malloc (train.common.allocator: system, or no tcmalloc installed).
+    glibc keeps the holes a step's freed tensors leave resident: on the default task QLoRA's peak
+    RSS was 4349 MiB without the trim and 3457 MiB with it, for 10-30% of its speed, as the returned
+    pages fault back in (`benchmarks/peak_per_step.py`). tcmalloc needs no trim (allocator.py)."""
+    trim = getattr(_libc, "malloc_trim", None) if _libc else None
+    if trim is not None:
+        trim(0)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    real_tokens: int
+    loss_tokens: int
+    train_seconds: float
+    eval_seconds: float
+    final_train_loss: float
+    val_loss_before: float
+    val_loss: float
+    resumed_from_step: int  # 0 = trained from the start
+
+
+def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev: torch.device, precision: str,
+          log_dir: Path, label: str, tracker: NoTracker = NoTracker(), checkpointer: Checkpointer | None = None) -> TrainResult:
+    """Train `model` on `common.token_budget` real tokens; log loss to log_dir/{loss,val_loss}.csv
+    and to `tracker` (train/loss, train/lr, tokens/s, memory, val/loss). With a `checkpointer`,
+    resume from its checkpoint if there is one and save one every `every_steps` steps."""
+    steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, common.weight_decay, lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(common.warmup_fraction * len(steps)), len(steps))
+
+    # everything the loop carries from step to step, so a checkpoint can restore it
+    state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
+             "loss_rows": [], "val_rows": [], "train_seconds": 0.0, "eval_seconds": 0.0}
+    window_loss = torch.zeros((), device=dev)
+    four_bit = any(p.dtype == torch.uint8 for p in model.parameters())  # bitsandbytes stores 4-bit weights as uint8
+    trim_heap = dev.type == "cpu" and four_bit and allocator.in_use() == "system"
+    with cpu_paths(model, dev):
+        resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
+        resumed_from_step = resumed[0]["step"] if resumed else 0
+        if resumed:
+            state, tensors = resumed
+            window_loss = tensors["window_loss"].to(dev)
+            print(f"{label}: resuming from the checkpoint at step {state['step']} of {len(steps)}", file=sys.stderr)
+        else:
+            t = time.perf_counter()
+            state["val_before"] = eval_loss(model, val_rows, common.batch_size, dev, precision)
+            state["eval_seconds"] += time.perf_counter() - t
+            state["val_rows"].append([0, round(state["val_before"], 6)])
+
+        model.train()
+        bar = tqdm(total=len(steps), initial=state["step"], desc=label, unit="step", file=sys.stderr,
+                   mininterval=1 if sys.stderr.isatty() else 15)
+        start = time.perf_counter()
+        for step in range(state["step"] + 1, len(steps) + 1):
+            idx = steps[step - 1]
+            loss_sum, n = batch_loss(model, train_rows, idx, dev, precision)
+            (loss_sum / n).backward()
+            torch.nn.utils.clip_grad_norm_(params, common.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if trim_heap:
+                return_freed_memory()
+            state["step"] = step
+            state["real_tokens"] += int(train_rows["real_tokens"][idx].sum())
+            state["loss_tokens"] += n
+            window_loss += loss_sum.detach()
+            state["window_tokens"] += n
+            bar.update()
+            if step % common.log_every == 0 or step == len(steps):
+                mean = float(window_loss) / state["window_tokens"]  # the only host sync, once per log window
+                state["recent"].append(mean)
+                state["loss_rows"].append([step, state["real_tokens"], round(mean, 6), f"{scheduler.get_last_lr()[0]:.3e}"])
+                elapsed = state["train_seconds"] + time.perf_counter() - start
+                tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens": state["real_tokens"],
+                             "train/tokens_per_second": state["real_tokens"] / elapsed,
+                             "memory/current_bytes": measure.current_memory_bytes(dev)}, step=step)
+                bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{state['real_tokens'] / elapsed:.0f}")
+                window_loss, state["window_tokens"] = torch.zeros((), device=dev), 0
+            if common.eval_every and step % common.eval_every == 0 and step != len(steps):
+                state["train_seconds"] += time.perf_counter() - start
+                t = time.perf_counter()
+                val = eval_loss(model, val_rows, common.batch_size, dev, precision)
+                state["val_rows"].append([step, round(val, 6)])
+                tracker.log({"val/loss": val}, step=step)
+                state["eval_seconds"] += time.perf_counter() - t
+                start = time.perf_counter()
+            if checkpointer and checkpointer.due(step, len(steps)):
+                state["train_seconds"] += time.perf_counter() - start
+                checkpointer.save(model, optimizer, scheduler, {"window_loss": window_loss.cpu()}, state)
+                start = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        state["train_seconds"] += time.perf_counter() - start
+        bar.close()
+
+        t = time.perf_counter()
+        val_after = eval_loss(model, val_rows, common.batch_size, dev, precision)
+        state["eval_seconds"] += time.perf_counter() - t
+        state["val_rows"].append([len(steps), round(val_after, 6)])
+        tracker.log({"val/loss": val_after}, step=len(steps))
+    write_csv(log_dir / "loss.csv", ["step", "tokens", "train_loss", "lr"], state["loss_rows"])
+    write_csv(log_dir / "val_loss.csv", ["step", "val_loss"], state["val_rows"])
+    recent = state["recent"]
+    last = recent[-max(1, len(recent) // 10):]  # the log windows of about the last 10% of steps
+    return TrainResult(len(steps), state["real_tokens"], state["loss_tokens"], state["train_seconds"],
+                       state["eval_seconds"], sum(last) / len(last), state["val_before"], val_after,
+                       resumed_from_step)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
