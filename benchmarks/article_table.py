@@ -17,9 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneoff.estimator import memory  # noqa: E402
 from tuneoff.core.params import EstimateParams, section  # noqa: E402
-from tuneoff.estimator import architectures
+from tuneoff.estimator import (
+    architectures,
+    memory,  # noqa: E402
+)
 
 GIB = 2**30
 ARTICLE = {  # the seed article's sentences (reference/seed-article.txt)

@@ -56,12 +56,13 @@ def main() -> None:
 
     from tuneoff.core import measure
     from tuneoff.core.params import EvaluateParams, read_params, section
+    from tuneoff.core.records import read_jsonl
     from tuneoff.evaluation.generate import generate
 
     params = section(EvaluateParams, "evaluate", data=read_params(args.params))
     source = args.model or args.project / "models/base"
-    lines = (args.project / "data/prepared" / args.task / "test.jsonl").read_text().splitlines()[: args.examples]
-    conversations = [json.loads(line)["messages"][:-1] for line in lines]
+    rows = read_jsonl(args.project / "data/prepared" / args.task / "test.jsonl")[: args.examples]
+    conversations = [row["messages"][:-1] for row in rows]
     dev = measure.device()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(dev).eval()

@@ -179,7 +179,8 @@ def summarise(rounds: list[dict], args) -> dict:
 
 
 def prompts(run: Path, task: str, count: int) -> list[list[dict]]:
-    rows = [json.loads(line) for line in (run / "data" / "prepared" / task / "test.jsonl").read_text().splitlines()]
+    text = (run / "data" / "prepared" / task / "test.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.split("\n") if line]  # not splitlines(): U+2028 may sit in a string
     return [row["messages"][:-1] for row in rows[:count]]
 
 

@@ -106,13 +106,14 @@ def load_plan(project: Path, task: str, params_path: Path, steps: int | None) ->
     from transformers import AutoTokenizer
 
     from tuneoff.core.params import CommonTrainParams, read_params, section
+    from tuneoff.core.records import read_jsonl
     from tuneoff.data.packing import pack, tokenize_chat
     from tuneoff.training.loop import plan_steps
 
     prepared = project / "data/prepared" / task
     meta = json.loads((prepared / "meta.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(project / "models/base")
-    examples = [json.loads(line) for line in (prepared / "train.jsonl").read_text().splitlines()]
+    examples = read_jsonl(prepared / "train.jsonl")
     packed = pack([tokenize_chat(tokenizer, ex["messages"]) for ex in examples], meta["seq_len"], tokenizer.pad_token_id)
     rows = {k: v.long() for k, v in packed.tensors().items()}
     if (prepared / "train.safetensors").is_file():  # the rows the train stage reads: must be these

@@ -51,12 +51,19 @@ def before_stages(tasks: list[str]) -> list[str]:
     return ["import_base", *(f"prepare@{t}" for t in tasks), "quantize"]
 
 
+def redact(text: str) -> str:
+    """`https://user:token@host/repo.git` -> `https://***@host/repo.git`: a credential in a URL (the
+    repo workers clone, a DVC remote) never reaches a log, an error or failed.json (which git tracks)."""
+    return re.sub(r"\b([a-z][a-z0-9+.-]*://)[^/\s@]+@", r"\1***@", text)
+
+
 class CommandFailed(RuntimeError):
-    """A command that failed: the message holds the tail of its output, `line` what to tell the user."""
+    """A command that failed: the message holds the tail of its output, `line` what to tell the user;
+    both redacted."""
 
     def __init__(self, cmd: tuple[str, ...], returncode: int, cwd, output: str):
-        super().__init__(f"`{' '.join(cmd)}` failed ({returncode}) in {cwd}:\n{output[-2000:]}")
-        self.line = failure_line(output) or f"`{' '.join(cmd)}` failed ({returncode})"
+        super().__init__(redact(f"`{' '.join(cmd)}` failed ({returncode}) in {cwd}:\n{output[-2000:]}"))
+        self.line = redact(failure_line(output) or f"`{' '.join(cmd)}` failed ({returncode})")
 
 
 def failure_line(output: str) -> str | None:
@@ -106,7 +113,7 @@ def dispatch(unit: str, targets: list[str], upstream: list[str], pool: str, repo
         "repo": repo, "revision": revision, "unit": unit, "targets": targets, "upstream": upstream, "lock": lock,
         "group": group}, flow_run_name=f"{unit}@{revision[:8]}", as_subflow=False)
     if not run.state.is_completed():
-        raise RuntimeError(f"unit {unit}: flow run {run.name} ended {run.state.type.value}: {run.state.message}")
+        raise RuntimeError(redact(f"unit {unit}: flow run {run.name} ended {run.state.type.value}: {run.state.message}"))
     return run.state.result()
 
 
@@ -169,8 +176,8 @@ def record_failure(unit: str, tasks: list[str], error: BaseException) -> None:
     for t in tasks:
         out = Path("runs") / t / unit
         out.mkdir(parents=True, exist_ok=True)
-        (out / "failed.json").write_text(json.dumps({"unit": unit, "error": getattr(error, "line", str(error)[-500:]),
-                                                     "output": str(error)[-2000:]}, indent=2) + "\n")
+        (out / "failed.json").write_text(json.dumps({"unit": unit, "error": redact(getattr(error, "line", str(error)[-500:])),
+                                                     "output": redact(str(error)[-2000:])}, indent=2) + "\n")
 
 
 def git_revision_for_dispatch() -> str:
@@ -214,9 +221,9 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
             try:
                 result = future.result()
             except Exception as e:
-                logger.error("unit %s failed for good: %s", unit, getattr(e, "line", e))
+                logger.error("unit %s failed for good: %s", unit, redact(str(getattr(e, "line", e))))
                 record_failure(unit, tasks, e)
-                outcome[unit] = {"state": "failed", "error": getattr(e, "line", str(e)[-500:])}
+                outcome[unit] = {"state": "failed", "error": redact(getattr(e, "line", str(e)[-500:]))}
                 continue
             apply(result)
             outcome[unit] = {"state": "completed", "host": result["host"], "pid": result["pid"]}
@@ -227,9 +234,9 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
                 run_here(unit, unit_stages(unit, tasks))
                 outcome[unit] = {"state": "completed", "host": "local"}
             except Exception as e:
-                logger.error("unit %s failed for good: %s", unit, getattr(e, "line", e))
+                logger.error("unit %s failed for good: %s", unit, redact(str(getattr(e, "line", e))))
                 record_failure(unit, tasks, e)
-                outcome[unit] = {"state": "failed", "error": getattr(e, "line", str(e)[-500:])}
+                outcome[unit] = {"state": "failed", "error": redact(getattr(e, "line", str(e)[-500:]))}
     try:  # not upstream: a failed unit is reported, not retried here
         sh("dvc", "repro", "--single-item", *AFTER, echo=True)
     except CommandFailed as e:

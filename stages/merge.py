@@ -27,7 +27,13 @@ from tuneoff.core.methods import FLOAT_BASE, METHODS, NF4_BASE
 from tuneoff.core.params import MergeParams, check_task, read_params, section
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.modeling import quantize
-from tuneoff.modeling.merge import adapter_dir, check_merge, form_deployment, load_adapter_model, logits_on
+from tuneoff.modeling.merge import (
+    adapter_dir,
+    check_merge,
+    form_deployment,
+    load_adapter_model,
+    logits_on,
+)
 from tuneoff.training.loop import load_rows
 
 STAGES = {"float-merged": "merge", "nf4-merged": "merge_nf4"}

@@ -38,11 +38,11 @@ def main(task: str) -> None:
     if not (BASE / "config.json").is_file():
         raise TuneoffError(f"{BASE}/ has no model: run `dvc repro import_base` first")
     built = build_task(spec, prep)
-    splits = split(built.examples, prep)
+    splits, overlap = split(built.examples, prep)
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     out = Path("data/prepared") / task
     meta = {"task": task, "kind": spec.kind, "scorer": built.scorer, "labels": built.labels,
-            "seq_len": prep.seq_len, "examples": {k: len(v) for k, v in splits.items()}}
+            "seq_len": prep.seq_len, "examples": {k: len(v) for k, v in splits.items()}, "overlap": overlap}
     with atomic_dir(out) as tmp:
         for name, examples in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", examples)
@@ -60,6 +60,10 @@ def main(task: str) -> None:
                    data=data) as tracker:
         tracker.summary(flat({k: v for k, v in meta.items() if k not in ("labels", "task")}))
         tracker.artifact(f"{task}-data", "dataset", out, meta)
+    if any(overlap.values()):
+        test, val = overlap["test_dropped"], overlap["val_dropped"]
+        print(f"prepare@{task}: dropped {test} test example{'s' * (test != 1)} whose prompt is also in train or val "
+              f"and {val} val example{'s' * (val != 1)} whose prompt is also in train (meta.json: overlap)")
     tr = meta["train"]
     print(f"prepare@{task}: {meta['examples']} examples; train {tr['real_tokens']:,} tokens in {tr['rows']} rows "
           f"of {prep.seq_len} ({tr['padding_fraction']:.1%} padding) -> {out}/")

@@ -12,7 +12,6 @@ models/production/<task>/, the path dvc.yaml's `artifacts:` section names
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from tuneoff.core.params import (
     read_params,
     section,
 )
-from tuneoff.core.records import Comparison, read
+from tuneoff.core.records import Comparison, read, read_jsonl
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.decision.decide import replaces_champion
 from tuneoff.decision.registry import publish, register
@@ -92,8 +91,7 @@ def main() -> None:
         row = next(r for r in comparison["rows"] if r["method"] == method)
         deployed = deployment(task, method)
         test_hash = test_sha256(task)
-        challenger = [bool(json.loads(line)["correct"]) for line in
-                      (Path("runs") / task / method / "predictions.jsonl").read_text().splitlines()]
+        challenger = [bool(item["correct"]) for item in read_jsonl(Path("runs") / task / method / "predictions.jsonl")]
 
         def judge(production: dict | None) -> tuple[bool, str]:
             if production is None:

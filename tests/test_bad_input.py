@@ -63,11 +63,48 @@ def test_a_json_string_may_hold_unicode_line_separators(tmp_path):
     assert load_jsonl(path, "")[0]["messages"][0]["content"] == "a\u2028b"
 
 
+def test_files_the_project_writes_read_back_whole_with_unicode_line_separators(tmp_path):
+    from safetensors.torch import save_file
+
+    from tuneoff.core.atomic import write_json, write_jsonl
+    from tuneoff.core.records import read_jsonl
+    from tuneoff.decision.report import read_items
+    from tuneoff.evaluation.score import load_test
+
+    text = "a\u2028b\u2029c\x85d"  # str.splitlines() breaks at each; write_jsonl leaves them raw
+    examples = [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]}] * 2
+    write_jsonl(tmp_path / "test.jsonl", examples)
+    write_json(tmp_path / "meta.json", {"scorer": "exact", "labels": []})
+    save_file({"example": torch.zeros(1, 4, dtype=torch.int32)}, tmp_path / "test.safetensors")
+    test = load_test(tmp_path)
+    assert test.references == [text, text] and test.conversations == [ex["messages"][:1] for ex in examples]
+    records = [{"input": text, "correct": True}, {"input": "x", "correct": False}]
+    write_jsonl(tmp_path / "predictions.jsonl", records)
+    assert read_items(tmp_path / "predictions.jsonl") == read_jsonl(tmp_path / "predictions.jsonl") == records
+
+
+@pytest.mark.parametrize("record, surrogate", [
+    ('{"instruction": "a\\ud83d", "output": "b"}', "\\ud83d"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\\udc00b"}]}', "\\udc00"),
+    ('{"instruction": "a", "output": "b", "note": {"x": ["\\ud800"]}}', "\\ud800"),  # a field no one reads
+])
+def test_a_lone_surrogate_escape_is_one_line_naming_the_line(tmp_path, record, surrogate):
+    path = write(tmp_path / "x.jsonl", '{"instruction": "\\ud83d\\ude00 pair", "output": "ok"}\n' + record + "\n")
+    with pytest.raises(TuneoffError) as e:
+        load_jsonl(path, "")
+    assert str(e.value) == f"{path} line 2: text is not valid Unicode (a lone surrogate {surrogate})"
+    assert load_jsonl(write(tmp_path / "ok.jsonl", '{"instruction": "\\ud83d\\ude00", "output": "b"}\n'),
+                      "")[0]["messages"][0]["content"] == "\U0001f600"  # a surrogate pair is one character
+    with pytest.raises(TuneoffError, match=r"labels.json: text is not valid Unicode \(a lone surrogate \\ud83d\)"):
+        read_labels(write(tmp_path / "labels.json", '["ok", "\\ud83d"]'))
+
+
 @pytest.mark.parametrize("content, message", [
     ("text,label\n" + "x" * (MAX_RECORD_CHARS + 10) + ",a\n", "huge.csv line 2: not valid CSV (field larger than field limit"),
     ('text,label\nok,a\n"unclosed,a\nmore\n', "huge.csv line 3: not valid CSV (unexpected end of data)"),
     ("text,label\nhello,a\nworld\n", "huge.csv line 3: empty 'label'"),
     ("text,label\n", "huge.csv: no data rows"),
+    (b"text,label\nok,a\n\xed\xa0\xbd,a\n", "huge.csv line 3: not valid UTF-8"),  # a lone surrogate, encoded
 ])
 def test_csv_bad_files(tmp_path, content, message):
     with pytest.raises(TuneoffError) as e:
@@ -138,10 +175,13 @@ def test_any_params_value_is_valid_or_names_its_key(tmp_path, where, key, value)
              ("checkpoint",): CheckpointParams, ("tasks", "banking77"): TaskParams}[where]
     path = params_file(tmp_path, [*where, key], value)
     try:
-        section(model, *where, path=path)
+        accepted = section(model, *where, path=path)
     except TuneoffError as e:
         assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
         assert ".".join(where) in str(e)
+    else:  # accepted as written: no coercion (true as 1, "3" as 3, 2.5 as 2) and no unknown key
+        kept = getattr(accepted, key)
+        assert kept == value and type(kept) is type(value), (key, value, kept)
 
 
 @PROPERTY

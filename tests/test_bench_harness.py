@@ -19,7 +19,6 @@ from tuneoff.data.tasks import extraction
 from tuneoff.training import allocator
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
-HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 # bf16 on a CPU without bf16 instructions runs in a slow fallback (minutes); the harness refuses it there
 HAS_BF16 = measure.device().type == "cuda" or measure.cpu_has_bf16()
 
@@ -51,13 +50,13 @@ def run_script(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def project(tiny_base, tmp_path_factory, request):
-    nf4 = request.getfixturevalue("tiny_nf4") if HAS_BNB else None
+    nf4 = request.getfixturevalue("tiny_nf4")
     return tiny_project(tmp_path_factory.mktemp("bench-project"), tiny_base, nf4)
 
 
 def test_train_harness_runs_every_impl_on_the_same_budget(project, tmp_path):
     folder, params = project
-    methods = ["lora"] + (["qlora"] if HAS_BNB else [])  # full differs from lora only in what trains
+    methods = ["lora", "qlora"]  # full differs from lora only in what trains
     variants = ["tuneoff+full-logits", "tuneoff+fused-adamw", "tuneoff+system-malloc"]
     impls = (["tuneoff", "hf-fp32", "hf-fp32+tcmalloc"] + (["hf-bf16"] if HAS_BF16 else [])
              + (["trl"] if HAS_TRL else []) + variants)

@@ -289,3 +289,16 @@ def test_a_failing_stage_ends_the_run_with_its_name_and_one_line(project, server
     assert done.returncode == 1 and errors == ["error: bake-off failed: prepare@extraction: params.yaml: "
                                                "tasks.extraction.n_examples = 0: Input should be greater than 0"]
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_token_in_a_url_reaches_no_error_log_or_failed_json(tmp_path, monkeypatch):
+    from flows.bakeoff import CommandFailed, record_failure
+
+    url = "https://ci-bot:ghp_SECRET123@git.example.com/team/repo.git"
+    error = CommandFailed(("git", "clone", "--quiet", url, "/tmp/unit"), 128, "/tmp",
+                          f"fatal: unable to access '{url}/': Could not resolve host\n")
+    assert "SECRET" not in str(error) + error.line and "'https://***@git.example.com/team/repo.git" in str(error)
+    monkeypatch.chdir(tmp_path)
+    record_failure("lora", ["extraction"], error)
+    written = (tmp_path / "runs/extraction/lora/failed.json").read_text()
+    assert "SECRET" not in written and "https://***@git.example.com" in written

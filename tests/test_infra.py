@@ -30,10 +30,21 @@ def test_worker_manifest_is_valid_kubernetes():
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["prefect", "worker", "start"]
     # secrets by reference only
-    assert all("valueFrom" in e or e["name"] == "PREFECT_SERVER_ANALYTICS_ENABLED" for e in container["env"])
+    assert all("valueFrom" in e or e["name"] == "PREFECT_SERVER_ANALYTICS_ENABLED"
+               or e["name"].startswith("PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_KEY_SECRET_") for e in container["env"])
     with pytest.raises(ValueError, match="name"):
         k8s({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
              "spec": {"selector": {}, "template": {"spec": {"containers": [{"image": "x"}]}}}})
+
+
+def test_jobs_get_the_prefect_api_key_by_reference():
+    """Without these the Kubernetes worker copies PREFECT_API_KEY into every Job manifest in plain text."""
+    docs = list(yaml.safe_load_all((INFRA / "k8s/worker.yaml").read_text()))
+    worker = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in worker["env"]}
+    key = env["PREFECT_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_KEY_SECRET_NAME"]["value"] == key["name"]
+    assert env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_KEY_SECRET_KEY"]["value"] == key["key"]
 
 
 def test_job_template_renders_to_a_valid_gpu_job():
@@ -59,3 +70,23 @@ def test_accelerate_configs_load(name, kind):
 
     config = ClusterConfig.from_yaml_file(str(INFRA / "accelerate" / name))
     assert config.distributed_type.value == kind and config.mixed_precision == "bf16"
+
+
+def test_every_declared_dependency_is_installed():
+    """A declared dependency that is missing fails here, instead of its tests skipping silently
+    (bitsandbytes: every QLoRA test needs it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    missing = []
+    for spec in declared["dependencies"] + declared["optional-dependencies"]["dev"]:
+        requirement = Requirement(spec)
+        try:
+            if not requirement.specifier.contains(version(requirement.name), prereleases=True):
+                missing.append(f"{spec} (installed: {version(requirement.name)})")
+        except PackageNotFoundError:
+            missing.append(spec)
+    assert not missing, f"declared in pyproject.toml but not installed: {missing}"

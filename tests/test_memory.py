@@ -5,7 +5,6 @@ within 10%, and the CLI."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import tempfile
 from dataclasses import replace
@@ -24,7 +23,6 @@ from tuneoff.training import attention, dropout
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 ALL = memory.expand_targets(["all-linear"])
 # published totals (model cards, safetensors metadata) for the catalog's shapes
 PUBLISHED = {"llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496, "llama-3.2-1b": 1_235_814_400,
@@ -80,7 +78,6 @@ def test_full_count_is_exact(tiny_base):
     assert (predicted["trainable"], predicted["total"]) == methods.trainable_and_total(model)
 
 
-@needs_bnb
 def test_qlora_counts_and_stored_bytes_are_exact(tiny_nf4):
     params = QloraParams(lr=1e-3, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     model = methods.build("qlora", params, tiny_nf4, "fp32", CPU, False)
@@ -170,7 +167,7 @@ def test_activations_at_smollm2_scale():
 
 # --- the peak -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["full", "lora", pytest.param("qlora", marks=needs_bnb)])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_peak_within_10_percent_of_measured(tiny_base, tokenizer, request, method, checkpointing):
     """tuneoff's own loop (train.train) for 3 steps on the tiny model; measured: the peak of bytes held in

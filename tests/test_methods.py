@@ -10,7 +10,6 @@ from tuneoff.training.loop import batch_loss, eval_loss, plan_steps
 
 CPU = torch.device("cpu")
 LORA = dict(lr=1e-3, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 
 
 def rows(tokenizer, n=4):
@@ -36,7 +35,6 @@ def test_lora_touches_only_the_named_modules(tiny_base):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
 
 
-@needs_bnb
 def test_qlora_trains_on_the_saved_4bit_base(tiny_base, tiny_nf4):
     import bitsandbytes as bnb
 
@@ -51,7 +49,6 @@ def test_qlora_trains_on_the_saved_4bit_base(tiny_base, tiny_nf4):
         f.stat().st_size for f in tiny_base.glob("*.safetensors"))
 
 
-@needs_bnb
 def test_quantization_error_is_measured(tiny_base, tiny_nf4, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -65,7 +62,6 @@ def test_quantization_error_is_measured(tiny_base, tiny_nf4, tokenizer):
     assert quantize.logit_error(ref, ref)["max_abs_logit_diff"] == 0 and quantize.logit_error(ref, ref)["top1_agreement"] == 1
 
 
-@needs_bnb
 def test_qlora_trains_after_eval(tiny_nf4, tokenizer):
     """A val-loss check in eval mode must not freeze the adapters (bitsandbytes CPU repacking)."""
     model = methods.build("qlora", QloraParams(**LORA), tiny_nf4, "fp32", CPU, False)

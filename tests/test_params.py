@@ -44,6 +44,12 @@ def test_shipped_params_are_valid():
     ("train__lora__rank", "sixteen", "train.lora.rank = 'sixteen'"),
     ("train__common__precision", "fp8", "train.common.precision = 'fp8'"),
     ("quantize__quant_type", "int3", "quantize.quant_type = 'int3'"),
+    # strict: no bool as a number, no string as a number, no float cut to an int, only finite floats
+    ("train__common__batch_size", True, "train.common.batch_size = True: Input should be a valid integer"),
+    ("train__lora__rank", 8.5, "train.lora.rank = 8.5: Input should be a valid integer"),
+    ("train__lora__lr", float("inf"), "train.lora.lr = inf: Input should be a finite number"),
+    ("train__lora__alpha", "32", "train.lora.alpha = '32': Input should be a valid number"),
+    ("train__common__weight_decay", float("nan"), "train.common.weight_decay = nan: Input should be a finite number"),
 ])
 def test_bad_values_name_the_key_and_value(tmp_path, key, value, message):
     path = params_with(tmp_path, **{key: value})
@@ -143,3 +149,10 @@ def test_every_missing_key_is_named_at_once():
     data["tasks"]["clinc"]["path"] = "clinc.csv"
     with pytest.raises(TuneoffError, match=r"^params.yaml: missing key 'tasks.clinc.label_column'$"):
         section(TaskParams, "tasks", "clinc", data=data)
+
+
+def test_an_exponent_without_a_point_is_a_float(tmp_path):
+    """`lr: 1e-3` is a float to DVC (YAML 1.2), so it is one here too (PyYAML alone reads a string)."""
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("lr: 1.0e-3", "lr: 1e-3", 1))
+    assert section(LoraParams, "train", "lora", path=path).lr == 0.001

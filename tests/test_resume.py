@@ -71,8 +71,6 @@ def kill_after_checkpoint(project: Path, method: str, min_step: int) -> int:
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_killed_training_resumes_to_the_same_result(project, method):
-    if method == "qlora":
-        pytest.importorskip("bitsandbytes")
     # the reference run goes around DVC: from DVC's run cache the rerun below would be restored, not resumed
     run(["dvc", "repro", "--no-commit", *UPSTREAM[method]], project)
     run([sys.executable, "-m", "stages.train", "extraction", method], project, env={"WANDB_MODE": "disabled"})

@@ -37,8 +37,8 @@ def test_iso_codes_test_asks_trained_facts_in_a_held_out_phrasing():
 
 def test_split_is_deterministic_and_disjoint():
     examples = extraction.generate(100, 0)
-    s1, s2 = split(examples, PREP), split(examples, PREP)
-    assert s1 == s2
+    s1, overlap = split(examples, PREP)
+    assert (s1, overlap) == split(examples, PREP) and overlap == {"val_dropped": 0, "test_dropped": 0}
     assert {k: len(v) for k, v in s1.items()} == {"train": 80, "val": 10, "test": 10}
     keys = [ex["messages"][1]["content"] for part in s1.values() for ex in part]
     assert len(keys) == len(set(keys)) == 100
@@ -113,9 +113,12 @@ def test_banking77_through_the_csv_loader_with_params_only():
     task = build_task(csv_task(BANKING77 / "train.csv", test_path=str(BANKING77 / "test.csv"),
                                label_column="category", labels_path=str(BANKING77 / "categories.json"),
                                labels_in_prompt=False), PREP)
-    parts = split(task.examples, PREP)
+    parts, overlap = split(task.examples, PREP)
     assert len(task.labels) == 77
-    assert len(parts["test"]) == 3080 and len(parts["train"]) + len(parts["val"]) == 10003
+    # test.csv has 3080 rows: 6 are in train.csv word for word and 1 is there twice; val (carved from
+    # train.csv's 10003) loses 1 whose text train.csv repeats
+    assert overlap == {"val_dropped": 1, "test_dropped": 7}
+    assert len(parts["test"]) == 3073 and len(parts["train"]) + len(parts["val"]) == 10002
 
 
 def test_hf_dataset_on_disk_keeps_its_splits(tmp_path):
@@ -125,7 +128,7 @@ def test_hf_dataset_on_disk_keeps_its_splits(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:16]),
                           "test": datasets.Dataset.from_list(rows[16:])}).save_to_disk(tmp_path / "ds")
     task = build_task(HfDiskTask(kind="hf_disk", path=str(tmp_path / "ds"), system_prompt="", scorer="exact"), PREP)
-    parts = split(task.examples, PREP)
+    parts, _ = split(task.examples, PREP)
     assert [ex["messages"][-1]["content"] for ex in parts["test"]] == ["16", "17", "18", "19"]
     assert len(parts["val"]) == 2 and len(parts["train"]) == 14
 
@@ -135,26 +138,76 @@ def test_jsonl_task_with_separate_test_file(tmp_path):
     train = write(tmp_path / "train.jsonl", "\n".join(line(i) for i in range(30)))
     test = write(tmp_path / "test.jsonl", "\n".join(line(i) for i in range(100, 105)))
     task = build_task(JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact"), PREP)
-    assert len(split(task.examples, PREP)["test"]) == 5
+    assert len(split(task.examples, PREP)[0]["test"]) == 5
 
 
-def test_prepare_runs_on_a_csv_task_with_only_the_required_keys(tmp_path, tiny_base, monkeypatch):
+def say(i, output=None):
+    return json.dumps({"instruction": f"Say {i}", "output": output or str(i)})
+
+
+def test_test_examples_whose_prompt_is_trained_are_dropped(tmp_path):
+    train = write(tmp_path / "train.jsonl", "\n".join(say(i) for i in range(30)))
+    # "Say 3" is trained (with another answer: the prompt is what is compared) and "Say 101" comes twice
+    test = write(tmp_path / "test.jsonl", "\n".join([say(100), say(3, "three"), say(101), say(101)]))
+    task = build_task(JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact"), PREP)
+    parts, overlap = split(task.examples, PREP)
+    assert [ex["messages"][-1]["content"] for ex in parts["test"]] == ["100", "101"]
+    assert overlap == {"val_dropped": 0, "test_dropped": 2} and len(parts["train"]) + len(parts["val"]) == 30
+    write(test, "\n".join([say(3), say(4)]))
+    task = build_task(JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact"), PREP)
+    with pytest.raises(TuneoffError, match="the test split is empty: its 2 examples all repeat a prompt of train or val"):
+        split(task.examples, PREP)
+
+
+def test_a_file_that_repeats_examples_still_splits_clean(tmp_path):
+    path = write(tmp_path / "repeats.jsonl", "\n".join(say(i) for i in [*range(30), *range(10)]))
+    parts, overlap = split(build_task(JsonlTask(kind="jsonl", path=str(path), test_path="", system_prompt="",
+                                                scorer="exact"), PREP).examples, PREP)
+    prompts = {name: [ex["messages"][0]["content"] for ex in parts[name]] for name in parts}
+    assert not set(prompts["val"]) & set(prompts["train"])
+    assert not set(prompts["test"]) & set(prompts["train"] + prompts["val"])
+    assert len(set(prompts["test"])) == len(prompts["test"]) and len(set(prompts["val"])) == len(prompts["val"])
+    assert len(prompts["train"]) == 32  # 40 - 4 val - 4 test carved: train keeps every one
+    assert overlap == {"val_dropped": 4 - len(prompts["val"]), "test_dropped": 4 - len(prompts["test"])}
+    assert overlap == {"val_dropped": 2, "test_dropped": 1}
+
+
+def prepare_task(tmp_path, tiny_base, monkeypatch, name, entry, files):
+    """Run `prepare@name` in tmp_path with `entry` as the task's params and `files` under data/raw/."""
     from stages import prepare
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["tasks"]["clinc"] = {"kind": "csv", "path": "data/raw/clinc.csv", "text_column": "query",
-                                "label_column": "intent"}  # as the README's table lists them: nothing optional
-    params["bakeoff"]["tasks"] = ["clinc"]
+    params["tasks"][name] = entry
+    params["bakeoff"]["tasks"] = [name]
     params["tracking"]["enabled"] = False
     write(tmp_path / "params.yaml", yaml.safe_dump(params))
     (tmp_path / "data/raw").mkdir(parents=True)
-    write(tmp_path / "data/raw/clinc.csv", "query,intent\n" + "what's my balance,balance\nfreeze my card,freeze\n" * 10)
+    for file, text in files.items():
+        write(tmp_path / "data/raw" / file, text)
     (tmp_path / "models").mkdir()
     (tmp_path / "models/base").symlink_to(tiny_base)
     monkeypatch.chdir(tmp_path)
-    prepare.main("clinc")
-    meta = json.loads((tmp_path / "data/prepared/clinc/meta.json").read_text())
+    prepare.main(name)
+    return json.loads((tmp_path / "data/prepared" / name / "meta.json").read_text())
+
+
+def test_prepare_runs_on_a_csv_task_with_only_the_required_keys(tmp_path, tiny_base, monkeypatch, capsys):
+    entry = {"kind": "csv", "path": "data/raw/clinc.csv", "text_column": "query",
+             "label_column": "intent"}  # as the README's table lists them: nothing optional
+    rows = "".join(f"what's my balance {i},balance\nfreeze my card {i},freeze\n" for i in range(10))
+    meta = prepare_task(tmp_path, tiny_base, monkeypatch, "clinc", entry, {"clinc.csv": "query,intent\n" + rows})
     assert meta["scorer"] == "label" and meta["labels"] == ["balance", "freeze"]
     assert meta["examples"] == {"train": 16, "val": 2, "test": 2}
+    assert meta["overlap"] == {"val_dropped": 0, "test_dropped": 0} and "dropped" not in capsys.readouterr().out
     system = json.loads((tmp_path / "data/prepared/clinc/train.jsonl").read_text().splitlines()[0])["messages"][0]
     assert system == {"role": "system", "content": "Classify the text. Answer with the label only."}
+
+
+def test_prepare_records_and_notes_the_test_examples_it_dropped(tmp_path, tiny_base, monkeypatch, capsys):
+    entry = {"kind": "jsonl", "path": "data/raw/train.jsonl", "test_path": "data/raw/test.jsonl"}
+    files = {"train.jsonl": "\n".join(say(i) for i in range(30)), "test.jsonl": "\n".join(say(i) for i in (2, 100, 101))}
+    meta = prepare_task(tmp_path, tiny_base, monkeypatch, "sayit", entry, files)
+    assert meta["examples"]["test"] == 2 and meta["overlap"] == {"val_dropped": 0, "test_dropped": 1}
+    test = (tmp_path / "data/prepared/sayit/test.jsonl").read_text()
+    assert '"Say 2"' not in test and '"Say 100"' in test
+    assert "prepare@sayit: dropped 1 test example whose prompt is also in train or val" in capsys.readouterr().out

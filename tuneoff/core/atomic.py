@@ -1,4 +1,6 @@
-"""Outputs appear whole or not at all: write beside the target, then rename into place."""
+"""Outputs appear whole or not at all: write beside the target, flush it to disk (fsync), then
+rename into place and flush the folder that holds the name, so that after a crash or a power loss
+a path holds the old output or the new one, never a renamed folder of empty files."""
 
 from __future__ import annotations
 
@@ -17,6 +19,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list: the renames inside it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _sync(Path(folder) / name)
+        _sync(Path(folder))
 
 
 def remove_stale(path: Path) -> None:
@@ -49,10 +67,12 @@ def atomic_dir(path: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _sync_tree(tmp)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
+    _sync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -68,7 +88,9 @@ def atomic_file(path: Path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync(tmp)
     os.replace(tmp, path)
+    _sync(path.parent)
 
 
 def write_json(path: Path, obj) -> None:

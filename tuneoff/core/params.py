@@ -12,6 +12,7 @@ scratch. params.yaml's commented template under `tasks:` shows each kind with th
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -35,7 +36,7 @@ TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class BaseModelParams(Section):
@@ -350,10 +351,20 @@ def check_task(task: str, data: dict) -> None:
         raise TuneoffError(f"params.yaml: task {task!r} is not in bakeoff.tasks {tasks}")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as DVC reads it (1.2): `1e-3` is a float, not the string PyYAML's 1.1 rules make it."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+
+
 def read_params(path: Path = PARAMS_FILE) -> dict:
-    """The whole params file as a dict; a missing or malformed file is a one-line error."""
+    """The whole params file as a dict; a missing or malformed file is a one-line error. Values are
+    checked strictly (tuneoff's Section): `batch_size: true` or `lr: .inf` is an error, not 1 or inf."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except FileNotFoundError:
         raise TuneoffError(f"{path}: file not found") from None
     except yaml.YAMLError as e:

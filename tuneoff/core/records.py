@@ -205,6 +205,12 @@ class Comparison(TypedDict):
     quantization: dict | None
 
 
+def read_jsonl(path: Path) -> list:
+    """The rows of a JSONL file write_jsonl wrote. Split on "\\n" only: str.splitlines() also breaks
+    at U+2028, U+2029 and U+0085, which write_jsonl (ensure_ascii=False) leaves raw inside strings."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def read(kind: type[R], path: Path) -> R:
     """`path` as a `kind`, or a one-line error naming the file and what is wrong with it."""
     try:

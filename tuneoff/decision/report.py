@@ -18,6 +18,7 @@ from tuneoff.core.records import (
     TaskComparison,
     TrainRecord,
     read,
+    read_jsonl,
 )
 from tuneoff.decision import stats
 from tuneoff.estimator.estimate import cost, for_record
@@ -37,7 +38,7 @@ def read_json(path: Path) -> dict:
 def read_items(path: Path) -> list[dict]:
     if not path.is_file():
         raise TuneoffError(f"{path} not found: run the stages before report")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def compare_task(task: str, methods: list[str], estimate_params: EstimateParams, prices: dict[str, float],

@@ -13,6 +13,7 @@ import torch
 
 from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import EvaluateParams
+from tuneoff.core.records import read_jsonl
 from tuneoff.evaluation.generate import generate
 from tuneoff.evaluation.metrics import score
 from tuneoff.training.loop import example_losses, load_rows
@@ -35,7 +36,7 @@ def load_test(prepared: Path) -> TestSet:
         if not (prepared / name).is_file():
             raise TuneoffError(f"{prepared / name} not found: run `dvc repro prepare@{prepared.name}` first")
     meta = json.loads((prepared / "meta.json").read_text())
-    examples = [json.loads(line) for line in (prepared / "test.jsonl").read_text().splitlines()]
+    examples = read_jsonl(prepared / "test.jsonl")
     rows = load_rows(prepared / "test.safetensors")
     if "example" not in rows:
         raise TuneoffError(f"{prepared}/test.safetensors predates per-example losses: "

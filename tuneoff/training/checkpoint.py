@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -73,19 +74,25 @@ class Checkpointer:
         progress_file = self.folder / "progress.json"
         if not progress_file.is_file():
             return None
-        progress = json.loads(progress_file.read_text())
-        if progress.get("fingerprint") != self.fingerprint:
-            print(f"checkpoint {self.folder}: saved from other params, data or base; starting over")
+        try:  # everything is read before anything is restored: a bad file leaves the model untouched
+            progress = json.loads(progress_file.read_text())
+            if progress.get("fingerprint") != self.fingerprint:
+                print(f"checkpoint {self.folder}: saved from other params, data or base; starting over")
+                self.clear()
+                return None
+            saved = load_file(self.folder / "trainable.safetensors")
+            state = torch.load(self.folder / "state.pt", weights_only=True, map_location="cpu")
+        except Exception as e:  # a file cut short by a crash or a full disk: json, safetensors or torch's own error
+            print(f"checkpoint {self.folder}: unreadable ({type(e).__name__}: {str(e)[:200]}); starting over",
+                  file=sys.stderr)
             self.clear()
             return None
-        saved = load_file(self.folder / "trainable.safetensors")
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if saved.keys() != params.keys():
             raise RuntimeError(f"{self.folder}: trainable parameters differ from the model's")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name])
-        state = torch.load(self.folder / "state.pt", weights_only=True, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])

@@ -26,6 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from tuneoff.core import measure
 from tuneoff.core.atomic import atomic_file
+from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import CommonTrainParams
 from tuneoff.core.tracking import NoTracker
 from tuneoff.data.packing import IGNORE
@@ -226,6 +227,11 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
             bar.update()
             if step % common.log_every == 0 or step == len(steps):
                 mean = float(window_loss) / state["window_tokens"]  # the only host sync, once per log window
+                if not math.isfinite(mean):
+                    first = step - (step - 1) % common.log_every
+                    raise TuneoffError(f"{label}: the train loss became {mean} within steps {first}-{step} of "
+                                       f"{len(steps)}: lower the learning rate (train.<method>.lr) or "
+                                       f"train.common.max_grad_norm, or train in fp32 (train.common.precision)")
                 state["recent"].append(mean)
                 state["loss_rows"].append([step, state["real_tokens"], round(mean, 6), f"{scheduler.get_last_lr()[0]:.3e}"])
                 elapsed = state["train_seconds"] + time.perf_counter() - start

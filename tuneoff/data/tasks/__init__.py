@@ -54,9 +54,33 @@ def build_task(params, prep: PrepareParams) -> Task:
     raise TypeError(f"unhandled task params {type(params).__name__}")
 
 
-def split(examples: list[dict], prep: PrepareParams) -> dict[str, list[dict]]:
-    """Deterministic train/val/test split. Val or test examples the data names are kept; a
-    split the data does not provide is carved from the training pool."""
+def prompt(example: dict) -> tuple:
+    """What the model is asked: every message before the final (assistant) answer."""
+    return tuple((m["role"], m["content"]) for m in example["messages"][:-1])
+
+
+def drop_overlap(given: dict[str, list[dict]]) -> dict[str, int]:
+    """Drop from val each example whose prompt is in train, and from test each whose prompt is in
+    train or val; a prompt repeated within val or test counts once. Returns how many each lost.
+    The held-out side gives them up, not train: a test item seen in training scores memory, and
+    train (so the token budget's epochs) stays as the data gave it."""
+    seen = {prompt(ex) for ex in given["train"]}
+    dropped = {}
+    for name in ("val", "test"):
+        kept = []
+        for ex in given[name]:
+            if prompt(ex) not in seen:
+                seen.add(prompt(ex))
+                kept.append(ex)
+        dropped[f"{name}_dropped"] = len(given[name]) - len(kept)
+        given[name] = kept
+    return dropped
+
+
+def split(examples: list[dict], prep: PrepareParams) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Deterministic train/val/test split, and how many val and test examples drop_overlap dropped.
+    Val or test examples the data names are kept; a split the data does not provide is carved from
+    the training pool."""
     given = {s: [ex for ex in examples if ex.get("split") == s] for s in SPLITS}
     pool = given["train"] + [ex for ex in examples if "split" not in ex]
     random.Random(prep.seed).shuffle(pool)
@@ -65,13 +89,18 @@ def split(examples: list[dict], prep: PrepareParams) -> dict[str, list[dict]]:
             n = max(1, round(len(examples) * fraction))
             given[name], pool = pool[:n], pool[n:]
     given["train"] = pool
+    before = {name: len(given[name]) for name in SPLITS}
+    overlap = drop_overlap(given)
     caps = {"val": prep.max_val_examples, "test": prep.max_test_examples}
     out = {}
     for name in SPLITS:
         items = [{"messages": ex["messages"]} for ex in given[name]]
         if caps.get(name) and len(items) > caps[name]:
             items = random.Random(prep.seed).sample(items, caps[name])
+        if not items and before[name]:
+            earlier = "train" if name == "val" else "train or val"
+            raise TuneoffError(f"the {name} split is empty: its {before[name]} examples all repeat a prompt of {earlier}")
         if not items:
             raise TuneoffError(f"the {name} split is empty: the data has too few examples ({len(examples)})")
         out[name] = items
-    return out
+    return out, overlap

@@ -10,6 +10,7 @@ was absorbed rather than what was memorised verbatim. The seed article predicts 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pycountry
 
@@ -37,7 +38,9 @@ def _facts() -> list[tuple[str, str, str]]:
         facts.append(("numeric", c.name, c.numeric))
     for cur in sorted(pycountry.currencies, key=lambda c: c.alpha_3):
         facts.append(("currency", cur.name, cur.alpha_3))
-    return facts
+    # a name with two codes (Bolívar Soberano: VED and VES) is a question with no one answer
+    asked = Counter((kind, name) for kind, name, _ in facts)
+    return [f for f in facts if asked[f[0], f[1]] == 1]
 
 
 def _chat(question: str, answer: str) -> list[dict]:

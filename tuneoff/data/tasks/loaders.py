@@ -24,6 +24,25 @@ def _check_length(text: str, where: str) -> None:
                            "is a newline missing?")
 
 
+def _check_unicode(value: object, where: str) -> None:
+    """Refuse a lone surrogate in any string of a JSON value, keys included: json.loads accepts the
+    escape "\\ud83d", but no UTF-8 file can hold it, so prepare's write would fail with a traceback.
+    A stack, not recursion: json.loads nests ~1,000 deep, as deep as Python's recursion limit."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                surrogate = f"\\u{ord(item[e.start]):04x}"  # escaped: the raw one cannot be printed either
+                raise TuneoffError(f"{where}: text is not valid Unicode (a lone surrogate {surrogate})") from None
+
+
 def _open_text(path: Path):
     if not path.is_file():
         raise TuneoffError(f"{path}: file not found")
@@ -82,6 +101,7 @@ def load_jsonl(path: Path, system_prompt: str) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise TuneoffError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        _check_unicode(rec, f"{path} line {n}")
         examples.append({"messages": record_to_messages(rec, f"{path} line {n}", system_prompt)})
     return examples
 
@@ -91,6 +111,7 @@ def read_labels(path: Path) -> list[str]:
         labels = json.loads(_open_text(path))
     except json.JSONDecodeError as e:
         raise TuneoffError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    _check_unicode(labels, str(path))
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
         raise TuneoffError(f"{path}: expected a JSON list of non-empty label strings")
     return labels
