@@ -208,14 +208,14 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
         return Failed(message=e.line)
     outcome = {}
     for unit in list(units):  # a unit whose stages are all up to date is not sent anywhere
-        if not json.loads(sh("dvc", "status", "--json", *unit_stages(unit, tasks)) or "{}"):
+        if not json.loads(sh("dvc", "status", "--json", *unit_stages(unit, tasks, bakeoff_params.more_seeds)) or "{}"):
             outcome[unit] = {"state": "up to date"}
             units.remove(unit)
     if gpu_pool:
         revision = git_revision_for_dispatch()
         sh("dvc", "push", "--quiet", *before)
         lock = Path("dvc.lock").read_text()
-        futures = {u: dispatch.submit(u, unit_stages(u, tasks), before, gpu_pool, repo or str(Path.cwd()), revision,
+        futures = {u: dispatch.submit(u, unit_stages(u, tasks, bakeoff_params.more_seeds), before, gpu_pool, repo or str(Path.cwd()), revision,
                                       lock, os.environ[GROUP_ENV]) for u in units}
         for unit, future in futures.items():
             try:
@@ -231,7 +231,7 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
     else:
         for unit in units:
             try:
-                run_here(unit, unit_stages(unit, tasks))
+                run_here(unit, unit_stages(unit, tasks, bakeoff_params.more_seeds))
                 outcome[unit] = {"state": "completed", "host": "local"}
             except Exception as e:
                 logger.error("unit %s failed for good: %s", unit, redact(str(getattr(e, "line", e))))

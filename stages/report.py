@@ -41,7 +41,8 @@ def main() -> None:
     estimate_params = section(EstimateParams, "estimate", data=data)
     prices = section(CostParams, "cost", data=data).price_per_hour
     comparisons = [compare_task(task, list(bakeoff.methods), estimate_params, prices,
-                                bootstrap_samples=rules.bootstrap_samples, seed=rules.seed) for task in bakeoff.tasks]
+                                bootstrap_samples=rules.bootstrap_samples, seed=rules.seed,
+                                more_seeds=tuple(bakeoff.more_seeds)) for task in bakeoff.tasks]
     decisions = {c["task"]: decide(c, rules) for c in comparisons}
     quantization = read_json(QUANTIZE) if bakeoff.nf4_methods else None
     with atomic_dir(OUT) as tmp:

@@ -44,11 +44,18 @@ from tuneoff.training.loop import load_rows, step_shapes, train
 
 
 @user_errors
-def main(task: str, method: str) -> None:
+def main(task: str, method: str, seed: int | None = None) -> Path:
+    """Train `method` on `task` into runs/<task>/<method>/; with `seed` (one of bakeoff.more_seeds),
+    the same run with that seed into runs/<task>/<method>/seeds/<seed>/ (stages/train_seed.py)."""
     spec = method_named(method)
     data = read_params()
     check_task(task, data)
     common = section(CommonTrainParams, "train", "common", data=data)
+    out, label = Path("runs") / task / method, f"{task}/{method}"
+    if seed is not None:
+        if seed == common.seed:
+            raise TuneoffError(f"params.yaml: bakeoff.more_seeds: {seed} is train.common.seed already")
+        common, out, label = common.model_copy(update={"seed": seed}), out / "seeds" / str(seed), f"{label}-seed{seed}"
     params = section(methods.PARAMS_BY_METHOD[method], "train", method, data=data)
     checkpoint = section(CheckpointParams, "checkpoint", data=data)
     prepared = Path("data/prepared") / task
@@ -76,7 +83,6 @@ def main(task: str, method: str) -> None:
         trainable, total = methods.trainable_and_total(model)
         train_rows, val_rows = load_rows(prepared / "train.safetensors"), load_rows(prepared / "val.safetensors")
 
-        out = Path("runs") / task / method
         out.mkdir(parents=True, exist_ok=True)
         # the stage owns model/, train.json and the loss logs in `out`, not the folder: merge and
         # evaluate write beside them. Each appears whole or not at all.
@@ -84,11 +90,11 @@ def main(task: str, method: str) -> None:
         run_id = fingerprint({"train.common": common.model_dump(), f"train.{method}": params.model_dump(),
                               "precision": precision, "device": measure.device_name(dev)},
                              prepared, base, Path(tuneoff.__file__).parent, Path(__file__))
-        checkpointer = Checkpointer(Path(checkpoint.dir) / task / method, run_id, checkpoint.every_steps)
+        checkpointer = Checkpointer(Path(checkpoint.dir) / task / label.split("/")[1], run_id, checkpoint.every_steps)
         with atomic_dir(out / "model") as model_dir:
             peak.reset()  # training peak: weights + gradients + optimizer state + activations
             try:
-                result = train(model, train_rows, val_rows, common, params.lr, dev, precision, out, f"{task}/{method}",
+                result = train(model, train_rows, val_rows, common, params.lr, dev, precision, out, label,
                                tracker, checkpointer)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
@@ -123,13 +129,14 @@ def main(task: str, method: str) -> None:
         checkpointer.clear()
         metrics = record.model_dump()
         tracker.summary(flat({k: v for k, v in metrics.items() if k not in ("task", "method")}))
-        tracker.artifact(f"{task}-{method}", "model", out / "model", {
+        tracker.artifact(label.replace("/", "-"), "model", out / "model", {
             "task": task, "method": method, "kind": record.output.kind, "trained_on": f"{task}-data",
             "base": str(base), "metrics": metrics})
     gib = train_memory["peak_bytes"] / 2**30
-    print(f"train@{task}-{method}: {result.steps} steps, {result.real_tokens:,} tokens in {result.train_seconds:.0f} s "
+    print(f"train {label}: {result.steps} steps, {result.real_tokens:,} tokens in {result.train_seconds:.0f} s "
           f"({record.timing.tokens_per_second:.0f} tok/s), val loss {result.val_loss_before:.3f} -> "
           f"{result.val_loss:.3f}, peak {gib:.2f} GiB ({train_memory['measure']}) -> {out}/")
+    return out
 
 
 def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: torch.device) -> str:

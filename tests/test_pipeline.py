@@ -316,3 +316,26 @@ def test_register_scores_production_beside_the_new_version(project):
     assert f"on the same {n} test items: cannot tell whether it is within the 2-point margin" in versions[1]["reason"]
     assert versions[1]["form"] == "float-merged" and versions[1]["test_sha256"] == versions[0]["test_sha256"]
     assert "register: extraction-model v2 (lora) -> staging" in out
+
+
+def test_more_seeds_train_again_and_the_pairs_cover_them(project):
+    """bakeoff.more_seeds: every method trains once more per seed and is scored as trained; the pairs
+    then resample items and seeds, and the report shows each seed's score."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["lora"]["target_modules"] = ["q_proj", "v_proj"]  # as trained (the test above broke it)
+    params["bakeoff"]["more_seeds"] = [1]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], project)
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == sorted([f"train_seed@{t}-{m}-1" for t in ("extraction", "iso_codes") for m in ("full", "lora")]
+                         + [f"train_seed_nf4@{t}-qlora-1" for t in ("extraction", "iso_codes")] + ["register", "report"])
+    seed_run = project / "runs/extraction/lora/seeds/1"
+    assert json.loads((seed_run / "train.json").read_text())["seed"] == 1
+    primary = json.loads((project / "runs/extraction/lora/train.json").read_text())
+    assert primary["seed"] == 0 and json.loads((seed_run / "eval.json").read_text())["metrics"]["n"] > 0
+    comparison = json.loads((project / "reports/comparison.json").read_text())["tasks"][0]
+    lora_full = next(p for p in comparison["pairs"] if (p["a"], p["b"]) == ("lora", "full"))
+    assert lora_full["seeds"] == [2, 2] and lora_full["interval"].startswith("two-level-bootstrap")
+    assert lora_full["ci_points"][0] <= lora_full["diff_points"] <= lora_full["ci_points"][1]
+    assert len(comparison["seeds"]["qlora"]["main_points"]) == 2
+    assert "% per seed | sd (points) |" in (project / "reports/report.md").read_text()

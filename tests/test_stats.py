@@ -71,3 +71,20 @@ def test_non_inferiority_and_the_items_that_would_decide():
     assert stats.items_to_decide(-2.0, [-6.0, 2.0], 100, -2.0) is None
     # every item alike (no discordance) still needs the items that narrow the interval: 90 x (3.6 / 2)^2
     assert stats.items_to_decide(0.0, [-3.6, 3.6], 90, -2.0) == 292
+
+
+def test_over_seeds_the_spread_between_runs_widens_the_interval():
+    from tuneoff.decision.stats import paired_over_seeds
+
+    n = 400
+    reference = [[1.0 if i < 200 else 0.0 for i in range(n)]] * 3
+    steady = [[1.0 if i < 240 else 0.0 for i in range(n)]] * 3  # +10 points on every seed
+    shaky = [[1.0 if i < k else 0.0 for i in range(n)] for k in (160, 240, 320)]  # +10 on average, -10 to +30
+    calm = paired_over_seeds(steady, reference, samples=2000, seed=0)
+    wide = paired_over_seeds(shaky, reference, samples=2000, seed=0)
+    assert calm["diff"] == pytest.approx(0.10) and wide["diff"] == pytest.approx(0.10)
+    assert calm["ci"][0] > 0.06 and calm["ci"][1] < 0.14  # items only: about +-3.5 points
+    assert wide["ci"][1] - wide["ci"][0] > 3 * (calm["ci"][1] - calm["ci"][0])  # the seeds disagree by 20 points
+    assert calm["seeds"] == [3, 3] and calm["method"].startswith("two-level")
+    with pytest.raises(ValueError, match="same, non-zero number of items"):
+        paired_over_seeds([[1.0, 0.0]], [[1.0]], samples=10, seed=0)

@@ -5,6 +5,8 @@
     lora   a PEFT adapter, frozen base      models/base         train, merge, evaluate
     qlora  a PEFT adapter, frozen 4-bit     models/base-nf4     train_nf4, merge, merge_nf4, evaluate_nf4
 
+and with bakeoff.more_seeds, train_seed (train_seed_nf4 for qlora) once per extra seed.
+
 What ships: full ships its weights; lora its adapter merged into the float base; qlora the best
 of its deployable forms on the test set (tuneoff/modeling/merge.py FORMS).
 """
@@ -37,14 +39,16 @@ class Method:
         """What its train stage saves: a whole model or an adapter."""
         return "adapter" if self.adapter else "model"
 
-    def stages(self, task: str) -> list[str]:
-        """Its dvc.yaml stages for `task`, in the order they run."""
+    def stages(self, task: str, more_seeds: list[int] | tuple[int, ...] = ()) -> list[str]:
+        """Its dvc.yaml stages for `task`, in the order they run; with bakeoff.more_seeds, one more
+        train_seed stage (training and scoring) per seed."""
+        again = [f"{'train_seed_nf4' if self.quantized else 'train_seed'}@{task}-{self.name}-{s}" for s in more_seeds]
         if not self.adapter:
-            return [f"train@{task}-{self.name}", f"evaluate_full@{task}"]
+            return [f"train@{task}-{self.name}", f"evaluate_full@{task}", *again]
         if self.quantized:
             return [f"train_nf4@{task}-{self.name}", f"merge@{task}-{self.name}", f"merge_nf4@{task}-{self.name}",
-                    f"evaluate_nf4@{task}-{self.name}"]
-        return [f"train@{task}-{self.name}", f"merge@{task}-{self.name}", f"evaluate@{task}-{self.name}"]
+                    f"evaluate_nf4@{task}-{self.name}", *again]
+        return [f"train@{task}-{self.name}", f"merge@{task}-{self.name}", f"evaluate@{task}-{self.name}", *again]
 
     def train_stage(self, task: str) -> str:
         return self.stages(task)[0]
@@ -69,8 +73,8 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def unit_stages(unit: str, tasks: list[str]) -> list[str]:
+def unit_stages(unit: str, tasks: list[str], more_seeds: list[int] | tuple[int, ...] = ()) -> list[str]:
     """The stages of one unit of the bake-off (a method, or the base) over every task."""
     if unit == BASE:
         return [f"evaluate_base@{t}" for t in tasks]
-    return [s for t in tasks for s in method(unit).stages(t)]
+    return [s for t in tasks for s in method(unit).stages(t, more_seeds)]

@@ -280,6 +280,9 @@ class BakeoffParams(Section):
     nf4_methods: list[Literal["qlora"]]
     adapter_methods: list[Literal["lora", "qlora"]]
     float_adapter_methods: list[Literal["lora"]]
+    # more training seeds besides train.common.seed: each method trains and is scored again with each
+    # (train_seed / train_seed_nf4), and the report's paired intervals take the spread between runs in
+    more_seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
 
     @property
     def methods(self) -> list[str]:
@@ -289,6 +292,8 @@ class BakeoffParams(Section):
     def _consistent(self) -> "BakeoffParams":
         if not self.methods:
             raise ValueError("float_methods and nf4_methods are both empty: nothing to compare")
+        if len(set(self.more_seeds)) != len(self.more_seeds):
+            raise ValueError(f"more_seeds repeats a seed: {self.more_seeds}")
         adapters = [m for m in self.methods if METHODS[m].adapter]
         if set(self.adapter_methods) != set(adapters):
             raise ValueError(f"adapter_methods must list the adapter methods that train, {adapters}; "

@@ -173,11 +173,12 @@ class Pair(TypedDict):
     n: int
     diff_points: float
     ci_points: list[float]
-    p_value: float
-    only_a: int
-    only_b: int
+    p_value: float | None  # exact McNemar; None over several seeds
+    only_a: int | None  # items only a got right; None over several seeds
+    only_b: int | None
     interval: str
     loss: dict | None
+    seeds: NotRequired[list[int]]  # how many seeds of a and of b, when either trained with more than one
 
 
 class TaskComparison(TypedDict):
@@ -188,6 +189,7 @@ class TaskComparison(TypedDict):
     rows: list[ComparisonRow]
     pairs: list[Pair]
     form_pairs: list[Pair]
+    seeds: NotRequired[dict | None]  # each method's main metric per training seed and their spread
     conditions: dict
 
 

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from tuneoff.core.errors import TuneoffError
-from tuneoff.core.methods import BASE, COLOURS, FULL, LORA, PAIRS, QLORA
+from tuneoff.core.methods import BASE, COLOURS, FULL, LORA, METHODS, PAIRS, QLORA
 from tuneoff.core.params import CostParams, EstimateParams, section
 from tuneoff.core.records import (
     ComparisonRow,
@@ -43,10 +43,11 @@ def read_items(path: Path) -> list[dict]:
 
 def compare_task(task: str, methods: list[str], estimate_params: EstimateParams, prices: dict[str, float],
                  runs: Path = Path("runs"), prepared: Path = Path("data/prepared"), bootstrap_samples: int = 2000,
-                 seed: int = 0) -> TaskComparison:
+                 seed: int = 0, more_seeds: tuple[int, ...] = ()) -> TaskComparison:
     """Rows for the untuned base and each method, the paired comparisons the decision uses, and the
     conditions that make them comparable. Each run's dollars (at `prices`) and the estimator's
-    prediction for it are computed here, from what its train.json measured."""
+    prediction for it are computed here, from what its train.json measured. With `more_seeds`
+    (bakeoff.more_seeds), the pairs cover every seed each method trained with."""
     meta = read_json(prepared / task / "meta.json")
     rows, trains, items = [], {}, {}
     for method in [BASE, *methods]:
@@ -84,27 +85,73 @@ def compare_task(task: str, methods: list[str], estimate_params: EstimateParams,
     for r in rows:
         r["gap_to_full_points"] = None if full is None or r["main"] is None else round(100 * (full["main"] - r["main"]), 2)
     first = next(iter(trains.values()), None)
+    by_seed = seed_runs(runs / task, [m for m in methods if m in items], list(more_seeds))
     return {
         "task": task,
         "scorer": meta["scorer"],
         "task_type": TASK_TYPE.get(meta["kind"], TASK_TYPE.get(meta["scorer"], "generation")),
         "main_metric": MAIN_METRIC[meta["scorer"]],
         "rows": rows,
-        "pairs": paired(items, bootstrap_samples, seed),
+        "pairs": paired(items, bootstrap_samples, seed, by_seed),
+        "seeds": seed_spread(by_seed, [first.seed, *more_seeds]) if by_seed and first else None,
         "form_pairs": form_pairs(rows, runs / task, bootstrap_samples, seed),
         "conditions": {
             "test_examples": meta["examples"]["test"], "train_examples": meta["examples"]["train"],
-            "token_budget": first and first.tokens.budget, "seed": first and first.seed,
+            "token_budget": first and first.tokens.budget, "seed": first and first.seed, "more_seeds": list(more_seeds),
             "real_tokens": {m: t.tokens.real for m, t in trains.items()},
             "same_tokens": len({t.tokens.real for t in trains.values()}) <= 1,
         },
     }
 
 
-def paired(items: dict[str, list[dict]], bootstrap_samples: int, seed: int) -> list[Pair]:
+def paired(items: dict[str, list[dict]], bootstrap_samples: int, seed: int,
+           seed_runs: dict[str, list[list[dict]]] | None = None) -> list[Pair]:
     """a - b on the same test items for each pair in PAIRS that was scored: the main metric (points)
-    and the per-example loss of the reference answer (evidence beside it: continuous, so more sensitive)."""
-    return [one_pair(a, b, items, bootstrap_samples, seed) for a, b in PAIRS if a in items and b in items]
+    and the per-example loss of the reference answer (evidence beside it: continuous, so more sensitive).
+    A method trained with several seeds (`seed_runs`: every seed's records) is compared over all of them."""
+    seed_runs = seed_runs or {}
+    return [one_pair(a, b, items, bootstrap_samples, seed) if a not in seed_runs and b not in seed_runs
+            else pair_over_seeds(a, b, {m: seed_runs.get(m, [items[m]]) for m in (a, b)}, bootstrap_samples, seed)
+            for a, b in PAIRS if a in items and b in items]
+
+
+def pair_over_seeds(a: str, b: str, runs: dict[str, list[list[dict]]], bootstrap_samples: int, seed: int) -> Pair:
+    """a - b over every seed each was trained with, on the same items: a two-level bootstrap interval
+    (items and seeds) for the main metric and for the per-example loss."""
+    every = [r for m in (a, b) for r in runs[m]]
+    if any([x["expected"] for x in r] != [x["expected"] for x in every[0]] for r in every):
+        raise TuneoffError(f"{a} and {b} were not all scored on the same test items: rerun their stages")
+    main = stats.paired_over_seeds([[float(x["correct"]) for x in r] for r in runs[a]],
+                                   [[float(x["correct"]) for x in r] for r in runs[b]], bootstrap_samples, seed)
+    kept = [i for i in range(main["n"]) if all(r[i].get("loss") is not None for r in every)]
+    loss = kept and stats.paired_over_seeds([[r[i]["loss"] for i in kept] for r in runs[a]],
+                                            [[r[i]["loss"] for i in kept] for r in runs[b]], bootstrap_samples, seed)
+    return {"a": a, "b": b, "n": main["n"], "seeds": main["seeds"], "diff_points": round(100 * main["diff"], 2),
+            "ci_points": [round(100 * main["ci"][0], 2), round(100 * main["ci"][1], 2)],
+            "p_value": None, "only_a": None, "only_b": None, "interval": main["method"],
+            "loss": loss and {"diff": round(loss["diff"], 4), "ci": [round(x, 4) for x in loss["ci"]], "n": loss["n"],
+                              "interval": loss["method"]}}
+
+
+def seed_runs(task_runs: Path, methods: list[str], more_seeds: list[int]) -> dict[str, list[list[dict]]]:
+    """Every training seed's test records of each method, the first seed first, each scored as trained
+    (QLoRA: its adapter on the NF4 base, the form its other seeds are scored in). Empty without more seeds."""
+    if not more_seeds:
+        return {}
+    first = {m: "predictions-nf4.jsonl" if METHODS[m].quantized else "predictions.jsonl" for m in methods}
+    return {m: [read_items(task_runs / m / first[m]),
+                *(read_items(task_runs / m / "seeds" / str(s) / "predictions.jsonl") for s in more_seeds)]
+            for m in methods}
+
+
+def seed_spread(runs: dict[str, list[list[dict]]], seeds: list[int]) -> dict:
+    """Each method's main metric per training seed and their standard deviation, in points."""
+    out = {}
+    for method, records in runs.items():
+        scores = [100 * sum(bool(x["correct"]) for x in r) / len(r) for r in records]
+        out[method] = {"seeds": seeds, "main_points": [round(v, 2) for v in scores],
+                       "sd_points": round(statistics.stdev(scores), 2)}
+    return out
 
 
 def one_pair(a: str, b: str, items: dict[str, list[dict]], bootstrap_samples: int, seed: int) -> Pair:
@@ -229,9 +276,24 @@ def _pairs_table(pairs: list[dict], metric: str) -> list[str]:
     for p in pairs:
         lo, hi = p["ci_points"]
         loss = p["loss"] and f"{p['loss']['diff']:+.3f} [{p['loss']['ci'][0]:+.3f}, {p['loss']['ci'][1]:+.3f}]"
-        lines.append(f"| {p['a']} - {p['b']} | {p['diff_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {p['only_a']} / "
-                     f"{p['only_b']} | {p['p_value']:.3g} | {loss or '-'} |")
+        exact = "- (seeds)" if p["p_value"] is None else f"{p['p_value']:.3g}"
+        only = "-" if p["only_a"] is None else f"{p['only_a']} / {p['only_b']}"
+        lines.append(f"| {p['a']} - {p['b']} | {p['diff_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {only} | {exact} "
+                     f"| {loss or '-'} |")
     return lines
+
+
+def _seeds_note(c: dict) -> list[str]:
+    """Each method's score per training seed: how much of a difference one run's luck can make."""
+    if not c.get("seeds"):
+        return []
+    rows = [f"| {m} | {' / '.join(f'{v:.1f}' for v in s['main_points'])} | {s['sd_points']:.1f} |"
+            for m, s in c["seeds"].items()]
+    seeds = ", ".join(str(x) for x in next(iter(c["seeds"].values()))["seeds"])
+    return [f"Each method trained with seeds {seeds}, each scored as trained (QLoRA: its adapter on the NF4 base). "
+            "The paired intervals above resample the test items and, for each method, its seeds "
+            "(a two-level bootstrap), so the spread between runs is in them:", "",
+            f"| method | {c['main_metric']} % per seed | sd (points) |", "|---|---|---|", *rows, ""]
 
 
 def claims(c: TaskComparison) -> list[dict]:
@@ -317,7 +379,7 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
             lines += [f"**{head}.** {d['rationale']}", ""] + ([f"What would settle it: {d['settle']}", ""] if d["settle"] else [])
         lines += ["Paired on the same test items (a - b; interval: Newcombe's paired score interval for the "
                   "0/1 metric, a BCa paired bootstrap for the per-example loss of the reference answer, where lower "
-                  "is better):", "", *_pairs_table(c["pairs"], c["main_metric"]), ""]
+                  "is better):", "", *_pairs_table(c["pairs"], c["main_metric"]), "", *_seeds_note(c)]
         if c["form_pairs"]:
             lines += ["QLoRA in its other deployable forms, against the one deployed (same items):", "",
                       *_pairs_table(c["form_pairs"], c["main_metric"]), ""]

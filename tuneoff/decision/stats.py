@@ -74,6 +74,28 @@ def paired_mean(a: list[float], b: list[float], samples: int, seed: int) -> dict
     return {"n": len(d), "diff": diff, "ci": [low, high], "method": "bca-paired-bootstrap"}
 
 
+def paired_over_seeds(a: list[list[float]], b: list[list[float]], samples: int, seed: int) -> dict:
+    """a - b when each method was trained with several seeds (a[s][i]: seed s's score on item i; the
+    same items for every seed of both): the mean difference over items and seeds, and a two-level
+    percentile bootstrap interval that resamples the items (paired, as one test set) and, apart for
+    each method, its seeds, so the spread between training runs widens it as it should."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or not x.shape[1]:
+        raise ValueError(f"seed x item scores need the same, non-zero number of items (got {x.shape} and {y.shape})")
+    rng = np.random.default_rng(seed)
+    n = x.shape[1]
+    items = rng.integers(0, n, size=(samples, n))
+    runs_a = rng.integers(0, len(x), size=(samples, len(x)))
+    runs_b = rng.integers(0, len(y), size=(samples, len(y)))
+    # per replicate: the chosen seeds' mean score on each chosen item, a minus b, averaged over items
+    per_item_a = x[runs_a].mean(axis=1)  # samples x n
+    per_item_b = y[runs_b].mean(axis=1)
+    diffs = np.take_along_axis(per_item_a - per_item_b, items, axis=1).mean(axis=1)
+    low, high = np.quantile(diffs, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return {"n": n, "seeds": [len(x), len(y)], "diff": float(x.mean() - y.mean()), "ci": [float(low), float(high)],
+            "method": "two-level-bootstrap (items, seeds)"}
+
+
 def above(ci: list[float], bound: float) -> bool:
     return ci[0] > bound
 

@@ -1,0 +1,58 @@
+"""DVC stages `train_seed@<task>-<method>-<seed>` and `train_seed_nf4@<task>-qlora-<seed>`: the train
+stage again with one of bakeoff.more_seeds, then the model scored on the test set as trained (an
+adapter on its base: for QLoRA the NF4 base, the form its first seed is compared in too).
+
+Outputs runs/<task>/<method>/seeds/<seed>/: model/, train.json, eval.json, predictions.jsonl and the
+loss logs. The report compares methods over all their seeds (tuneoff/decision/report.py pair_over_seeds).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stages import train
+from tuneoff.core import measure
+from tuneoff.core.atomic import write_json, write_jsonl
+from tuneoff.core.errors import user_errors
+from tuneoff.core.methods import method as method_named
+from tuneoff.core.params import EvaluateParams, read_params, section
+from tuneoff.core.records import EvalRecord, EvalTiming
+from tuneoff.evaluation.score import load_test, score_model
+from tuneoff.modeling.merge import load_adapter_model
+
+
+@user_errors
+def main(task: str, method: str, seed: int) -> None:
+    out = train.main(task, method, seed)
+    gc.collect()
+    spec, params = method_named(method), section(EvaluateParams, "evaluate", data=read_params())
+    test, dev = load_test(Path("data/prepared") / task), measure.device()
+    start = time.perf_counter()
+    if spec.adapter:
+        net = load_adapter_model(spec.base, out / "model", dev)
+    else:
+        net = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).to(dev).eval()
+    load_seconds = time.perf_counter() - start
+    scored = score_model(net, AutoTokenizer.from_pretrained(out / "model"), test, params, dev,
+                         f"score {task}/{method}-seed{seed}")
+    write_jsonl(out / "predictions.jsonl", scored.records)
+    write_json(out / "eval.json", EvalRecord(
+        task=task, model=method, evaluated=str(out / "model"), scorer=test.scorer, metrics=scored.metrics,
+        test_loss=round(scored.test_loss, 6),
+        timing=EvalTiming(load_seconds=round(load_seconds, 3), generate_seconds=round(scored.generate_seconds, 3),
+                          examples_per_second=round(scored.examples_per_second, 3))).model_dump(exclude_none=True))
+    m = scored.metrics
+    print(f"train_seed {task}/{method}-seed{seed}: {m['main_metric']} {m['main']:.3f} on {m['n']} test examples "
+          f"(as trained) -> {out}/eval.json")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or not sys.argv[3].isdigit():
+        sys.exit("usage: python -m stages.train_seed <task> <method> <seed>")
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
