@@ -14,7 +14,7 @@ from flows.bakeoff import bakeoff
 from flows.server import ensure_server
 from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.params import BakeoffParams, section
-from tuneoff.decision.report import results_table
+from tuneoff.decision.costs import results_table
 
 
 @user_errors

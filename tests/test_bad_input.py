@@ -68,7 +68,7 @@ def test_files_the_project_writes_read_back_whole_with_unicode_line_separators(t
 
     from tuneoff.core.atomic import write_json, write_jsonl
     from tuneoff.core.records import read_jsonl
-    from tuneoff.decision.report import read_items
+    from tuneoff.decision.pairs import read_items
     from tuneoff.evaluation.score import load_test
 
     text = "a\u2028b\u2029c\x85d"  # str.splitlines() breaks at each; write_jsonl leaves them raw

@@ -10,8 +10,9 @@ from conftest import ROOT
 
 from tuneoff.core.params import DecideParams
 from tuneoff.decision.decide import decide, replaces_champion
+from tuneoff.decision.pairs import paired
 from tuneoff.decision.registry import register
-from tuneoff.decision.report import claims, paired
+from tuneoff.decision.report import claims
 
 GIB = 2**30
 RULES = DecideParams(max_gap_points=2.0, memory_budget_gb=0, bootstrap_samples=500, seed=0)
@@ -173,3 +174,14 @@ def test_a_verdict_that_is_not_decided_registers_and_promotes_nothing(tmp_path, 
     assert written["registered"] is None and "nothing registered" in written["register"]
     assert not (tmp_path / "registry/registry.json").exists()
     assert not list((tmp_path / "models/production").iterdir())
+
+
+def test_over_seeds_no_difference_on_few_items_is_not_a_certainty():
+    """Two methods that agree on all 20 items on every seed: the bootstrap alone says [0, 0]; the
+    interval keeps the first seeds' exact width, so the margin cannot be shown on 20 items."""
+    from tuneoff.decision.pairs import pair_over_seeds
+
+    same = items(scores(15, n=20))
+    pair = pair_over_seeds("lora", "full", {"lora": [same, same], "full": [same, same]}, 500, 0)
+    assert pair["diff_points"] == 0 and pair["seeds"] == [2, 2]
+    assert pair["ci_points"][0] < -2 and pair["ci_points"][1] > 2

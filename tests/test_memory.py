@@ -379,7 +379,7 @@ def test_plan_rules():
 
 def test_report_shows_predicted_vs_measured():
     """Memory error against the run's own estimate; time calibrated on the other task's run of the method."""
-    from tuneoff.decision import report
+    from tuneoff.decision import costs as report
 
     def row(method, predicted, measured, flops, seconds):
         train = {"peak_memory_bytes": measured, "memory_measure": "cuda_max_memory_allocated", "train_seconds": seconds,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.params import TrackingParams, section
-from tuneoff.decision.report import results_table
+from tuneoff.decision.costs import results_table
 from tuneoff.estimator import cli as estimate_cli
 from tuneoff.serving import server as serving
 

@@ -1,27 +1,24 @@
 """The comparison: one row per method per task, from the run's own metrics files, as JSON,
-Markdown and charts."""
+Markdown and charts (the paired comparisons: pairs.py; costs and predictions: costs.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import statistics
 from pathlib import Path
 
 from tuneoff.core.errors import TuneoffError
-from tuneoff.core.methods import BASE, COLOURS, FULL, LORA, METHODS, PAIRS, QLORA
-from tuneoff.core.params import CostParams, EstimateParams, section
-from tuneoff.core.records import (
-    ComparisonRow,
-    EvalRecord,
-    Pair,
-    TaskComparison,
-    TrainRecord,
-    read,
-    read_jsonl,
+from tuneoff.core.methods import BASE, COLOURS, FULL, LORA, QLORA
+from tuneoff.core.params import EstimateParams
+from tuneoff.core.records import EvalRecord, TaskComparison, TrainRecord, read
+from tuneoff.decision.costs import _predictions_table, run_costs
+from tuneoff.decision.pairs import (
+    form_pairs,
+    paired,
+    read_items,
+    seed_runs,
+    seed_spread,
 )
-from tuneoff.decision import stats
-from tuneoff.estimator.estimate import cost, for_record
 from tuneoff.evaluation.metrics import MAIN_METRIC
 
 # the seed article's task types, by the kind of task (and, for a user's JSONL, its scorer)
@@ -33,12 +30,6 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise TuneoffError(f"{path} not found: run the stages before report")
     return json.loads(path.read_text())
-
-
-def read_items(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise TuneoffError(f"{path} not found: run the stages before report")
-    return read_jsonl(path)
 
 
 def compare_task(task: str, methods: list[str], estimate_params: EstimateParams, prices: dict[str, float],
@@ -63,24 +54,7 @@ def compare_task(task: str, methods: list[str], estimate_params: EstimateParams,
             rows.append({"method": method, **_quality(ev), "train": None})
             continue
         train = trains[method] = read(TrainRecord, runs / task / method / "train.json")
-        dollars = cost(train.timing.wall_seconds, train.device, prices)  # a rented device bills the whole stage
-        predicted, timing = for_record(train, estimate_params, prices)
-        rows.append({"method": method, **_quality(ev), "train": {
-            "peak_memory_bytes": train.memory.peak_memory_bytes,
-            "memory_measure": train.memory.measure,
-            "train_seconds": train.timing.train_seconds,
-            "gpu_hours": dollars["gpu_hours"],
-            "device_hours": dollars["device_hours"],
-            "cost_usd": dollars["usd"],
-            "trainable_percent": train.params.trainable_percent,
-            "artifact_bytes": train.output.weights_bytes,
-            "artifact_kind": train.output.kind,
-            "device": train.device,
-            "precision": train.precision,
-            "estimate": {"peak_memory_bytes": predicted["peak_memory_bytes"], "phase": predicted["phase"],
-                         "train_flops": predicted["train_flops"], "train_seconds": timing.get("train_seconds"),
-                         "utilisation": timing.get("utilisation")},
-        }})
+        rows.append({"method": method, **_quality(ev), "train": run_costs(train, estimate_params, prices)})
     full = next((r for r in rows if r["method"] == FULL.name and r["main"] is not None), None)
     for r in rows:
         r["gap_to_full_points"] = None if full is None or r["main"] is None else round(100 * (full["main"] - r["main"]), 2)
@@ -102,137 +76,6 @@ def compare_task(task: str, methods: list[str], estimate_params: EstimateParams,
             "same_tokens": len({t.tokens.real for t in trains.values()}) <= 1,
         },
     }
-
-
-def paired(items: dict[str, list[dict]], bootstrap_samples: int, seed: int,
-           seed_runs: dict[str, list[list[dict]]] | None = None) -> list[Pair]:
-    """a - b on the same test items for each pair in PAIRS that was scored: the main metric (points)
-    and the per-example loss of the reference answer (evidence beside it: continuous, so more sensitive).
-    A method trained with several seeds (`seed_runs`: every seed's records) is compared over all of them."""
-    seed_runs = seed_runs or {}
-    return [one_pair(a, b, items, bootstrap_samples, seed) if a not in seed_runs and b not in seed_runs
-            else pair_over_seeds(a, b, {m: seed_runs.get(m, [items[m]]) for m in (a, b)}, bootstrap_samples, seed)
-            for a, b in PAIRS if a in items and b in items]
-
-
-def pair_over_seeds(a: str, b: str, runs: dict[str, list[list[dict]]], bootstrap_samples: int, seed: int) -> Pair:
-    """a - b over every seed each was trained with, on the same items: a two-level bootstrap interval
-    (items and seeds) for the main metric and for the per-example loss."""
-    every = [r for m in (a, b) for r in runs[m]]
-    if any([x["expected"] for x in r] != [x["expected"] for x in every[0]] for r in every):
-        raise TuneoffError(f"{a} and {b} were not all scored on the same test items: rerun their stages")
-    main = stats.paired_over_seeds([[float(x["correct"]) for x in r] for r in runs[a]],
-                                   [[float(x["correct"]) for x in r] for r in runs[b]], bootstrap_samples, seed)
-    kept = [i for i in range(main["n"]) if all(r[i].get("loss") is not None for r in every)]
-    loss = kept and stats.paired_over_seeds([[r[i]["loss"] for i in kept] for r in runs[a]],
-                                            [[r[i]["loss"] for i in kept] for r in runs[b]], bootstrap_samples, seed)
-    return {"a": a, "b": b, "n": main["n"], "seeds": main["seeds"], "diff_points": round(100 * main["diff"], 2),
-            "ci_points": [round(100 * main["ci"][0], 2), round(100 * main["ci"][1], 2)],
-            "p_value": None, "only_a": None, "only_b": None, "interval": main["method"],
-            "loss": loss and {"diff": round(loss["diff"], 4), "ci": [round(x, 4) for x in loss["ci"]], "n": loss["n"],
-                              "interval": loss["method"]}}
-
-
-def seed_runs(task_runs: Path, methods: list[str], more_seeds: list[int]) -> dict[str, list[list[dict]]]:
-    """Every training seed's test records of each method, the first seed first, each scored as trained
-    (QLoRA: its adapter on the NF4 base, the form its other seeds are scored in). Empty without more seeds."""
-    if not more_seeds:
-        return {}
-    first = {m: "predictions-nf4.jsonl" if METHODS[m].quantized else "predictions.jsonl" for m in methods}
-    return {m: [read_items(task_runs / m / first[m]),
-                *(read_items(task_runs / m / "seeds" / str(s) / "predictions.jsonl") for s in more_seeds)]
-            for m in methods}
-
-
-def seed_spread(runs: dict[str, list[list[dict]]], seeds: list[int]) -> dict:
-    """Each method's main metric per training seed and their standard deviation, in points."""
-    out = {}
-    for method, records in runs.items():
-        scores = [100 * sum(bool(x["correct"]) for x in r) / len(r) for r in records]
-        out[method] = {"seeds": seeds, "main_points": [round(v, 2) for v in scores],
-                       "sd_points": round(statistics.stdev(scores), 2)}
-    return out
-
-
-def one_pair(a: str, b: str, items: dict[str, list[dict]], bootstrap_samples: int, seed: int) -> Pair:
-    """a - b on the items both were scored on (each model's predictions.jsonl records)."""
-    if [x["expected"] for x in items[a]] != [x["expected"] for x in items[b]]:
-        raise TuneoffError(f"{a} and {b} were not scored on the same test items: rerun their evaluate stages")
-    main = stats.paired_binary([bool(x["correct"]) for x in items[a]], [bool(x["correct"]) for x in items[b]])
-    both = [(x["loss"], y["loss"]) for x, y in zip(items[a], items[b])
-            if x.get("loss") is not None and y.get("loss") is not None]
-    loss = stats.paired_mean(*zip(*both), samples=bootstrap_samples, seed=seed) if both else None
-    return {"a": a, "b": b, "n": main["n"], "diff_points": round(100 * main["diff"], 2),
-             "ci_points": [round(100 * main["ci"][0], 2), round(100 * main["ci"][1], 2)],
-             "p_value": round(main["p_value"], 4), "only_a": main["only_a"], "only_b": main["only_b"],
-             "interval": main["method"],
-             "loss": loss and {"diff": round(loss["diff"], 4), "ci": [round(x, 4) for x in loss["ci"]], "n": loss["n"],
-                               "interval": loss["method"]}}
-
-
-def form_pairs(rows: list[ComparisonRow], task_runs: Path, bootstrap_samples: int, seed: int) -> list[Pair]:
-    """For a method scored in several deployable forms (QLoRA), each other form against the deployed
-    one, on the same items: what deploying it another way would change."""
-    out = []
-    for r in rows:
-        if not r.get("forms"):
-            continue
-        deployed = f"{r['method']} {r['deployed_form']}"
-        items = {f"{r['method']} {form}": read_items(task_runs / r["method"] / f"predictions-{form}.jsonl")
-                 for form in r["forms"]}
-        out += [one_pair(other, deployed, items, bootstrap_samples, seed) for other in items if other != deployed]
-    return out
-
-
-def predictions(comparisons: list[TaskComparison]) -> list[dict]:
-    """Predicted vs measured peak memory and train time, per task and method. Time is predicted twice:
-    at params.yaml's utilisation prior, and calibrated leave-one-out on the FLOP/s the same method
-    reached on the report's other tasks (same device and precision): a prediction this run did not inform."""
-    runs = [(c["task"], r["method"], r["train"]) for c in comparisons for r in c["rows"]
-            if r.get("train") and r["train"].get("estimate")]
-    out = []
-    for task, method, t in runs:
-        est = t["estimate"]
-        others = [o["estimate"]["train_flops"] / o["train_seconds"] for task2, method2, o in runs
-                  if method2 == method and task2 != task and (o["device"], o["precision"]) == (t["device"], t["precision"])
-                  and o["train_seconds"]]
-        calibrated = est["train_flops"] / statistics.median(others) if others else None
-        out.append({"task": task, "method": method, "measure": t["memory_measure"],
-                    "peak_predicted_bytes": est["peak_memory_bytes"], "peak_measured_bytes": t["peak_memory_bytes"],
-                    "peak_error_percent": _error(est["peak_memory_bytes"], t["peak_memory_bytes"]),
-                    "seconds_prior": est["train_seconds"], "seconds_calibrated": calibrated,
-                    "seconds_measured": t["train_seconds"],
-                    "seconds_error_percent": _error(calibrated if calibrated else est["train_seconds"], t["train_seconds"])})
-    return out
-
-
-def _error(predicted: float | None, measured: float | None) -> float | None:
-    return None if not predicted or not measured else round(100 * (predicted / measured - 1), 1)
-
-
-def _predictions_table(comparisons: list[dict]) -> list[str]:
-    rows = predictions(comparisons)
-    if not rows:
-        return []
-    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    lines = ["## Predicted vs measured", "",
-             "`tuneoff estimate`'s numbers for each run, computed from the model's config and the run's settings "
-             "before it trained (train.json `estimate`), beside what the run measured. Time: at params.yaml's "
-             "utilisation prior, and calibrated on the FLOP/s the same method reached on the other tasks "
-             "(the error is the calibrated one when there is one). Formulas: docs/estimator.md.", "",
-             "| task | method | peak predicted GiB | peak measured GiB | error % | train s predicted (prior) "
-             "| train s predicted (calibrated) | train s measured | error % |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['task']} | {r['method']} | {r['peak_predicted_bytes'] / 2**30:.2f} | "
-                     f"{r['peak_measured_bytes'] / 2**30:.2f} | {fmt(r['peak_error_percent'], '+.1f')} | "
-                     f"{fmt(r['seconds_prior'], '.0f')} | {fmt(r['seconds_calibrated'], '.0f')} | "
-                     f"{r['seconds_measured']:.0f} | {fmt(r['seconds_error_percent'], '+.1f')} |")
-    measure = rows[0]["measure"]
-    if measure.startswith("cpu"):
-        lines += ["", "On a CPU the measured peak is the process's resident set: the prediction adds "
-                      "estimate.overhead_gib.cpu to the tensors, and glibc's malloc keeps freed blocks resident on "
-                      "top of both (docs/estimator.md: why CPU runs measure above the prediction)."]
-    return lines + [""]
 
 
 def _quality(ev: EvalRecord) -> dict:
@@ -484,24 +327,3 @@ def plot(comparison: dict, runs: Path, out: Path, margin_points: float | None = 
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
-
-def results_table(runs: Path = Path("runs")) -> str:
-    """One line per (task, method) from runs/<task>/<method>/train.json, in dollars at params.yaml's prices."""
-    prices = section(CostParams, "cost").price_per_hour
-    rows, measures = [], set()
-    for path in sorted(runs.glob("*/*/train.json")):
-        m = read(TrainRecord, path)
-        usd = cost(m.timing.wall_seconds, m.device, prices)["usd"]
-        measures.add(m.memory.measure)
-        rows.append([m.task, m.method, m.device, m.precision, f"{m.params.trainable_percent:.2f}%",
-                     f"{m.memory.peak_memory_bytes / 2**30:.2f}", f"{m.timing.train_seconds:.0f}",
-                     f"{m.timing.tokens_per_second:.0f}", f"{m.loss.val_before:.3f} -> {m.loss.val:.3f}",
-                     f"{m.output.weights_bytes / 2**20:.1f}", "n/a" if usd is None else f"{usd:.4f}"])
-    if not rows:
-        return f"no results under {runs}/ yet: run `dvc repro` (or `make run`)"
-    header = ["task", "method", "device", "prec", "trainable", "peak GiB", "train s", "tok/s",
-              "val loss", "weights MiB", "USD"]
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([fmt(header), *map(fmt, rows),
-                      f"(peak memory: {', '.join(sorted(measures))}; details in {runs}/<task>/<method>/train.json)"])

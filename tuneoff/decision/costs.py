@@ -1,0 +1,107 @@
+"""What each run cost and what the estimator predicted for it, from what its train.json measured:
+dollars at params.yaml's prices and predictions computed here, where they are reported, so a price
+edit retrains nothing."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from tuneoff.core.params import CostParams, EstimateParams, section
+from tuneoff.core.records import RunCosts, TaskComparison, TrainRecord, read
+from tuneoff.estimator.estimate import cost, for_record
+
+
+def run_costs(train: TrainRecord, estimate_params: EstimateParams, prices: dict[str, float]) -> RunCosts:
+    """A trained method's row in the report: what it measured, priced, and the estimator's prediction."""
+    dollars = cost(train.timing.wall_seconds, train.device, prices)  # a rented device bills the whole stage
+    predicted, timing = for_record(train, estimate_params, prices)
+    return {
+        "peak_memory_bytes": train.memory.peak_memory_bytes,
+        "memory_measure": train.memory.measure,
+        "train_seconds": train.timing.train_seconds,
+        "gpu_hours": dollars["gpu_hours"],
+        "device_hours": dollars["device_hours"],
+        "cost_usd": dollars["usd"],
+        "trainable_percent": train.params.trainable_percent,
+        "artifact_bytes": train.output.weights_bytes,
+        "artifact_kind": train.output.kind,
+        "device": train.device,
+        "precision": train.precision,
+        "estimate": {"peak_memory_bytes": predicted["peak_memory_bytes"], "phase": predicted["phase"],
+                     "train_flops": predicted["train_flops"], "train_seconds": timing.get("train_seconds"),
+                     "utilisation": timing.get("utilisation")},
+    }
+
+
+def predictions(comparisons: list[TaskComparison]) -> list[dict]:
+    """Predicted vs measured peak memory and train time, per task and method. Time is predicted twice:
+    at params.yaml's utilisation prior, and calibrated leave-one-out on the FLOP/s the same method
+    reached on the report's other tasks (same device and precision): a prediction this run did not inform."""
+    runs = [(c["task"], r["method"], r["train"]) for c in comparisons for r in c["rows"]
+            if r.get("train") and r["train"].get("estimate")]
+    out = []
+    for task, method, t in runs:
+        est = t["estimate"]
+        others = [o["estimate"]["train_flops"] / o["train_seconds"] for task2, method2, o in runs
+                  if method2 == method and task2 != task and (o["device"], o["precision"]) == (t["device"], t["precision"])
+                  and o["train_seconds"]]
+        calibrated = est["train_flops"] / statistics.median(others) if others else None
+        out.append({"task": task, "method": method, "measure": t["memory_measure"],
+                    "peak_predicted_bytes": est["peak_memory_bytes"], "peak_measured_bytes": t["peak_memory_bytes"],
+                    "peak_error_percent": _error(est["peak_memory_bytes"], t["peak_memory_bytes"]),
+                    "seconds_prior": est["train_seconds"], "seconds_calibrated": calibrated,
+                    "seconds_measured": t["train_seconds"],
+                    "seconds_error_percent": _error(calibrated if calibrated else est["train_seconds"], t["train_seconds"])})
+    return out
+
+
+def _error(predicted: float | None, measured: float | None) -> float | None:
+    return None if not predicted or not measured else round(100 * (predicted / measured - 1), 1)
+
+
+def _predictions_table(comparisons: list[dict]) -> list[str]:
+    rows = predictions(comparisons)
+    if not rows:
+        return []
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    lines = ["## Predicted vs measured", "",
+             "`tuneoff estimate`'s numbers for each run, computed from the model's config and the run's settings "
+             "before it trained (train.json `estimate`), beside what the run measured. Time: at params.yaml's "
+             "utilisation prior, and calibrated on the FLOP/s the same method reached on the other tasks "
+             "(the error is the calibrated one when there is one). Formulas: docs/estimator.md.", "",
+             "| task | method | peak predicted GiB | peak measured GiB | error % | train s predicted (prior) "
+             "| train s predicted (calibrated) | train s measured | error % |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['method']} | {r['peak_predicted_bytes'] / 2**30:.2f} | "
+                     f"{r['peak_measured_bytes'] / 2**30:.2f} | {fmt(r['peak_error_percent'], '+.1f')} | "
+                     f"{fmt(r['seconds_prior'], '.0f')} | {fmt(r['seconds_calibrated'], '.0f')} | "
+                     f"{r['seconds_measured']:.0f} | {fmt(r['seconds_error_percent'], '+.1f')} |")
+    measure = rows[0]["measure"]
+    if measure.startswith("cpu"):
+        lines += ["", "On a CPU the measured peak is the process's resident set: the prediction adds "
+                      "estimate.overhead_gib.cpu to the tensors, and glibc's malloc keeps freed blocks resident on "
+                      "top of both (docs/estimator.md: why CPU runs measure above the prediction)."]
+    return lines + [""]
+
+
+def results_table(runs: Path = Path("runs")) -> str:
+    """One line per (task, method) from runs/<task>/<method>/train.json, in dollars at params.yaml's prices."""
+    prices = section(CostParams, "cost").price_per_hour
+    rows, measures = [], set()
+    for path in sorted(runs.glob("*/*/train.json")):
+        m = read(TrainRecord, path)
+        usd = cost(m.timing.wall_seconds, m.device, prices)["usd"]
+        measures.add(m.memory.measure)
+        rows.append([m.task, m.method, m.device, m.precision, f"{m.params.trainable_percent:.2f}%",
+                     f"{m.memory.peak_memory_bytes / 2**30:.2f}", f"{m.timing.train_seconds:.0f}",
+                     f"{m.timing.tokens_per_second:.0f}", f"{m.loss.val_before:.3f} -> {m.loss.val:.3f}",
+                     f"{m.output.weights_bytes / 2**20:.1f}", "n/a" if usd is None else f"{usd:.4f}"])
+    if not rows:
+        return f"no results under {runs}/ yet: run `dvc repro` (or `make run`)"
+    header = ["task", "method", "device", "prec", "trainable", "peak GiB", "train s", "tok/s",
+              "val loss", "weights MiB", "USD"]
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([fmt(header), *map(fmt, rows),
+                      f"(peak memory: {', '.join(sorted(measures))}; details in {runs}/<task>/<method>/train.json)"])
