@@ -52,10 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(sync())
     if args.command == "results":
         return print(results_table())
-    options = {"gpu_pool": args.gpu_pool, "repo": getattr(args, "repo", None), "cpu_pool": getattr(args, "cpu_pool", None),
-               "source": getattr(args, "source", None), "image": getattr(args, "image", None)}
-    project_flow("run" if args.command == "run" else "deploy",
-                 [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if v])
+    flags = {"run": ("gpu_pool", "repo"), "deploy": ("gpu_pool", "cpu_pool", "source", "image")}[args.command]
+    project_flow(args.command, [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in flags if getattr(args, k)])
 
 
 @user_errors
