@@ -185,3 +185,14 @@ def test_over_seeds_no_difference_on_few_items_is_not_a_certainty():
     pair = pair_over_seeds("lora", "full", {"lora": [same, same], "full": [same, same]}, 500, 0)
     assert pair["diff_points"] == 0 and pair["seeds"] == [2, 2]
     assert pair["ci_points"][0] < -2 and pair["ci_points"][1] > 2
+
+
+def test_without_full_the_margin_is_measured_from_the_best_adapter():
+    """Full not shown to beat the base: not the cheapest adapter that beats the base, but the cheapest
+    within the margin of the best one (a real run: QLoRA +5 points [+2.7, +8.1] over LoRA)."""
+    base, full = scores(40), scores(41)
+    behind = decide(comparison(base=base, full=full, lora=scores(200), qlora=scores(300)), RULES)
+    assert behind["verdict"] == "decided" and behind["method"] == "qlora"
+    assert "Cheaper, but not shown to be within 2 points of qlora: lora - qlora -25.0 points" in behind["rationale"]
+    close = decide(comparison(base=base, full=full, lora=scores(300), qlora=scores(302)), RULES)
+    assert close["method"] == "lora" and "Against qlora, the best that beats the base" in close["rationale"]

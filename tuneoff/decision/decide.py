@@ -76,11 +76,8 @@ def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
     cost = lambda r: (r["train"]["cost_usd"] or 0.0, r["train"]["peak_memory_bytes"])  # noqa: E731
     full = rows.get(FULL.name) if any(r["method"] == FULL.name for r in eligible) else None
     adapters = sorted((r for r in eligible if r["method"] != FULL.name), key=cost)
-    if full is None:
-        pick = adapters[0]
-        return verdict(pick["method"], "decided", f"{pick['method']}: the cheapest method shown to beat the untuned "
-                       f"base ({interval(pair(comparison, pick['method'], BASE))}); full fine-tuning is not in "
-                       "the running." + excluded, numbers)
+    if full is None:  # the margin is then measured from the best adapter that beats the base
+        return among_adapters(comparison, adapters, rules.max_gap_points, excluded, numbers)
     # an adapter not shown to beat the base is still weighed against full: it may yet be good enough
     candidates = sorted(adapters + [r for r in unclear if r["method"] != FULL.name], key=cost)
     if not candidates:
@@ -121,6 +118,36 @@ def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
         [settle_base(comparison, near_base)] if near_base else [])
     return verdict(None, "inconclusive", f"Inconclusive on {metric}: {'; '.join(parts)}. This run cannot tell whether "
                    "an adapter is good enough; nothing is promoted." + excluded, numbers, settle=settle(comparison, *needs))
+
+
+def among_adapters(comparison: TaskComparison, adapters: list, margin: float, excluded: str, numbers: dict) -> Decision:
+    """Full fine-tuning not in the running: the cheapest adapter within the margin of the best one that
+    beats the base (by its paired interval against it); the best itself when no cheaper one is shown
+    to be within the margin."""
+    best = max(adapters, key=lambda r: r["main"])
+    vs_best = {r["method"]: oriented(comparison, r["method"], best["method"]) for r in adapters if r is not best}
+    good = [r for r in adapters if r is best or stats.non_inferiority(vs_best[r["method"]]["ci_points"], margin)
+            == "non-inferior"]  # adapters are sorted cheapest first
+    pick = good[0]
+    why = (f"{pick['method']}: shown to beat the untuned base ({interval(pair(comparison, pick['method'], BASE))}); "
+           "full fine-tuning is not in the running.")
+    if pick is not best:
+        why += (f" Against {best['method']}, the best that beats the base, {interval(vs_best[pick['method']])}: within "
+                f"the {margin:g}-point margin, and cheaper.")
+    passed = [f"{r['method']} - {best['method']} {interval(vs_best[r['method']])}"
+              for r in adapters[:adapters.index(pick)]]  # cheaper than the pick, and not within the margin
+    if passed:
+        why += f" Cheaper, but not shown to be within {margin:g} points of {best['method']}: {'; '.join(passed)}."
+    return verdict(pick["method"], "decided", why + excluded, numbers)
+
+
+def oriented(comparison: TaskComparison, a: str, b: str) -> Pair:
+    """The pair a - b, from the report's a - b or b - a (negated)."""
+    found = pair(comparison, a, b)
+    if found:
+        return found
+    p = pair(comparison, b, a)
+    return {**p, "a": a, "b": b, "diff_points": -p["diff_points"], "ci_points": [-p["ci_points"][1], -p["ci_points"][0]]}
 
 
 def replaces_champion(challenger: list[bool], champion: list[bool], margin: float) -> tuple[bool, str]:
