@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from tuneoff.core import measure
 from tuneoff.core.atomic import atomic_file
@@ -176,6 +175,17 @@ class TrainResult:
     resumed_from_step: int  # 0 = trained from the start
 
 
+def cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine decay to 0: transformers' get_cosine_schedule_with_warmup, the same
+    floats, without importing transformers.optimization (which imports peft: seconds per stage)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev: torch.device, precision: str,
           log_dir: Path, label: str, tracker: NoTracker = NoTracker(), checkpointer: Checkpointer | None = None) -> TrainResult:
     """Train `model` on `common.token_budget` real tokens; log loss to log_dir/{loss,val_loss}.csv
@@ -184,7 +194,7 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, common.weight_decay, lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(common.warmup_fraction * len(steps)), len(steps))
+    scheduler = cosine_with_warmup(optimizer, math.ceil(common.warmup_fraction * len(steps)), len(steps))
 
     # everything the loop carries from step to step, so a checkpoint can restore it
     state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
