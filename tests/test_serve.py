@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,8 +25,8 @@ import torch
 from tuneoff.evaluation.generate import generate
 from tuneoff.serving.catalog import AdapterSpec, from_registry
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
+API_KEY = "test-api-key"
 PROMPT = [{"role": "system", "content": "Extract the support request as JSON."},
           {"role": "user", "content": "Hi, I want a refund for my kettle. Ref: ORD-22991."}]
 OTHER_PROMPTS = [[{"role": "user", "content": text}] for text in
@@ -70,18 +72,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_base, adapters, tmp_path_factory):
-    """The server, started with three adapters and room for two; stopped (SIGTERM) after the tests."""
+@contextmanager
+def running_server(tiny_base: Path, tmp_path_factory, flags: list[str], env: dict):
+    """`tuneoff serve` on the tiny base in a subprocess, as (client, log file); stopped (SIGTERM) after.
+    It runs in a folder of its own, so no ./registry is served."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    folder = tmp_path_factory.mktemp("serve")
+    log = folder / "server.log"
     cmd = [sys.executable, "-m", "tuneoff.cli", "serve", "--base", str(tiny_base), "--port", str(port),
-           "--adapter", f"alpha={adapters / 'alpha'}", "--adapter", f"beta={adapters / 'beta'}",
-           "--adapter", f"gamma={adapters / 'gamma'}", "--max-adapters", "2", "--adapter-root", str(adapters),
-           "--batch-wait-ms", "250", "--max-new-tokens", "32", "--threads", "1"]
-    env = {**os.environ, "TUNEOFF_ADMIN_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+           "--max-new-tokens", "32", "--threads", "1", *flags]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNEOFF_ADMIN_TOKEN": "", "TUNEOFF_SERVE_API_KEY": "", **env}
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     deadline = time.time() + 120
     while True:
@@ -93,12 +95,22 @@ def server(tiny_base, adapters, tmp_path_factory):
             pass
         assert time.time() < deadline, f"server did not start:\n{log.read_text()[-3000:]}"
         time.sleep(0.3)
-    yield client
+    yield client, log
     client.close()
     proc.terminate()
     # uvicorn shuts down cleanly on SIGTERM, then re-raises the signal: the exit status is -SIGTERM
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()[-3000:]
     assert "Application shutdown complete" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, adapters, tmp_path_factory):
+    """The server, started with three adapters and room for two."""
+    flags = ["--adapter", f"alpha={adapters / 'alpha'}", "--adapter", f"beta={adapters / 'beta'}",
+             "--adapter", f"gamma={adapters / 'gamma'}", "--max-adapters", "2", "--adapter-root", str(adapters),
+             "--batch-wait-ms", "250"]
+    with running_server(tiny_base, tmp_path_factory, flags, {"TUNEOFF_ADMIN_TOKEN": TOKEN}) as (client, _):
+        yield client
 
 
 def chat(client, model: str, messages=PROMPT, **extra) -> httpx.Response:
@@ -329,6 +341,159 @@ def test_health_models_and_stats(server):
     assert stats["load_seconds"]["count"] == stats["adapter_loads"] >= 4
 
 
+def test_a_long_prompt_is_tokenized_off_the_event_loop(server):
+    """/health answers at once while 190,000 characters (570,000 tokens here) are being tokenized: on the
+    event loop, each of the 3 requests would hold up one /health for most of its time."""
+    body = json.dumps({"model": "base", "prompt": "中文" * 95_000}, ensure_ascii=False).encode()
+    durations, latencies = [], []
+
+    def ask():
+        for _ in range(3):
+            start = time.perf_counter()
+            response = server.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+            assert response.status_code == 400 and "context" in response.json()["error"]["message"]
+            durations.append(time.perf_counter() - start)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    while asker.is_alive():
+        start = time.perf_counter()
+        assert server.get("/health").status_code == 200
+        latencies.append(time.perf_counter() - start)
+        time.sleep(0.01)
+    asker.join()
+    assert len(durations) == 3
+    slow = [latency for latency in latencies if latency > min(durations) / 2]
+    assert len(slow) <= 1, (slow, durations)  # one slow /health: a busy machine
+
+
+# -- a second server: API key, small caps, secrets ending in a newline, no adapter at start ----------
+
+@pytest.fixture(scope="module")
+def hardened(tiny_base, adapters, tmp_path_factory):
+    """(client, log): /v1 behind an API key, a 4 KiB body cap, 1,000 prompt characters, a queue of 2,
+    rank 4 at most, room for one adapter and none at start; both secrets as mounted from a file."""
+    flags = ["--adapter-root", str(adapters), "--max-adapters", "1", "--max-queue", "2", "--max-body-bytes", "4096",
+             "--max-prompt-chars", "1000", "--max-lora-rank", "4", "--batch-wait-ms", "250"]
+    env = {"TUNEOFF_ADMIN_TOKEN": f"{TOKEN}\n", "TUNEOFF_SERVE_API_KEY": f" {API_KEY}\n"}
+    with running_server(tiny_base, tmp_path_factory, flags, env) as (client, log):
+        client.headers["Authorization"] = f"Bearer {API_KEY}"
+        yield client, log
+
+
+def copy_adapter(adapters: Path, source: str, name: str, change) -> str:
+    """A copy of the adapter `source` in the adapter root as `name`, its (config, tensors) changed in place."""
+    from safetensors.torch import load_file, save_file
+
+    if not (adapters / name).exists():
+        shutil.copytree(adapters / source, adapters / name)
+        config = json.loads((adapters / name / "adapter_config.json").read_text())
+        tensors = load_file(adapters / name / "adapter_model.safetensors")
+        change(config, tensors)
+        (adapters / name / "adapter_config.json").write_text(json.dumps(config))
+        save_file(tensors, adapters / name / "adapter_model.safetensors")
+    return name
+
+
+def test_a_failed_first_adapter_load_leaves_the_base_working(hardened, adapters):
+    client, _ = hardened
+    assert client.get("/stats").json()["adapter_loads"] == 0  # this is the server's first adapter load
+    base = reply(client, "base")
+    # r 2 in the config, rank 4 in the weights: PEFT injects rank-2 layers, then fails to copy the weights in
+    broken = copy_adapter(adapters, "alpha", "rank_mismatch", lambda config, tensors: config.update(r=2))
+    response = client.post("/admin/adapters", json={"name": "partial", "path": broken}, headers=admin())
+    assert response.status_code == 400 and "failed to load" in response.json()["error"]["message"], response.text
+    assert "\n" not in response.json()["error"]["message"]
+    assert reply(client, "base") == base
+
+
+def test_adapter_rank_above_the_cap_is_refused(hardened):
+    client, _ = hardened
+    response = client.post("/admin/adapters", json={"name": "wide", "path": "beta"}, headers=admin())
+    assert response.status_code == 400, response.text
+    assert "adapter 'wide'" in response.json()["error"]["message"]
+    assert "LoRA rank 8, above this server's --max-lora-rank 4" in response.json()["error"]["message"]
+    assert "wide" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+def test_admin_token_with_a_trailing_newline_in_the_env(hardened):
+    client, _ = hardened
+    assert client.get("/admin/adapters", headers=admin()).status_code == 200
+    assert client.get("/admin/adapters", headers=admin(TOKEN + "x")).status_code == 403
+
+
+def test_v1_needs_the_api_key_and_health_does_not(hardened):
+    client, _ = hardened
+    url = str(client.base_url)
+    assert client.get("/v1/models").status_code == 200  # the key from the env, stripped of its space and newline
+    for headers in ({}, {"Authorization": f"Bearer {API_KEY}x"}, {"Authorization": f"Basic {API_KEY}"}):
+        for response in (httpx.get(f"{url}/v1/models", headers=headers), httpx.get(f"{url}/stats", headers=headers),
+                         httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi"}, headers=headers)):
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/openapi.json").status_code == 404  # no schema or docs pages to browse
+
+
+def test_body_and_prompt_size_caps(hardened):
+    client, _ = hardened
+    big = json.dumps({"model": "base", "prompt": "x" * 5000}).encode()
+    declared = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    chunked = client.post("/v1/completions", content=iter([big[:3000], big[3000:]]),  # no Content-Length
+                          headers={"content-type": "application/json"})
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        assert "limit of 4096 bytes (tuneoff serve --max-body-bytes)" in response.json()["error"]["message"]
+    for path, body in (("/v1/completions", {"model": "base", "prompt": ["x" * 600, "y" * 600]}),
+                       ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x" * 1500}]})):
+        response = client.post(path, json=body)
+        assert response.status_code == 400, response.text
+        assert "over this server's limit of 1000 (tuneoff serve --max-prompt-chars)" in response.json()["error"]["message"]
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_full_queue_part_way_withdraws_the_requests_queued_prompts(hardened):
+    client, _ = hardened
+    before = client.get("/stats").json()["requests"]["completed"]
+    full = client.post("/v1/completions", json={"model": "base", "prompt": ["one", "two", "three"], "max_tokens": 4})
+    assert full.status_code == 503, full.text  # the queue holds 2
+    assert reply(client, "base")  # queued after "one" and "two": they would have run first
+    assert client.get("/stats").json()["requests"]["completed"] == before + 1
+
+
+def test_errors_inside_requests_are_generic_500s_and_streams_still_end(hardened, adapters):
+    client, log = hardened
+
+    def poison(config, tensors):
+        for key in [k for k in tensors if "lora_B" in k]:
+            tensors[key] = torch.full_like(tensors[key], float("nan"))
+
+    nan = copy_adapter(adapters, "alpha", "nan_b", poison)  # NaN logits: sampling fails in torch.multinomial
+    assert client.post("/admin/adapters", json={"name": "nan", "path": nan}, headers=admin()).status_code == 201
+    failed = chat(client, "nan", temperature=1.0)
+    assert failed.status_code == 500
+    message = failed.json()["error"]["message"]
+    assert message.startswith("internal error (id ") and "probability" not in message
+    assert re.search(r"id (\w+)", message).group(1) in log.read_text() and "probability tensor" in log.read_text()
+
+    with client.stream("POST", "/v1/chat/completions", json={"model": "nan", "messages": PROMPT, "max_tokens": 12,
+                                                              "temperature": 1.0, "stream": True}) as response:
+        assert response.status_code == 200
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"  # the failure came mid-stream
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["message"].startswith("internal error (id ")
+
+    # an adapter whose folder breaks after it was checked: the 500 does not name the folder
+    gone = copy_adapter(adapters, "alpha", "gone", lambda config, tensors: None)
+    assert client.post("/admin/adapters", json={"name": "gone", "path": gone}, headers=admin()).status_code == 201
+    assert chat(client, "nan").status_code == 200  # room for one adapter: gone is unloaded
+    (adapters / gone / "adapter_model.safetensors").write_bytes(b"")
+    failed = chat(client, "gone")
+    assert failed.status_code == 500 and str(adapters) not in failed.text, failed.text
+    assert f"{adapters / gone}" in log.read_text()
+
+
 # -- without a server: the registry, the admin switch, start-up errors --------------------------
 
 def test_registry_serves_adapters_and_refuses_full_models(tmp_path, adapters):
@@ -371,10 +536,11 @@ def test_in_process_app_refused_model_qlora_note_and_admin_off(tiny_base, adapte
     from tuneoff.serving.engine import Engine
     from tuneoff.serving.model import MultiLoraModel
 
-    model = MultiLoraModel(tiny_base, "base", torch.device("cpu"), torch.float32, max_resident=1)
+    model = MultiLoraModel(tiny_base, "base", torch.device("cpu"), torch.float32, max_resident=1, max_rank=64)
     model.refused["big-model"] = "a full fine-tune; serve it on its own"
     model.add(AdapterSpec("q", adapters / "alpha", "qlora", "test"))
-    app = create_app(model, Engine(model, 4, 0.0, 8), Limits(16), [adapters], admin_token=None)
+    app = create_app(model, Engine(model, 4, 0.0, 8), Limits(16, 1 << 20, 10_000), [adapters], admin_token=None,
+                     api_key=None)
     with TestClient(app) as client:
         refused = client.post("/v1/completions", json={"model": "big-model", "prompt": "hi"})
         assert refused.status_code == 404 and "a full fine-tune; serve it on its own" in refused.json()["error"]["message"]
@@ -398,6 +564,7 @@ def test_serve_start_up_errors_are_one_line(tmp_path, adapters, capsys, monkeypa
         (["--adapter", f"x={adapters / 'alpha'}", "--adapter", f"x={adapters / 'beta'}"], "given twice"),
         (["--registry", str(tmp_path)], "registry.json not found"),
         (["--max-adapters", "0"], "--max-adapters must be at least 1"),
+        (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(["serve", *argv])

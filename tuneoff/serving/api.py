@@ -3,9 +3,11 @@ where `model` names an adapter (or the base), plus the model list, health, stats
 endpoint that loads and unloads adapters at run time.
 
 Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a
-malformed request (with the reason), 401/403 for the admin token, 404 for an unknown model (with
-the available names), 409 for an adapter name in use, 503 when the queue is full. An error
-inside a request is that request's 500; the server goes on.
+malformed request (with the reason), 401 for a missing or wrong API key on /v1 (when
+TUNEOFF_SERVE_API_KEY is set), 401/403 for the admin token, 404 for an unknown model (with the
+available names), 409 for an adapter name in use, 413 for a body over --max-body-bytes, 503 when
+the queue is full. An error inside a request is that request's 500, which says only "internal
+error" and an id to find the details in the server's log; the server goes on.
 
 Decoding defaults to greedy (temperature 0), as evaluation decodes, unlike OpenAI's default of 1.
 Unknown request fields are ignored (as vLLM does); fields this server cannot honour (n > 1,
@@ -21,16 +23,18 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, HTTPException
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneoff.core.errors import TuneoffError
@@ -54,6 +58,7 @@ from tuneoff.serving.model import AdapterConflict, MultiLoraModel, UnknownModel
 
 log = logging.getLogger("tuneoff.serve")
 ADMIN_TOKEN_ENV = "TUNEOFF_ADMIN_TOKEN"
+API_KEY_ENV = "TUNEOFF_SERVE_API_KEY"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
@@ -155,17 +160,60 @@ class AdapterBody(BaseModel):
 @dataclass
 class Limits:
     max_new_tokens: int  # cap on a request's max_tokens, and the chat default
+    max_body_bytes: int  # a larger request body is a 413
+    max_prompt_chars: int  # prompt characters in one request, checked before tokenizing
+
+
+class Guard:
+    """ASGI middleware that runs before any body is read: /v1 needs the API key when one is set,
+    and a body over `max_body_bytes` is a 413, from its Content-Length or, without one, as it arrives."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        if self.api_key and (scope["path"].startswith("/v1/") or scope["path"] == "/stats"):  # not /health, /admin
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+                refusal = error_response(401, f"/v1 needs the header 'Authorization: Bearer <{API_KEY_ENV}>'",
+                                         "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+                return await refusal(scope, receive, send)
+        too_large = (f"the request body is over this server's limit of {self.max_body_bytes} bytes "
+                     "(tuneoff serve --max-body-bytes)")
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_body_bytes:
+            return await error_response(413, too_large, "invalid_request_error")(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:  # a chunked body, which has no Content-Length
+                raise HTTPException(413, too_large)  # FastAPI passes on an HTTPException met reading a body
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_roots: list[Path],
-               admin_token: str | None) -> FastAPI:
+               admin_token: str | None, api_key: str | None) -> FastAPI:
+    # one thread, so the tokenizer is never used from two at once; not the event loop's, so a long
+    # prompt does not hold up other requests (/health)
+    tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tuneoff-tokenize")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         yield
         engine.stop()
+        tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="tuneoff serve", lifespan=lifespan)
+    app = FastAPI(title="tuneoff serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: HttpRequest, e: ApiError):
@@ -182,8 +230,8 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
 
     @app.exception_handler(Exception)
     async def _internal(request: HttpRequest, e: Exception):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        error = internal_error(e, f"{request.method} {request.url.path}")
+        return error_response(error.status, error.message, error.kind)
 
     def route(name: str) -> str | None:
         try:
@@ -191,8 +239,20 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
         except UnknownModel as e:
             raise ApiError(404, str(e), "not_found_error", "model", "model_not_found", available=e.available) from None
 
-    def encode(text: str, special: bool) -> list[int]:
-        return model.tokenizer(text, add_special_tokens=special)["input_ids"]
+    def check_chars(texts: list[str], param: str) -> None:
+        chars = sum(len(text) for text in texts)
+        if chars > limits.max_prompt_chars:
+            raise ApiError(400, f"the prompt is {chars} characters, over this server's limit of "
+                           f"{limits.max_prompt_chars} (tuneoff serve --max-prompt-chars)", param=param)
+
+    def encode(texts: list[str], special: bool) -> list[list[int]]:
+        return model.tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+    def encode_chat(conversation: list[dict]) -> list[int]:
+        return encode([chat_prompt(model.tokenizer, conversation)], special=False)[0]  # the template holds them
+
+    async def tokenized(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, fn, *args)
 
     def budget(prompt_ids: list[int], asked: int | None, default: int) -> int:
         """The request's max_tokens, checked against the server's cap and the model's context."""
@@ -224,8 +284,8 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
             raise ApiError(404, str(e), "not_found_error", "model", "model_not_found", available=e.available) from None
         except EngineStopped as e:
             raise ApiError(503, str(e), "server_error") from None
-        except TuneoffError as e:  # e.g. an adapter folder that no longer loads
-            raise ApiError(500, str(e), "server_error") from None
+        except Exception as e:  # e.g. an adapter folder that no longer loads, a batch that failed
+            raise internal_error(e, "a generation") from None
 
     def usage(results: list[Completion]) -> dict:
         prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
@@ -256,9 +316,10 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
     async def completions(body: CompletionBody):
         adapter = route(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        check_chars(prompts, "prompt")
         requests = []
-        for text in prompts:
-            ids = encode(text, special=True)  # a raw prompt gets the tokenizer's own special tokens, as vLLM does
+        # a raw prompt gets the tokenizer's own special tokens, as vLLM does
+        for ids in await tokenized(encode, prompts, True):
             if not ids:
                 raise ApiError(400, "prompt: empty", param="prompt")
             requests.append(Request(adapter, ids, budget(ids, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS),
@@ -267,7 +328,12 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
         if body.stream:
             return stream(requests[0], body, rid, created, "text_completion",
                           lambda text, finish: {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-        results = await asyncio.gather(*(outcome(submit(r)) for r in requests))
+        try:
+            futures = [submit(r) for r in requests]
+            results = await asyncio.gather(*(outcome(f) for f in futures))
+        except BaseException:  # a prompt refused (queue full) or failed: the others' answers would go to no one
+            engine.withdraw(requests)
+            raise
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                             for i, r in enumerate(results)], "usage": usage(results)}
@@ -277,8 +343,8 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
         adapter = route(body.model)
         if not model.tokenizer.chat_template:
             raise ApiError(400, f"the base model {model.base_dir} has no chat template: use /v1/completions")
-        conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = encode(chat_prompt(model.tokenizer, conversation), special=False)  # the template holds them
+        check_chars([m.text() for m in body.messages], "messages")
+        ids = await tokenized(encode_chat, [{"role": m.role, "content": m.text()} for m in body.messages])
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         request = Request(adapter, ids, budget(ids, asked, limits.max_new_tokens), body.stops(),
                           Sampling(body.temperature, body.top_p), body.min_tokens)
@@ -321,15 +387,16 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
                     yield event([choice(pieces.get_nowait(), None)])
                 try:
                     result = await outcome(future)
-                except ApiError as e:
+                except ApiError as e:  # the 200 is out: the error is an event, and the stream still ends
                     yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind}}) + "\n\n"
+                    yield "data: [DONE]\n\n"
                     return
                 yield event([choice("", result.finish_reason)])
                 if include_usage:
                     yield event([], usage=usage([result]))
                 yield "data: [DONE]\n\n"
-            finally:
-                request.abandoned = True  # a client that left stops costing tokens
+            finally:  # a client that left stops costing tokens
+                engine.withdraw([request])
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -399,6 +466,13 @@ def _describe(error: dict) -> str:
     return f"{where}: {message}" if where else message
 
 
-def admin_token_from_env() -> str | None:
-    token = os.environ.get(ADMIN_TOKEN_ENV, "")
-    return token or None
+def internal_error(e: BaseException, where: str) -> ApiError:
+    """A 500 that tells the client only an id: the details (paths, library errors) go to the log."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s", error_id, where, exc_info=e)
+    return ApiError(500, f"internal error (id {error_id}: see the server's log)", "server_error")
+
+
+def secret_from_env(name: str) -> str | None:
+    """The token in $name, stripped: a secret mounted from a file often ends in a newline."""
+    return os.environ.get(name, "").strip() or None

@@ -198,6 +198,16 @@ class Engine:
             self.cond.notify_all()
         return request.future
 
+    def withdraw(self, requests: list[Request]) -> None:
+        """Take back `requests` whose answers would go to no one: the queued ones leave the queue
+        (cancelled), the running ones stop at their next token."""
+        with self.cond:
+            for request in requests:
+                request.abandoned = True
+                if request in self.pending:
+                    self.pending.remove(request)
+                    request.future.cancel()
+
     def call(self, fn: Callable, *args) -> Future:
         """Run `fn(*args)` on the engine thread between batches (loading and unloading adapters)."""
         future: Future = Future()

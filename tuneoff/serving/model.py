@@ -59,12 +59,14 @@ class AdapterLoadError(TuneoffError):
 class MultiLoraModel:
     """The base in `base_dir`, served as `base_name`, and up to `max_resident` LoRA adapters on it."""
 
-    def __init__(self, base_dir: Path, base_name: str, dev: torch.device, dtype: torch.dtype, max_resident: int):
+    def __init__(self, base_dir: Path, base_name: str, dev: torch.device, dtype: torch.dtype, max_resident: int,
+                 max_rank: int):
         base_dir = Path(base_dir)
         if not (base_dir / "config.json").is_file():
             raise TuneoffError(f"--base {base_dir}: no config.json, not a Hugging Face model folder")
         self.base_dir, self.base_name, self.dev, self.max_resident = base_dir, base_name, dev, max_resident
-        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)  # encodes, on the HTTP handlers' thread
+        self.max_rank = max_rank  # the largest LoRA rank an adapter may have (--max-lora-rank)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)  # encodes, on the API's one tokenizer thread
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # decodes, on the engine thread: a fast tokenizer used from two threads at once can fail
@@ -191,12 +193,15 @@ class MultiLoraModel:
                 self._load(spec)
             except Exception as e:  # noqa: BLE001 - one adapter's failure must not fail the others' requests
                 log.error("adapter %s failed to load from %s: %s", name, spec.path, e)
-                failed[name] = AdapterLoadError(f"adapter {name!r} failed to load from {spec.path}: {e}")
+                # one line: PEFT's "Error(s) in loading state_dict" goes on with a line per tensor
+                reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+                failed[name] = AdapterLoadError(f"adapter {name!r} failed to load from {spec.path}: {reason}")
         return failed
 
     def check_fits(self, spec: AdapterSpec) -> None:
-        """Reject an adapter whose LoRA matrices do not fit this base's layers, from the safetensors
-        header alone (no weights read), before PEFT would half-inject it."""
+        """Reject an adapter whose LoRA matrices do not fit this base's layers, or whose rank is above
+        the server's cap, from the safetensors header alone (no weights read), before PEFT would
+        half-inject it."""
         from safetensors import safe_open
 
         try:
@@ -217,7 +222,10 @@ class MultiLoraModel:
                                    f"{self.base_dir} does not have: it was trained on another architecture") from None
             layer = getattr(module, "base_layer", module)  # a layer PEFT already wrapped for another adapter
             want = getattr(layer, "in_features", None) if which == "A" else getattr(layer, "out_features", None)
-            got = shape[1] if which == "A" else shape[0]
+            got, rank = (shape[1], shape[0]) if which == "A" else (shape[0], shape[1])
+            if rank > self.max_rank:
+                raise TuneoffError(f"adapter {spec.name!r} ({spec.path}) has LoRA rank {rank}, above this server's "
+                                   f"--max-lora-rank {self.max_rank}")
             if want is not None and got != want:
                 side = "inputs" if which == "A" else "outputs"
                 raise TuneoffError(f"adapter {spec.name!r} ({spec.path}) does not fit the base {self.base_dir}: "
@@ -240,7 +248,9 @@ class MultiLoraModel:
             self.peft.set_adapter(spec.name)  # keeps PEFT's active adapter a resident one; batches name theirs
             self.peft.eval()
         except Exception:
-            if self.peft is not None and spec.name in self.peft.peft_config:
+            if self.peft is None:  # a first load injects layers into the base before reading the weights
+                _strip_lora(self.base)
+            elif spec.name in self.peft.peft_config:
                 self._delete(spec.name)
             raise
         seconds = time.perf_counter() - start
@@ -274,3 +284,16 @@ class MultiLoraModel:
             return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         names = ["__base__" if a is None else a for a in adapters]
         return self.peft.generate(input_ids=input_ids, attention_mask=attention_mask, adapter_names=names, **kwargs)
+
+
+def _strip_lora(model: torch.nn.Module) -> None:
+    """Put back every layer PEFT wrapped in `model` (as `PeftModel.unload` does), so that a first
+    adapter load that failed part-way leaves the plain base behind."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):  # PEFT's record of the injected adapters
+        del model.peft_config

@@ -37,6 +37,9 @@ class ServeOptions:
     batch_wait_ms: float
     max_new_tokens: int
     max_queue: int
+    max_body_bytes: int
+    max_prompt_chars: int
+    max_lora_rank: int
     host: str
     port: int
     device: str
@@ -85,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="the most tokens a request may ask for, and the chat default (default: 256)")
     parser.add_argument("--max-queue", type=int, default=256, help="queued requests before a 503 (default: 256)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                        help="the largest request body; larger is a 413 (default: 1048576, 1 MiB)")
+    parser.add_argument("--max-prompt-chars", type=int, default=200_000,
+                        help="characters of prompt text in one request, checked before tokenizing (default: 200000)")
+    parser.add_argument("--max-lora-rank", type=int, default=64,
+                        help="the largest LoRA rank an adapter may have (default: 64, the sweep's largest)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -99,8 +108,9 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
                         adapters=tuple(args.adapter), adapter_roots=tuple(args.adapter_root or [Path.cwd()]),
                         max_adapters=args.max_adapters, max_batch_size=args.max_batch_size,
                         batch_wait_ms=args.batch_wait_ms, max_new_tokens=args.max_new_tokens,
-                        max_queue=args.max_queue, host=args.host, port=args.port, device=args.device,
-                        dtype=args.dtype, threads=args.threads)
+                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                        max_prompt_chars=args.max_prompt_chars, max_lora_rank=args.max_lora_rank, host=args.host,
+                        port=args.port, device=args.device, dtype=args.dtype, threads=args.threads)
 
 
 def device_and_dtype(device: str, dtype: str):
@@ -117,12 +127,19 @@ def serve(options: ServeOptions) -> None:
     import torch
     import uvicorn
 
-    from tuneoff.serving.api import Limits, admin_token_from_env, create_app
+    from tuneoff.serving.api import (
+        ADMIN_TOKEN_ENV,
+        API_KEY_ENV,
+        Limits,
+        create_app,
+        secret_from_env,
+    )
     from tuneoff.serving.engine import Engine
     from tuneoff.serving.model import MultiLoraModel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for flag in ("max_adapters", "max_batch_size", "max_new_tokens", "max_queue"):
+    for flag in ("max_adapters", "max_batch_size", "max_new_tokens", "max_queue", "max_body_bytes", "max_prompt_chars",
+                 "max_lora_rank"):
         if getattr(options, flag) < 1:
             raise TuneoffError(f"--{flag.replace('_', '-')} must be at least 1")
     if options.batch_wait_ms < 0:
@@ -132,18 +149,20 @@ def serve(options: ServeOptions) -> None:
     if options.threads > 0:
         torch.set_num_threads(options.threads)
     dev, dtype = device_and_dtype(options.device, options.dtype)
-    model = MultiLoraModel(options.base, options.base_name, dev, dtype, options.max_adapters)
+    model = MultiLoraModel(options.base, options.base_name, dev, dtype, options.max_adapters, options.max_lora_rank)
     model.refused.update(refused)
     for i, spec in enumerate(specs):  # all checked against the base; the first max_adapters loaded now
         model.add(spec, load=i < options.max_adapters)
     engine = Engine(model, options.max_batch_size, options.batch_wait_ms / 1000, options.max_queue)
-    admin_token = admin_token_from_env()
-    app = create_app(model, engine, Limits(options.max_new_tokens), list(options.adapter_roots), admin_token)
+    admin_token, api_key = secret_from_env(ADMIN_TOKEN_ENV), secret_from_env(API_KEY_ENV)
+    limits = Limits(options.max_new_tokens, options.max_body_bytes, options.max_prompt_chars)
+    app = create_app(model, engine, limits, list(options.adapter_roots), admin_token, api_key)
     log.info("base %s (%s, %s on %s) as %r; adapters: %s", options.base, "4-bit" if model.base_is_4bit else "float",
              str(dtype).removeprefix("torch."), dev, options.base_name,
              ", ".join(f"{s.name} ({s.method or 'lora'})" for s in specs) or "none")
     for name, reason in refused.items():
         log.warning("not served: %s: %s", name, reason)
-    log.info("admin endpoint %s", "enabled (token from TUNEOFF_ADMIN_TOKEN)" if admin_token
-             else "disabled (set TUNEOFF_ADMIN_TOKEN to enable)")
+    log.info("admin endpoint %s", f"enabled (token from {ADMIN_TOKEN_ENV})" if admin_token
+             else f"disabled (set {ADMIN_TOKEN_ENV} to enable)")
+    log.info("/v1 %s", f"needs the API key in {API_KEY_ENV}" if api_key else f"is open (set {API_KEY_ENV} to need a key)")
     uvicorn.run(app, host=options.host, port=options.port, log_level="info")
