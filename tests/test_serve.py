@@ -22,8 +22,9 @@ import httpx
 import pytest
 import torch
 
+from tuneoff.core.errors import TuneoffError
 from tuneoff.evaluation.generate import generate
-from tuneoff.serving.catalog import AdapterSpec, from_registry
+from tuneoff.serving.catalog import AdapterSpec, check_name, from_registry
 
 TOKEN = "test-admin-token"
 API_KEY = "test-api-key"
@@ -571,3 +572,10 @@ def test_serve_start_up_errors_are_one_line(tmp_path, adapters, capsys, monkeypa
         assert exit_.value.code == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_adapter_names_that_peft_cannot_hold_are_refused():
+    assert check_name("extraction-lora", "base") == "extraction-lora"
+    for name, why in (("half", "is a torch module attribute"), ("base", "is reserved"), ("a/b", "use 1-64 letters")):
+        with pytest.raises(TuneoffError, match=why):
+            check_name(name, "base")

@@ -39,6 +39,10 @@ def check_name(name: str, taken_by_base: str) -> str:
                            "letter or digit (no '.', '/' or spaces)")
     if name == taken_by_base or name in PEFT_RESERVED:
         raise TuneoffError(f"adapter name {name!r} is reserved (the base model is served as {taken_by_base!r})")
+    import torch
+
+    if hasattr(torch.nn.Module, name):  # PEFT keys each adapter's layers by name on torch modules: `half` clashes
+        raise TuneoffError(f"adapter name {name!r} is a torch module attribute (PEFT cannot load it): choose another")
     return name
 
 
