@@ -23,27 +23,38 @@ runs/<task>/<method>/failed.json; the report shows it as failed and the other me
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
-from prefect import flow, get_run_logger, task
+from filelock import FileLock, Timeout
+from prefect import flow, get_run_logger, runtime, task
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.states import Failed
+from prefect.states import Cancelled, Cancelling, Failed
 
+from tuneoff.core.atomic import atomic_file
 from tuneoff.core.methods import BASE, unit_stages
-from tuneoff.core.params import BakeoffParams, read_params, section
+from tuneoff.core.params import (
+    BakeoffParams,
+    CheckpointParams,
+    DispatchParams,
+    read_params,
+    section,
+)
 from tuneoff.core.tracking import GROUP_ENV
 
 UNIT_DEPLOYMENT = "bakeoff-unit"
 AFTER = ["report", "register"]
+WORKSPACE_LOCK = Path(".dvc/tmp/tuneoff-bakeoff.lock")  # one bake-off at a time in a workspace
+POLL_SECONDS = 5
 
 
 def before_stages(tasks: list[str]) -> list[str]:
@@ -84,8 +95,7 @@ def sh(*cmd: str, cwd: Path | str = ".", env: dict | None = None, echo: bool = F
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            print(line, end="", flush=True)  # in a flow with log_prints, to the run's log (the Prefect UI)
         returncode, out, err = proc.wait(), "".join(lines), ""
     else:
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -99,25 +109,92 @@ def repro(targets: list[str], cwd: Path | str = ".", env: dict | None = None) ->
     sh("dvc", "repro", *targets, cwd=cwd, env=env, echo=True)
 
 
-@task(retries=2, retry_delay_seconds=[10, 30])
+def transient(task, task_run, state) -> bool:
+    """Whether a failed unit is worth another attempt: a lost worker, a network error, a timeout
+    are; a stage's own one-line error (bad params, a bad file) or running out of memory is not:
+    it would fail the same way again."""
+    try:
+        state.result()
+    except Exception as e:
+        text = str(e)
+        return not (re.search(r"^error: ", text, re.MULTILINE) or "out of memory" in text.lower())
+    return False
+
+
+@task(retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=transient)
 def run_here(unit: str, targets: list[str]) -> str:
     repro(targets)
     return unit
 
 
-@task(retries=2, retry_delay_seconds=[10, 30])
+@task(retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=transient)
 def dispatch(unit: str, targets: list[str], upstream: list[str], pool: str, repo: str, revision: str, lock: str,
-             group: str) -> dict:
-    """Run a unit on a worker in `pool`; its outputs come back through the DVC remote."""
+             group: str, limits: DispatchParams) -> dict:
+    """Run a unit on a worker in `pool` and return its result; its outputs come back through the
+    DVC remote. The run's idempotency key is the unit, revision, dvc.lock and this task's attempt:
+    a retry after a failed or timed-out run starts a new run, nothing else starts a second one."""
+    key = f"{unit}@{revision}:{hashlib.sha256(lock.encode()).hexdigest()[:16]}:{runtime.task_run.run_count}"
     run = run_deployment(f"{UNIT_DEPLOYMENT}/{pool}", parameters={
         "repo": repo, "revision": revision, "unit": unit, "targets": targets, "upstream": upstream, "lock": lock,
-        "group": group}, flow_run_name=f"{unit}@{revision[:8]}", as_subflow=False)
-    if not run.state.is_completed():
-        raise RuntimeError(redact(f"unit {unit}: flow run {run.name} ended {run.state.type.value}: {run.state.message}"))
-    return run.state.result()
+        "group": group}, flow_run_name=f"{unit}@{revision[:8]}", as_subflow=False, idempotency_key=key, timeout=0)
+    state = wait_for(run.id, run.name, limits)
+    if not state.is_completed():
+        raise RuntimeError(redact(f"unit {unit}: flow run {run.name} ended {state.type.value}: {state.message}"))
+    return unit_result(state)
 
 
-@flow(name=UNIT_DEPLOYMENT, persist_result=True)
+def wait_for(run_id, name: str, limits: DispatchParams):
+    """The run's final state. Polling errors are retried here (not by a new run); a run still
+    unfinished after unit_timeout_minutes, or PENDING (claimed, never started) for
+    pending_timeout_minutes, is cancelled and a TimeoutError raised."""
+    deadline = time.monotonic() + 60 * limits.unit_timeout_minutes
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                state = client.read_flow_run(run_id).state
+            except Exception as e:  # the API unreachable for a moment: ask again
+                get_run_logger().warning("polling %s: %s", name, redact(str(e))[:200])
+                state = None
+            if state is not None and state.is_final():
+                return state
+            pending_for = (time.time() - state.timestamp.timestamp()) if state is not None and state.is_pending() else 0
+            if time.monotonic() > deadline or pending_for > 60 * limits.pending_timeout_minutes:
+                why = (f"PENDING for {pending_for / 60:.1f} min" if pending_for > 60 * limits.pending_timeout_minutes
+                       else f"unfinished after {limits.unit_timeout_minutes:g} min")
+                cancel = Cancelling if state is not None and state.is_running() else Cancelled
+                client.set_flow_run_state(run_id, cancel(message=f"tuneoff: {why}"), force=True)
+                raise TimeoutError(f"flow run {name} {why}: cancelled")
+            time.sleep(POLL_SECONDS)
+
+
+def unit_result(state) -> dict:
+    """A unit run's result, read as JSON and only JSON. `state.result()` would deserialize with
+    whatever serializer the stored bytes or the run's metadata name, pickle included; here a result
+    whose metadata names another serializer, or whose stored bytes are not JSON (a whole result
+    record naming another serializer included), is refused, never loaded."""
+    # the storage lookup and block call Prefect's own result reading makes (prefect/states.py)
+    from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
+    from prefect.results import get_default_result_storage, resolve_result_storage
+
+    meta = state.data
+    if getattr(getattr(meta, "serializer", None), "type", None) != "json" or not getattr(meta, "storage_key", None):
+        raise RuntimeError("unit result: not a persisted JSON result; refused")
+    storage = (resolve_result_storage(meta.storage_block_id, _sync=True) if meta.storage_block_id
+               else get_default_result_storage(_sync=True))
+    try:
+        content = json.loads(call_explicitly_sync_block_method(storage, "read_path", (meta.storage_key,), {}))
+        if isinstance(content, dict) and set(content) == {"metadata", "result"}:  # a whole result record
+            if (content["metadata"] or {}).get("serializer", {}).get("type") != "json":
+                raise ValueError("a result record with a serializer other than JSON")
+            content = json.loads(content["result"])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise RuntimeError(f"unit result {meta.storage_key}: not JSON ({e}); refused") from None
+    if not (isinstance(content, dict) and {"lock", "files"} <= set(content)):
+        raise RuntimeError(f"unit result {meta.storage_key}: not a unit's result; refused")
+    return content
+
+
+@flow(name=UNIT_DEPLOYMENT, persist_result=True, result_serializer="json", log_prints=True)
 def bakeoff_unit(repo: str, revision: str, unit: str, targets: list[str], upstream: list[str], lock: str,
                  group: str) -> dict:
     """On a worker: reproduce `targets` at `revision` against the orchestrator's dvc.lock."""
@@ -127,6 +204,7 @@ def bakeoff_unit(repo: str, revision: str, unit: str, targets: list[str], upstre
         sh("git", "clone", "--quiet", repo, str(work))
         sh("git", "checkout", "--quiet", revision, cwd=work)
         (work / "dvc.lock").write_text(lock)
+        share_checkpoints(work, f"{repo}\n{revision}\n{lock}")
         sh("dvc", "pull", "--quiet", *upstream, cwd=work)
         logger.info("unit %s on %s: dvc repro %s", unit, os.uname().nodename, " ".join(targets))
         sh("dvc", "repro", "--single-item", *targets, cwd=work, env={GROUP_ENV: group}, echo=True)
@@ -135,6 +213,24 @@ def bakeoff_unit(repo: str, revision: str, unit: str, targets: list[str], upstre
         return {"unit": unit, "host": os.uname().nodename, "pid": os.getpid(), **collect(work, targets)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def share_checkpoints(work: Path, key: str) -> None:
+    """With $TUNEOFF_CHECKPOINTS (a folder every GPU worker mounts: a network volume), the scratch
+    clone's checkpoint folder is a link to <it>/<hash of repo, revision, dvc.lock>: a unit preempted
+    mid-training resumes from its last checkpoint on the next worker instead of step 0 (each
+    checkpoint is still checked against its params, data and base before it is resumed)."""
+    shared = os.environ.get("TUNEOFF_CHECKPOINTS")
+    if not shared:
+        return
+    folder = Path(shared) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    configured = Path(section(CheckpointParams, "checkpoint", path=work / "params.yaml").dir)
+    checkpoints = work / configured
+    if configured.is_absolute() or checkpoints.exists():  # a folder of the user's own choosing: theirs
+        return
+    checkpoints.parent.mkdir(parents=True, exist_ok=True)
+    checkpoints.symlink_to(folder, target_is_directory=True)
 
 
 def keep_offline_runs(wandb_dir: Path) -> None:
@@ -146,30 +242,52 @@ def keep_offline_runs(wandb_dir: Path) -> None:
         shutil.move(str(run), dest / run.name)
 
 
-def collect(work: Path, targets: list[str]) -> dict:
-    """The dvc.lock entries of `targets`, and their uncached outputs (metrics, plots) as base64."""
+def uncached_outs(repo_dir: Path, targets: list[str]) -> set[str]:
+    """The outputs of `targets` that DVC does not cache (metrics, plots): they travel in the result."""
     from dvc.repo import Repo
 
+    with Repo(str(repo_dir)) as repo:  # (addressing is relative to the cwd, not the repo)
+        return {out.def_path for stage in repo.index.stages if stage.name in targets for out in stage.outs
+                if not out.use_cache}
+
+
+def collect(work: Path, targets: list[str]) -> dict:
+    """The dvc.lock entries of `targets`, and their uncached outputs (metrics, plots) as base64."""
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
-    files = {}
-    with Repo(str(work)) as repo:
-        for stage in repo.index.stages:
-            if stage.name in targets:  # (addressing is relative to the cwd, not the repo)
-                files.update({out.def_path: base64.b64encode((work / out.def_path).read_bytes()).decode()
-                              for out in stage.outs if not out.use_cache})
+    files = {path: base64.b64encode((work / path).read_bytes()).decode() for path in uncached_outs(work, targets)}
     return {"lock": {t: lock[t] for t in targets}, "files": files}
 
 
-def apply(result: dict) -> None:
-    """Bring a worker's results into this workspace: dvc.lock entries, uncached files, cached outputs."""
+def apply(result: dict, sent: list[str]) -> None:
+    """Bring a worker's results into this workspace: the dvc.lock entries of the stages it was sent
+    and their uncached outputs, each written atomically, then their cached outputs (dvc pull).
+    Anything else in the result (another stage's entry, another file) refuses it whole."""
+    extra = sorted(set(result["lock"]) - set(sent)) + sorted(set(result["files"]) - uncached_outs(Path.cwd(), sent))
+    if extra:
+        raise RuntimeError(f"unit result refused: it holds {extra}, which the stages it was sent do not write")
     lock_path = Path("dvc.lock")
     lock = yaml.safe_load(lock_path.read_text())
     lock["stages"].update(result["lock"])
-    lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
     for path, data in result["files"].items():
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(base64.b64decode(data))
+        with atomic_file(Path(path)) as tmp:
+            tmp.write_bytes(base64.b64decode(data))
+    with atomic_file(lock_path) as tmp:
+        tmp.write_text(yaml.safe_dump(lock, sort_keys=False))
     sh("dvc", "pull", "--quiet", *result["lock"])
+
+
+def report_artifacts() -> None:
+    """The report (markdown) and the comparison (a table) on the flow run, for the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_markdown_artifact(Path("reports/report.md").read_text(), key="bakeoff-report",
+                             description="tuneoff bake-off report (reports/report.md)")
+    comparison = json.loads(Path("reports/comparison.json").read_text())
+    rows = [{"task": c["task"], "method": r["method"], "main": r["main"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+             "cost_usd": (r["train"] or {}).get("cost_usd"), "peak_memory_bytes": (r["train"] or {}).get("peak_memory_bytes"),
+             "failed": r.get("failed"), "verdict": comparison["decisions"][c["task"]]["verdict"],
+             "recommended": comparison["decisions"][c["task"]]["method"]} for c in comparison["tasks"] for r in c["rows"]]
+    create_table_artifact(rows, key="bakeoff-comparison", description="each task's methods: score [95% CI], cost, verdict")
 
 
 def record_failure(unit: str, tasks: list[str], error: BaseException) -> None:
@@ -194,9 +312,20 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
     """The whole bake-off; `gpu_pool` sends the per-method stages to that work pool's workers.
     `repo` is the git URL workers clone (default: this repository's path); `methods` limits the
     methods rerun (default: all of params.yaml's)."""
+    WORKSPACE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(WORKSPACE_LOCK), timeout=0):
+            return run_bakeoff(gpu_pool, repo, methods)
+    except Timeout:
+        return Failed(message=f"another bake-off is running in this workspace (it holds {WORKSPACE_LOCK}); "
+                              "wait for it to finish")
+
+
+def run_bakeoff(gpu_pool: str | None, repo: str | None, methods: list[str] | None) -> dict:
     logger = get_run_logger()
     os.environ.setdefault(GROUP_ENV, time.strftime("bakeoff-%Y%m%d-%H%M%S", time.gmtime()))
-    bakeoff_params = section(BakeoffParams, "bakeoff", data=read_params())
+    params = read_params()
+    bakeoff_params = section(BakeoffParams, "bakeoff", data=params)
     tasks, units = bakeoff_params.tasks, [BASE, *(methods or bakeoff_params.methods)]
     for t in tasks:
         for u in units:
@@ -215,17 +344,19 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
         revision = git_revision_for_dispatch()
         sh("dvc", "push", "--quiet", *before)
         lock = Path("dvc.lock").read_text()
-        futures = {u: dispatch.submit(u, unit_stages(u, tasks, bakeoff_params.more_seeds), before, gpu_pool, repo or str(Path.cwd()), revision,
-                                      lock, os.environ[GROUP_ENV]) for u in units}
+        limits = section(DispatchParams, "dispatch", data=params)
+        sent = {u: unit_stages(u, tasks, bakeoff_params.more_seeds) for u in units}
+        futures = {u: dispatch.submit(u, sent[u], before, gpu_pool, repo or str(Path.cwd()), revision, lock,
+                                      os.environ[GROUP_ENV], limits) for u in units}
         for unit, future in futures.items():
             try:
                 result = future.result()
+                apply(result, sent[unit])
             except Exception as e:
                 logger.error("unit %s failed for good: %s", unit, redact(str(getattr(e, "line", e))))
                 record_failure(unit, tasks, e)
                 outcome[unit] = {"state": "failed", "error": redact(getattr(e, "line", str(e)[-500:]))}
                 continue
-            apply(result)
             outcome[unit] = {"state": "completed", "host": result["host"], "pid": result["pid"]}
             logger.info("unit %s done on %s (pid %s)", unit, result["host"], result["pid"])
     else:
@@ -241,4 +372,5 @@ def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[
         sh("dvc", "repro", "--single-item", *AFTER, echo=True)
     except CommandFailed as e:
         return Failed(message=e.line)
+    report_artifacts()
     return {unit: outcome[unit] for unit in [BASE, *(methods or bakeoff_params.methods)]}

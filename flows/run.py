@@ -1,7 +1,7 @@
 """`tuneoff run`: the bake-off flow in this project, against $PREFECT_API_URL if set, else a
 temporary local Prefect server; then the per-method results table.
 
-    python -m flows.run [--gpu-pool POOL] [--repo GIT_URL]
+    python -m flows.run [--gpu-pool POOL] [--repo GIT_URL] [--methods lora,qlora]
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from tuneoff.decision.costs import results_table
 
 
 @user_errors
-def run(gpu_pool: str | None, repo: str | None) -> list[str]:
+def run(gpu_pool: str | None, repo: str | None, methods: str | None = None) -> list[str]:
     """The flow's units and their states; a stage that fails before or after the per-method units
     ends the run with its one line."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    section(BakeoffParams, "bakeoff")  # a params error is one line before any server starts
+    known = section(BakeoffParams, "bakeoff").methods  # a params error is one line before any server starts
+    chosen = methods.split(",") if methods else None
+    if chosen and not set(chosen) <= set(known):
+        raise TuneoffError(f"--methods {methods}: params.yaml's bakeoff trains {', '.join(known)}")
     ensure_server()
-    state = bakeoff(gpu_pool=gpu_pool, repo=repo, return_state=True)
+    state = bakeoff(gpu_pool=gpu_pool, repo=repo, methods=chosen, return_state=True)
     if not state.is_completed():
         raise TuneoffError(f"bake-off {state.name.lower()}: {(state.message or '').strip().splitlines()[0]}")
     outcome = state.result()
@@ -39,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu-pool", help="dispatch the per-method stages to this Prefect work pool")
     parser.add_argument("--repo", help="git URL the workers clone (default: this folder)")
+    parser.add_argument("--methods", help="comma-separated methods to run again (default: all of params.yaml's)")
     args = parser.parse_args(argv)
-    failed = run(args.gpu_pool, args.repo)
+    failed = run(args.gpu_pool, args.repo, args.methods)
     print(results_table())
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (see runs/<task>/<method>/failed.json and the report)")

@@ -24,6 +24,7 @@ from tuneoff.core.lineage import git_revision, lock_hashes
 from tuneoff.core.methods import NF4_BASE
 from tuneoff.core.methods import method as method_named
 from tuneoff.core.params import (
+    BaseModelParams,
     DecideParams,
     EvaluateParams,
     TrackingParams,
@@ -33,7 +34,7 @@ from tuneoff.core.params import (
 from tuneoff.core.records import Comparison, read, read_jsonl
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.decision.decide import replaces_champion
-from tuneoff.decision.registry import publish, register
+from tuneoff.decision.registry import model_card, register
 from tuneoff.evaluation.score import load_test, score_model
 from tuneoff.modeling.merge import adapter_dir, deployment, load_adapter_model
 
@@ -75,6 +76,8 @@ def main() -> None:
     rules = section(DecideParams, "decide", data=params)
     evaluate = section(EvaluateParams, "evaluate", data=params)
     revision = git_revision()
+    source = section(BaseModelParams, "base_model", data=params)
+    base_model = source.wheel if source.source == "wheel" else source.path
     PRODUCTION.mkdir(parents=True, exist_ok=True)  # the stage's output, even before any version is promoted
     decisions = {}
     for comparison in report["tasks"]:
@@ -117,11 +120,11 @@ def main() -> None:
             "lineage": {"git": revision, **lock_hashes(stages)},
             "params": {"train": params["train"], "prepare": params["prepare"], "task": params["tasks"][task]},
             "metrics": {"eval": row["metrics"], "train": row["train"]},
-        }, judge)
+        }, judge, publish_to=PRODUCTION / task,
+            card=lambda v: model_card(f"{task}-model", v, task, base_model, comparison["main_metric"], decision["rationale"]))
         decisions[task]["registered"] = {"name": f"{task}-model", "version": version["version"],
                                          "stage": version["stage"], "reason": version["reason"]}
         if version["stage"] == "production":
-            publish(deployed.path, PRODUCTION / task)
             decisions[task]["registered"]["published"] = str(PRODUCTION / task)
         with stage_run("register", {"decide": rules.model_dump()}, task=task, method=method) as tracker:
             tracker.summary(flat({"registered": decisions[task]["registered"], "main": row["main"]}))

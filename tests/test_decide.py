@@ -115,6 +115,28 @@ def test_a_failed_method_is_excluded_and_named():
     assert decide(c, RULES)["method"] is None
 
 
+def test_a_report_where_every_unit_failed_says_so(tmp_path):
+    """The flow gave up on every unit (all workers gone, say): the report still writes, each row
+    naming its failure, instead of failing on the missing training conditions."""
+    from tuneoff.core.params import CostParams, EstimateParams, read_params, section
+    from tuneoff.decision.report import compare_task, markdown
+
+    (tmp_path / "prepared/t").mkdir(parents=True)
+    (tmp_path / "prepared/t/meta.json").write_text(json.dumps(
+        {"scorer": "json_fields", "kind": "extraction", "examples": {"train": 48, "val": 6, "test": 6}}))
+    for method in ("base", "full", "lora", "qlora"):
+        (tmp_path / "runs/t" / method).mkdir(parents=True)
+        (tmp_path / "runs/t" / method / "failed.json").write_text(json.dumps({"error": f"{method}: worker lost"}))
+    params = read_params(ROOT / "params.yaml")
+    c = compare_task("t", ["full", "lora", "qlora"], section(EstimateParams, "estimate", data=params),
+                     section(CostParams, "cost", data=params).price_per_hour, runs=tmp_path / "runs",
+                     prepared=tmp_path / "prepared")
+    decision = decide(c, RULES)
+    text = markdown([c], {"t": decision})
+    assert decision["method"] is None and "No method finished training: nothing to compare." in text
+    assert all(f"{m}: worker lost" in text for m in ("base", "full", "lora", "qlora"))
+
+
 def test_claims_are_judged_on_the_interval():
     checked = {x["claim"]: x["status"] for x in claims(comparison(
         base=scores(100), full=scores(300), lora=scores(300, first=1), qlora=scores(240)))}

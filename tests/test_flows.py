@@ -79,6 +79,9 @@ def server(tmp_path_factory):
 def project(tmp_path_factory, tiny_base, server):
     """The tiny project with a local-folder DVC remote, committed; the pool and deployments created."""
     dest = make_project(tmp_path_factory.mktemp("flow-project"), tiny_base)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["bakeoff"]["tasks"] = ["extraction"]  # units are methods: one task shows every path through them
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     remote = tmp_path_factory.mktemp("dvc-remote")
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], dest)
     run(["git", "commit", "-qam", "DVC remote"], dest)
@@ -89,8 +92,8 @@ def project(tmp_path_factory, tiny_base, server):
     return dest
 
 
-def start_worker(project: Path, server: dict, name: str, runs_dir: Path) -> subprocess.Popen:
-    env = {**server, "TUNEOFF_OFFLINE_RUNS": str(runs_dir),
+def start_worker(project: Path, server: dict, name: str, runs_dir: Path, **extra) -> subprocess.Popen:
+    env = {**server, "TUNEOFF_OFFLINE_RUNS": str(runs_dir), **extra,
            "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}
     log = open(project.parent / f"{name}.log", "w")
     return subprocess.Popen(["prefect", "worker", "start", "--pool", POOL, "--name", name, "--type", "process"],
@@ -156,59 +159,27 @@ def test_dispatch_runs_every_method_on_the_worker(project, server, tmp_path):
     from wandb_records import read_runs
 
     worker_runs = read_runs(tmp_path / "wandb")
-    assert {r.name for r in worker_runs} >= {"train@extraction-lora", "evaluate@iso_codes-base"}
+    assert {r.name for r in worker_runs} >= {"train@extraction-lora", "evaluate@extraction-base"}
     assert {r.group for r in worker_runs} == {"bakeoff-test"}
+    # the Prefect UI shows the work: each unit's stage output in its run's log, the report and the
+    # comparison table on the bake-off's flow run
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    lora_run = next(r for r in runs if r.parameters["unit"] == "lora")
+    with client(server) as c:
+        logs = [entry.message for entry in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[lora_run.id])))]
+        artifacts = {a.key: a for a in c.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["bakeoff-report", "bakeoff-comparison"])))}
+    assert any("Running stage 'train@extraction-lora'" in m for m in logs)
+    assert artifacts["bakeoff-report"].data.startswith("# tuneoff bake-off report")
+    table = json.loads(artifacts["bakeoff-comparison"].data)
+    assert [(r["task"], r["method"]) for r in table] == [("extraction", m) for m in UNITS]
     print(f"dispatched bake-off: {flow_seconds:.0f} s")
-
-
-def test_a_killed_worker_is_retried_on_a_restarted_one(project, server, tmp_path):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["common"]["seed"] = 1  # every unit reruns
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "seed 1"], project)
-    before = {r.id for r in unit_runs(server)}
-    first = start_worker(project, server, "gpu-worker-2", tmp_path / "wandb")
-    env = {**os.environ, **server, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"}
-    flow = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", "run", "--gpu-pool", POOL], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    second = None
-    try:
-        # preempt while a unit runs and none is PENDING: a worker killed between claiming a run
-        # (PENDING) and starting it leaves that run orphaned, a case this test does not cover
-        def running_and_none_pending():
-            runs = [r for r in unit_runs(server) if r.id not in before]
-            pending = any(r.state.is_pending() for r in runs)
-            return not pending and [r for r in runs if r.state.is_running()]
-
-        running = wait_for(running_and_none_pending, 300, "a unit running on the first worker, none pending",
-                           every=0.2)
-        # a preempted machine: the worker stops (SIGSTOP: it takes no more runs), each flow run's
-        # supervisor (`prefect flow-run execute`, PID 1 of a Kubernetes pod) gets SIGTERM, and
-        # then the worker is gone (SIGKILL)
-        supervisors = [p for p in psutil.Process(first.pid).children() if "flow-run" in " ".join(p.cmdline())]
-        assert supervisors
-        first.send_signal(signal.SIGSTOP)
-        for proc in supervisors:
-            proc.terminate()
-        psutil.wait_procs(supervisors, timeout=60)
-        first.kill()
-        first.wait(60)
-        victim = running[0].id
-        wait_for(lambda: "SCHEDULED" in states(server, victim)[1:], 60,
-                 f"the killed run to be rescheduled (states: {states(server, victim)})")
-        second = start_worker(project, server, "gpu-worker-3", tmp_path / "wandb")
-        output, _ = flow.communicate(timeout=900)
-    finally:
-        for proc in (flow, first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill() if proc is flow else stop(proc)
-    assert flow.returncode == 0, output[-3000:]
-    history = states(server, victim)
-    assert history.index("SCHEDULED", 1) > history.index("RUNNING") and history[-1] == "COMPLETED"
-    # the seed changes training, not the untuned base: after a first run its unit is not sent anywhere
-    assert all(f"{u}: completed" in output for u in UNITS[1:])
-    assert "base: up to date" in output or "base: completed" in output
-    assert json.loads(run(["dvc", "status", "--json"], project) or "{}") == {}
 
 
 def test_retrain_is_scheduled_and_retrains_nothing_when_nothing_changed(project, server):
@@ -220,6 +191,158 @@ def test_retrain_is_scheduled_and_retrains_nothing_when_nothing_changed(project,
     out = run([sys.executable, "-c", "from flows.retrain import retrain; print('result', retrain())"], project, server)
     assert "result {'retrained': False, 'changed': []}" in out
     assert (project / "dvc.lock").read_bytes() == lock
+
+
+def test_a_killed_worker_is_retried_on_a_restarted_one_and_resumes_its_checkpoint(project, server, tmp_path):
+    """A preempted GPU machine: its worker and the unit's processes die mid-training. The run is
+    rescheduled, a second worker takes it and resumes training from the checkpoint the first left
+    on the volume both mount ($TUNEOFF_CHECKPOINTS)."""
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["common"]["token_budget"] = 40000  # ~120 steps: time to be killed after a checkpoint
+    params["checkpoint"]["every_steps"] = 2
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "a longer run, checkpoints every 2 steps"], project)
+    shared = tmp_path / "checkpoints"
+    before = {r.id for r in unit_runs(server)}
+    first = start_worker(project, server, "gpu-worker-2", tmp_path / "wandb", TUNEOFF_CHECKPOINTS=str(shared))
+    env = {**os.environ, **server, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"}
+    flow = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", "run", "--gpu-pool", POOL, "--methods", "lora"],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = None
+
+    def checkpoint_step() -> int:
+        steps = [0]
+        for path in shared.glob("*/extraction/lora/progress.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):  # a checkpoint being replaced
+                steps.append(json.loads(path.read_text())["step"])
+        return max(steps)
+
+    try:
+        wait_for(lambda: checkpoint_step() >= 4, 300, "the lora unit's checkpoint at step 4 on the shared volume",
+                 every=0.02)
+        # the machine goes: first it stops (the unit's processes and the worker freeze, so training
+        # neither finishes nor removes its checkpoint), the flow run's supervisor (PID 1 of a
+        # Kubernetes pod) gets SIGTERM, then everything on it is gone (SIGKILL)
+        supervisors = [p for p in psutil.Process(first.pid).children() if "flow-run" in " ".join(p.cmdline())]
+        frozen = [p for s in supervisors for p in s.children(recursive=True)] + [psutil.Process(first.pid)]
+        for proc in frozen:
+            proc.send_signal(signal.SIGSTOP)
+        running = [r for r in unit_runs(server) if r.id not in before and r.state.is_running()]
+        assert supervisors and len(running) == 1
+        for proc in supervisors:
+            proc.terminate()
+        psutil.wait_procs(supervisors, timeout=60)
+        for proc in frozen:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        first.wait(60)
+        killed_at = checkpoint_step()
+        victim = running[0].id
+        wait_for(lambda: "SCHEDULED" in states(server, victim)[1:], 60,
+                 f"the killed run to be rescheduled (states: {states(server, victim)})")
+        second = start_worker(project, server, "gpu-worker-3", tmp_path / "wandb", TUNEOFF_CHECKPOINTS=str(shared))
+        output, _ = flow.communicate(timeout=900)
+    finally:
+        for proc in (flow, first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill() if proc is flow else stop(proc)
+        params_file.write_text(original)  # back to the short run: full and qlora were never retrained
+        run(["git", "commit", "-qam", "back to the short run"], project)
+    assert flow.returncode == 0, output[-3000:]
+    history = states(server, victim)
+    assert history.index("SCHEDULED", 1) > history.index("RUNNING") and history[-1] == "COMPLETED"
+    assert "lora: completed on" in output and "base: up to date" in output
+    resumed = json.loads((project / "runs/extraction/lora/train.json").read_text())["timing"]["resumed_from_step"]
+    assert resumed >= killed_at >= 4
+    assert not list(shared.glob("*/extraction/lora"))  # the stage that finished removed its checkpoint
+
+
+def test_one_bake_off_at_a_time_in_a_workspace(project, server):
+    from filelock import FileLock
+
+    from flows.bakeoff import WORKSPACE_LOCK
+
+    with FileLock(str(project / WORKSPACE_LOCK)):  # as a running bake-off (a scheduled retrain, say) holds it
+        done = subprocess.run([sys.executable, "-m", "tuneoff.cli", "run"], cwd=project, capture_output=True, text=True,
+                              env={**os.environ, **server, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"})
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 1 and errors == [f"error: bake-off failed: another bake-off is running in this workspace "
+                                               f"(it holds {WORKSPACE_LOCK}); wait for it to finish"], done.stderr
+    assert "Running stage" not in done.stdout
+
+
+def test_a_unit_result_is_read_as_json_only(server, tmp_path):
+    """What a worker returns is read from result storage without unpickling: a result whose
+    metadata names pickle, stored bytes that are not JSON, or a stored record naming pickle under
+    metadata that says JSON, are refused. (A JSON result as a flow run stores it, raw, is read in
+    test_dispatch_runs_every_method_on_the_worker.)"""
+    from prefect.results import ResultStore
+    from prefect.serializers import JSONSerializer, PickleSerializer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
+    from prefect.states import Completed
+
+    from flows.bakeoff import unit_result
+
+    result = {"unit": "lora", "lock": {}, "files": {}}
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"], PREFECT_LOCAL_STORAGE_PATH: tmp_path}):
+        stored = {}
+        for name, serializer in (("json", JSONSerializer()), ("pickle", PickleSerializer())):
+            store = ResultStore(serializer=serializer)
+            record = store.create_result_record(result, key=name)
+            store.persist_result_record(record)  # a whole record: its metadata and the result
+            stored[name] = record.metadata
+        assert unit_result(Completed(data=stored["json"])) == result
+        (tmp_path / "raw-pickle").write_bytes(PickleSerializer().dumps(result))
+        refused = {"not a persisted JSON result": stored["pickle"],
+                   "a result record with a serializer other than JSON": stored["json"].model_copy(
+                       update={"storage_key": stored["pickle"].storage_key}),
+                   "not JSON": stored["json"].model_copy(update={"storage_key": str(tmp_path / "raw-pickle")})}
+        for why, metadata in refused.items():
+            with pytest.raises(RuntimeError, match=why):
+                unit_result(Completed(data=metadata))
+
+
+def test_a_unit_result_brings_back_only_what_its_stages_write(project, monkeypatch):
+    import base64
+
+    from flows.bakeoff import apply
+
+    monkeypatch.chdir(project)
+    lock = (project / "dvc.lock").read_text()
+    sent = ["train@extraction-lora", "merge@extraction-lora", "evaluate@extraction-lora"]
+    entry = yaml.safe_load(lock)["stages"]["train@extraction-lora"]
+    for result in ({"lock": {"train@extraction-lora": entry, "report": entry}, "files": {}},
+                   {"lock": {"train@extraction-lora": entry}, "files": {"params.yaml": base64.b64encode(b"x").decode()}}):
+        with pytest.raises(RuntimeError, match=r"unit result refused: it holds \['(report|params.yaml)'\]"):
+            apply(result, sent)
+    assert (project / "dvc.lock").read_text() == lock
+
+
+def test_a_unit_no_worker_takes_is_cancelled_after_its_timeout_and_retried(project, server):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["lora"]["lr"] *= 2  # the lora unit is out of date; no worker is running
+    params["dispatch"]["unit_timeout_minutes"] = 0.05
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "lora lr, a short unit timeout"], project)
+    before = {r.id for r in unit_runs(server)}
+    done = subprocess.run([sys.executable, "-m", "tuneoff.cli", "run", "--gpu-pool", POOL], cwd=project,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **server, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"})
+    assert done.returncode == 1 and "lora: failed (" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Retry 1/2 will start" in done.stdout + done.stderr  # a timeout is worth another attempt
+    assert "unfinished after 0.05 min: cancelled" in json.loads((project / "runs/extraction/lora/failed.json").read_text())["error"]
+    runs = [r for r in unit_runs(server) if r.id not in before]
+    # one run per attempt (the first and two retries), each cancelled, none left waiting for a worker
+    assert len(runs) == 3 and all(r.state.is_cancelled() and r.parameters["unit"] == "lora" for r in runs)
+    params["dispatch"]["unit_timeout_minutes"] = 720
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "unit timeout back"], project)
 
 
 def test_local_run_reruns_only_the_changed_method(project, server):
@@ -254,6 +377,28 @@ def tuneoff_run(project: Path, home: Path, delay: float, **env) -> subprocess.Co
                           text=True, timeout=900)
 
 
+def run_with_params(project: Path, server: dict, edit) -> subprocess.CompletedProcess:
+    """`tuneoff run` (units here) with params.yaml changed by `edit(params)` for the run, then put back."""
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    edit(params)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        return subprocess.run([sys.executable, "-m", "tuneoff.cli", "run"], cwd=project, capture_output=True, text=True,
+                              env={**os.environ, **server, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"})
+    finally:
+        params_file.write_text(original)
+
+
+def test_a_stages_own_error_is_not_retried(project, server):
+    """A params typo fails the same way every time: the unit fails at once, not after two retries."""
+    done = run_with_params(project, server, lambda p: p["train"]["lora"].update(target_modules=["q_proj", "query"]))
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "lora: failed (train@extraction-lora: params.yaml: train.lora.target_modules" in out
+    assert "Retry 1/2 will start" not in out, out[-3000:]  # the phrase Prefect logs for a retry (seen in the timeout test)
+
+
 def test_first_run_waits_for_a_slow_temporary_server(project, tmp_path):
     # Prefect's own wait is 20 s; a first start on a slow, busy machine took longer (issue 18)
     done = tuneoff_run(project, tmp_path / "prefect-home", delay=25)
@@ -275,16 +420,7 @@ def test_no_server_is_one_line_and_exit_1(project, tmp_path):
 
 
 def test_a_failing_stage_ends_the_run_with_its_name_and_one_line(project, server):
-    params_file = project / "params.yaml"
-    original = params_file.read_text()
-    params = yaml.safe_load(original)
-    params["tasks"]["extraction"]["n_examples"] = 0
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        done = subprocess.run([sys.executable, "-m", "tuneoff.cli", "run"], cwd=project, capture_output=True, text=True,
-                              env={**os.environ, **server, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"})
-    finally:
-        params_file.write_text(original)
+    done = run_with_params(project, server, lambda p: p["tasks"]["extraction"].update(n_examples=0))
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: bake-off")]
     assert done.returncode == 1 and errors == ["error: bake-off failed: prepare@extraction: params.yaml: "
                                                "tasks.extraction.n_examples = 0: Input should be greater than 0"]

@@ -62,6 +62,10 @@ def test_job_template_renders_to_a_valid_gpu_job():
     env = {e.name: e for e in container.env}
     assert env["WANDB_API_KEY"].value_from.secret_key_ref.name == "tuneoff-wandb" and env["WANDB_API_KEY"].value is None
     assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"].value == "reschedule"
+    # checkpoints on a volume every unit's pod mounts: a preempted unit resumes on the next node
+    (mount,) = container.volume_mounts
+    assert env["TUNEOFF_CHECKPOINTS"].value == mount.mount_path
+    assert (spec.volumes[0].name, spec.volumes[0].persistent_volume_claim.claim_name) == (mount.name, "tuneoff-checkpoints")
 
 
 @pytest.mark.parametrize("name, kind", [("fsdp.yaml", "FSDP"), ("deepspeed-zero3.yaml", "DEEPSPEED")])

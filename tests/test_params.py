@@ -11,6 +11,7 @@ from tuneoff.core.params import (
     LoraParams,
     QloraParams,
     QuantizeParams,
+    read_params,
     section,
 )
 
@@ -156,3 +157,11 @@ def test_an_exponent_without_a_point_is_a_float(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text((ROOT / "params.yaml").read_text().replace("lr: 1.0e-3", "lr: 1e-3", 1))
     assert section(LoraParams, "train", "lora", path=path).lr == 0.001
+
+
+def test_a_lone_surrogate_escape_in_params_is_one_line(tmp_path):
+    """YAML's "\\ud83d" is a lone surrogate: a stage writing it (a system prompt) would fail with a traceback."""
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text() + '\nnotes: ["ok", "smile \\ud83d"]\n')
+    with pytest.raises(TuneoffError, match=r"params.yaml: notes\[1\]: a lone surrogate '\\ud83d' at character 6"):
+        read_params(path)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import API_KEY, make_project, run
+from huggingface_hub import ModelCard
 
 from tuneoff.modeling.merge import FORMS
 from tuneoff.training import allocator
@@ -144,9 +145,18 @@ def deterministic_outputs(project: Path) -> dict:
 
 
 def test_forced_rerun_gives_identical_results(project):
+    """Every stage of one task (and the shared ones), forced to run again; the other task's stages
+    are the same code on other data, so rerunning them would only double the test's time."""
     first = deterministic_outputs(project)
     assert len(first["dvc.lock outs"]) > 20
-    run(["dvc", "repro", "-f"], project)
+    scored = [f"{s}@extraction" for s in ("evaluate_base", "evaluate_full")] + ["evaluate@extraction-lora",
+                                                                                "evaluate_nf4@extraction-qlora"]
+    out = run(["dvc", "repro", "-f", *scored], project)  # forced with their upstream: 13 stages
+    assert {"import_base", "quantize", "prepare@extraction", "train@extraction-full", "train_nf4@extraction-qlora",
+            "merge_nf4@extraction-qlora"} <= {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    # what changed are the measured times the report prices, so only it and register follow
+    out = run(["dvc", "repro"], project)
+    assert sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")) == ["register", "report"]
     second = deterministic_outputs(project)
     assert second.keys() == first.keys()
     for name in first:
@@ -215,6 +225,14 @@ def test_results_table_lists_every_run(project):
     assert sorted((r[0], r[1]) for r in rows) == sorted(
         (t, m) for t in ("extraction", "iso_codes") for m in ("full", "lora", "qlora"))
     assert "cpu_peak_rss" in out.splitlines()[-1]
+    found = json.loads(run([sys.executable, "-m", "tuneoff.cli", "results", "--json"], project))
+    comparison = json.loads((project / "reports/comparison.json").read_text())
+    lora = next(r for r in found["runs"] if (r["task"], r["method"]) == ("extraction", "lora"))
+    row = next(r for r in comparison["tasks"][0]["rows"] if r["method"] == "lora")
+    assert (lora["main"], lora["ci"]) == (row["main"], [row["ci_low"], row["ci_high"]])
+    for task, decision in comparison["decisions"].items():
+        assert found["verdicts"][task]["verdict"] == decision["verdict"]
+        assert f"verdict {task}: {decision['verdict']}" in out
 
 
 def test_merged_models_load_without_peft_or_bitsandbytes(project):
@@ -282,27 +300,45 @@ def test_bad_params_fail_the_stage_with_one_line(project):
     assert (project / "runs/extraction/lora/train.json").read_bytes() == before  # nothing half-written
 
 
-def test_register_scores_production_beside_the_new_version(project):
-    """A decided verdict registered twice into an empty registry: the first version is promoted; the
-    second is scored beside production (the first, reloaded from models/production) on the same test
-    items. As the same model it answers every item alike (+0.0 points), but a handful of items cannot
-    show it is within the margin, so production stays."""
+def test_register_scores_production_beside_the_new_version(project, tiny_base):
+    """A decided verdict registered into an empty registry: the first version is promoted and
+    published. Registered again unchanged, after its published copy was lost (a crash), it is the
+    same version, published again. Then a retrain with another lineage (dvc.lock's hash of the
+    adapter edited) but the same weights is scored beside production (reloaded from
+    models/production) on the same test items: it answers every item alike (+0.0 points), but a
+    handful of items cannot show it is within the margin, so production stays."""
     moved = {name: project / name for name in ("registry", "models/production")}
     for name, path in moved.items():
         if path.exists():
             path.rename(path.with_name(path.name + ".kept"))
-    comparison_file = project / "reports/comparison.json"
-    original = comparison_file.read_text()
+    comparison_file, lock_file = project / "reports/comparison.json", project / "dvc.lock"
+    original, original_lock = comparison_file.read_text(), lock_file.read_text()
     report = json.loads(original)
     for task in ("extraction", "iso_codes"):
         report["decisions"][task].update(method="lora", verdict="decided")
     comparison_file.write_text(json.dumps(report))
+    published = project / "models/production/extraction"
     try:
         run([sys.executable, "-m", "stages.register"], project)
+        first = sorted(p.name for p in published.iterdir())
+        card = ModelCard.load(published / "README.md")  # a Hugging Face model card, metadata and all
+        lora = next(r for r in report["tasks"][0]["rows"] if r["method"] == "lora")
+        assert card.data.base_model == str(tiny_base) and card.data.library_name == "transformers"  # merged
+        assert card.data.eval_results[0].metric_value == lora["main"] and "# extraction-model v1" in card.text
+        shutil.rmtree(published)
+        again = run([sys.executable, "-m", "stages.register"], project)
+        assert "register: extraction-model v1 (lora) -> production" in again
+        assert len(json.loads((project / "registry/registry.json").read_text())["models"]["extraction-model"]) == 1
+        assert sorted(p.name for p in published.iterdir()) == first
+        lock = yaml.safe_load(original_lock)
+        out_entry = next(o for o in lock["stages"]["train@extraction-lora"]["outs"] if o["path"].endswith("model"))
+        out_entry["md5"] = "0" * 32 + ".dir"
+        lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
         out = run([sys.executable, "-m", "stages.register"], project)
         versions = json.loads((project / "registry/registry.json").read_text())["models"]["extraction-model"]
     finally:
         comparison_file.write_text(original)
+        lock_file.write_text(original_lock)
         for path in moved.values():
             if path.exists():
                 shutil.rmtree(path)

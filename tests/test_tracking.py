@@ -50,3 +50,16 @@ def test_group_comes_from_the_environment(monkeypatch):
     assert tracking.group_id() == "bakeoff-42"
     monkeypatch.delenv(tracking.GROUP_ENV)
     assert tracking.group_id().startswith("bakeoff-")
+
+
+def test_a_wandb_login_key_in_netrc_means_online(tmp_path, monkeypatch):
+    """`wandb login` writes the key to ~/.netrc, not the environment: runs go online with it."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert tracking._mode() == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password local-0123456789\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert tracking._mode() == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # a key for another host is not one
+    assert tracking._mode() == "offline"

@@ -4,6 +4,7 @@ deploy the flows to a Prefect server, upload offline W&B runs, and serve the reg
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.params import TrackingParams, section
-from tuneoff.decision.costs import results_table
+from tuneoff.decision.costs import results, results_table
 from tuneoff.estimator import cli as estimate_cli
 from tuneoff.serving import server as serving
 
@@ -22,12 +23,14 @@ def main(argv: list[str] | None = None) -> None:
     run = sub.add_parser("run", help="run the bake-off flow in the current project")
     run.add_argument("--gpu-pool", help="dispatch the per-method stages to this Prefect work pool")
     run.add_argument("--repo", help="git URL the workers clone (default: this folder)")
+    run.add_argument("--methods", help="comma-separated methods to run again, e.g. lora,qlora (default: all)")
     deploy = sub.add_parser("deploy", help="deploy the unit and scheduled-retrain flows (see flows/deploy.py)")
     deploy.add_argument("--gpu-pool", required=True)
     deploy.add_argument("--cpu-pool", required=True)
     deploy.add_argument("--source", default=str(Path.cwd()))
     deploy.add_argument("--image")
-    sub.add_parser("results", help="print the per-method results table")
+    shown = sub.add_parser("results", help="print the per-method results and each task's verdict")
+    shown.add_argument("--json", action="store_true", help="as JSON (runs, verdicts) for scripts")
     sub.add_parser("sync", help="upload the offline W&B runs (needs WANDB_API_KEY)")
     estimate_cli.add_arguments(sub.add_parser("estimate", help="peak memory, time and cost of each method before a run "
                                                                 "(tuneoff/estimator/memory.py, docs/estimator.md)"), plan=False)
@@ -51,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "sync":
         sys.exit(sync())
     if args.command == "results":
-        return print(results_table())
-    flags = {"run": ("gpu_pool", "repo"), "deploy": ("gpu_pool", "cpu_pool", "source", "image")}[args.command]
+        return print(json.dumps(results(), indent=2) if args.json else results_table())
+    flags = {"run": ("gpu_pool", "repo", "methods"), "deploy": ("gpu_pool", "cpu_pool", "source", "image")}[args.command]
     project_flow(args.command, [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in flags if getattr(args, k)])
 
 
@@ -99,7 +102,10 @@ def ablate(command: str, apply: bool) -> None:
         print((out / "ladder.md").read_text())
     print(f"written to {out}/; `dvc exp show` lists every experiment")
     if apply and winner:
-        subprocess.run(["dvc", "exp", "apply", winner], check=True)
+        from dvc.repo import Repo
+
+        with Repo() as repo:  # outputs of stages never run here (not cached) stay missing: `dvc repro` makes them
+            repo.experiments.apply(winner, allow_missing=True)
         print(f"applied {winner}: `dvc repro` (or `tuneoff run`) now reports and registers it like the bake-off's")
     elif apply:
         raise TuneoffError(f"{command}: no winner to apply")

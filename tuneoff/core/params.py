@@ -265,6 +265,13 @@ class RetrainParams(Section):
         return self
 
 
+class DispatchParams(Section):
+    """How long the bake-off flow waits for a unit it sent to a work pool (flows/bakeoff.py)."""
+
+    unit_timeout_minutes: float = Field(gt=0)  # unfinished after this: cancelled, then retried (twice) or failed
+    pending_timeout_minutes: float = Field(gt=0)  # claimed by a worker but not started (PENDING) this long: the same
+
+
 class BakeoffParams(Section):
     """What dvc.yaml's foreach/matrix run over; the report reads the same lists.
 
@@ -379,7 +386,25 @@ def read_params(path: Path = PARAMS_FILE) -> dict:
         raise TuneoffError(f"{path}{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise TuneoffError(f"{path}: expected a mapping of sections at the top level")
+    _check_text(path, data, "")
     return data
+
+
+def _check_text(path: Path, node, key: str) -> None:
+    """Every string is text that can be written back: YAML's "\\ud83d" escape makes a lone surrogate,
+    which the stages would fail to write (a system prompt, say) with a traceback."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_text(path, v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_text(path, v, f"{key}[{i}]")
+    elif isinstance(node, str):
+        try:
+            node.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TuneoffError(f"{path}: {key}: a lone surrogate {node[e.start]!r} at character {e.start} "
+                               "(an unpaired \\ud800-\\udfff escape)") from None
 
 
 def section(model, *keys: str, path: Path = PARAMS_FILE, data: dict | None = None):

@@ -7,9 +7,9 @@ revision and dvc.lock hash, tags = task, base model and method. Every stage of o
 shares a group id: $TUNEOFF_RUN_GROUP when set (`tuneoff run` and the Prefect flow set it, and
 pass it to workers), else one derived from the git revision and params.yaml.
 
-Mode: $WANDB_MODE if set; online when $WANDB_API_KEY is set; otherwise offline under
-`tracking.dir` (upload later with `tuneoff sync`). The API key only ever comes from the
-environment, and offline runs do not see it at all.
+Mode: $WANDB_MODE if set; online when wandb has an API key where it looks for one ($WANDB_API_KEY,
+or the netrc entry `wandb login` writes for $WANDB_BASE_URL's host); otherwise offline under
+`tracking.dir` (upload later with `tuneoff sync`). Offline runs do not see the key at all.
 
 Tracking never fails a stage: the first W&B error is printed as one warning and every later
 call becomes a no-op.
@@ -170,7 +170,19 @@ def run_config(sections: dict) -> dict:
 def _mode() -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return "online" if os.environ.get("WANDB_API_KEY") or _netrc_key() else "offline"
+
+
+def _netrc_key() -> bool:
+    """Whether `wandb login` left a key: a netrc entry ($NETRC, else ~/.netrc) for the W&B host."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def start(params: TrackingParams, stage: str, config: dict, *, task: str = "", method: str = "",

@@ -4,6 +4,7 @@ edit retrains nothing."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -85,23 +86,45 @@ def _predictions_table(comparisons: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def results_table(runs: Path = Path("runs")) -> str:
-    """One line per (task, method) from runs/<task>/<method>/train.json, in dollars at params.yaml's prices."""
+def results(runs: Path = Path("runs"), comparison_file: Path = Path("reports/comparison.json")) -> dict:
+    """Each (task, method)'s run from runs/<task>/<method>/train.json, in dollars at params.yaml's
+    prices, with its score and 95% interval and each task's verdict from the report, if it ran."""
     prices = section(CostParams, "cost").price_per_hour
-    rows, measures = [], set()
+    report = json.loads(comparison_file.read_text()) if comparison_file.is_file() else {"tasks": [], "decisions": {}}
+    scores = {(c["task"], r["method"]): r for c in report["tasks"] for r in c["rows"]}
+    rows = []
     for path in sorted(runs.glob("*/*/train.json")):
         m = read(TrainRecord, path)
-        usd = cost(m.timing.wall_seconds, m.device, prices)["usd"]
-        measures.add(m.memory.measure)
-        rows.append([m.task, m.method, m.device, m.precision, f"{m.params.trainable_percent:.2f}%",
-                     f"{m.memory.peak_memory_bytes / 2**30:.2f}", f"{m.timing.train_seconds:.0f}",
-                     f"{m.timing.tokens_per_second:.0f}", f"{m.loss.val_before:.3f} -> {m.loss.val:.3f}",
-                     f"{m.output.weights_bytes / 2**20:.1f}", "n/a" if usd is None else f"{usd:.4f}"])
-    if not rows:
+        score = scores.get((m.task, m.method), {})
+        rows.append({"task": m.task, "method": m.method, "device": m.device, "precision": m.precision,
+                     "trainable_percent": m.params.trainable_percent, "peak_memory_bytes": m.memory.peak_memory_bytes,
+                     "memory_measure": m.memory.measure, "train_seconds": m.timing.train_seconds,
+                     "tokens_per_second": m.timing.tokens_per_second, "val_loss_before": m.loss.val_before,
+                     "val_loss": m.loss.val, "weights_bytes": m.output.weights_bytes,
+                     "usd": cost(m.timing.wall_seconds, m.device, prices)["usd"],
+                     "main": score.get("main"), "ci": [score.get("ci_low"), score.get("ci_high")]})
+    verdicts = {task: {k: d.get(k) for k in ("verdict", "method", "rationale")} for task, d in report["decisions"].items()}
+    return {"runs": rows, "verdicts": verdicts}
+
+
+def results_table(runs: Path = Path("runs"), comparison_file: Path = Path("reports/comparison.json")) -> str:
+    """`results` as a table a person reads: one line per (task, method), then each task's verdict."""
+    found = results(runs, comparison_file)
+    if not found["runs"]:
         return f"no results under {runs}/ yet: run `dvc repro` (or `make run`)"
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    rows = [[r["task"], r["method"], r["device"], r["precision"], f"{r['trainable_percent']:.2f}%",
+             f"{r['peak_memory_bytes'] / 2**30:.2f}", f"{r['train_seconds']:.0f}", f"{r['tokens_per_second']:.0f}",
+             f"{r['val_loss_before']:.3f} -> {r['val_loss']:.3f}", f"{r['weights_bytes'] / 2**20:.1f}",
+             "n/a" if r["usd"] is None else f"{r['usd']:.4f}",
+             "n/a" if r["main"] is None else f"{pct(r['main'])} [{pct(r['ci'][0])}, {pct(r['ci'][1])}]"]
+            for r in found["runs"]]
     header = ["task", "method", "device", "prec", "trainable", "peak GiB", "train s", "tok/s",
-              "val loss", "weights MiB", "USD"]
+              "val loss", "weights MiB", "USD", "score % [95% CI]"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([fmt(header), *map(fmt, rows),
-                      f"(peak memory: {', '.join(sorted(measures))}; details in {runs}/<task>/<method>/train.json)"])
+    verdicts = [f"verdict {task}: {v['verdict']}" + (f" ({v['method']})" if v["method"] else "")
+                + f": {(v['rationale'] or '').split('. ')[0][:200]}" for task, v in found["verdicts"].items()]
+    measures = sorted({r["memory_measure"] for r in found["runs"]})
+    return "\n".join([fmt(header), *map(fmt, rows), *verdicts,
+                      f"(peak memory: {', '.join(measures)}; details in {runs}/<task>/<method>/train.json)"])

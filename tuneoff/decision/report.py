@@ -204,6 +204,11 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
                   f"| train s | GPU-h | USD | trainable % | artifact MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(_fmt_row(r, c)) + " |" for r in c["rows"]]
+        if cond["token_budget"] is None:  # every method failed: its row says why
+            lines += ["", "No method finished training: nothing to compare.", ""]
+            if decisions and c["task"] in decisions:
+                lines += [decisions[c["task"]]["rationale"], ""]
+            continue
         lines += ["", f"Fair by construction: every method trained on the same {cond['train_examples']} training "
                       f"examples with a budget of {cond['token_budget']:,} real tokens and seed {cond['seed']} "
                       f"(same batches: {'yes' if cond['same_tokens'] else 'NO'}), and was scored on the same "
