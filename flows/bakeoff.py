@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import re
@@ -91,11 +92,13 @@ def sh(*cmd: str, cwd: Path | str = ".", env: dict | None = None, echo: bool = F
     stages show progress). On failure raise CommandFailed with the tail of the output."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})}
     if echo:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         lines = []
-        for line in proc.stdout:
+        # newline="": a progress bar's redraws end in "\r"; only its last state (ending "\n") is shown
+        for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline=""):
             lines.append(line)
-            print(line, end="", flush=True)  # in a flow with log_prints, to the run's log (the Prefect UI)
+            if not line.endswith("\r"):
+                print(line.rstrip("\r\n"), flush=True)  # in a flow with log_prints: the run's log (Prefect UI)
         returncode, out, err = proc.wait(), "".join(lines), ""
     else:
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
