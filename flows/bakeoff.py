@@ -56,6 +56,7 @@ UNIT_DEPLOYMENT = "bakeoff-unit"
 AFTER = ["report", "register"]
 WORKSPACE_LOCK = Path(".dvc/tmp/tuneoff-bakeoff.lock")  # one bake-off at a time in a workspace
 POLL_SECONDS = 5
+STAGE_SECONDS: dict[str, float] = {}  # wall seconds of each stage this process ran, start-up and imports included
 
 
 def before_stages(tasks: list[str]) -> list[str]:
@@ -93,13 +94,19 @@ def sh(*cmd: str, cwd: Path | str = ".", env: dict | None = None, echo: bool = F
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})}
     if echo:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        lines = []
+        lines, stage, started = [], None, 0.0
         # newline="": a progress bar's redraws end in "\r"; only its last state (ending "\n") is shown
         for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline=""):
             lines.append(line)
             if not line.endswith("\r"):
                 print(line.rstrip("\r\n"), flush=True)  # in a flow with log_prints: the run's log (Prefect UI)
+            if line.startswith("Running stage '"):  # dvc repro starts the next stage: the last one ended
+                if stage:
+                    STAGE_SECONDS[stage] = time.monotonic() - started
+                stage, started = line.split("'")[1], time.monotonic()
         returncode, out, err = proc.wait(), "".join(lines), ""
+        if stage:
+            STAGE_SECONDS[stage] = time.monotonic() - started
     else:
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
         returncode, out, err = done.returncode, done.stdout, done.stderr

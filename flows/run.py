@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from flows.bakeoff import bakeoff
+from flows.bakeoff import STAGE_SECONDS, bakeoff
 from flows.server import ensure_server
 from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.params import BakeoffParams, section
@@ -35,7 +35,17 @@ def run(gpu_pool: str | None, repo: str | None, methods: str | None = None) -> l
     for unit, result in outcome.items():
         print(f"{unit}: {result['state']}" + (f" on {result['host']}" if "host" in result else "")
               + (f" ({result['error']})" if "error" in result else ""))
+    if STAGE_SECONDS:
+        print(stage_times(STAGE_SECONDS))
     return [unit for unit, result in outcome.items() if result["state"] == "failed"]
+
+
+def stage_times(seconds: dict[str, float]) -> str:
+    """Where this run's time went: each stage it ran here, slowest first, with its share."""
+    total = sum(seconds.values())
+    rows = [f"  {name:<32} {s:7.1f} s  {100 * s / total:4.1f}%" for name, s in sorted(seconds.items(), key=lambda kv: -kv[1])]
+    return "\n".join([f"stages run here: {len(seconds)}, {total:.0f} s (wall, process start-up and imports included)",
+                      *rows])
 
 
 def main(argv: list[str] | None = None) -> None:

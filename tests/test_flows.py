@@ -427,15 +427,16 @@ def test_a_failing_stage_ends_the_run_with_its_name_and_one_line(project, server
     assert "Traceback" not in done.stdout + done.stderr
 
 
-def test_stage_output_shows_a_progress_bar_once_in_its_last_state(capsys):
+def test_stage_output_shows_a_progress_bar_once_in_its_last_state(tmp_path, capsys):
     """What reaches the run's log (and the terminal): each line once, a progress bar's redraws only
-    as its final state; the whole output, redraws too, is what sh returns."""
-    from flows.bakeoff import sh
+    as its final state; the whole output, redraws too, is what sh returns; each stage is timed."""
+    from flows.bakeoff import STAGE_SECONDS, sh
 
-    out = sh(sys.executable, "-c", "import sys; sys.stdout.write('Running stage x\\n\\r 1/3\\r 2/3\\r 3/3\\ndone\\n')",
-             echo=True)
-    assert capsys.readouterr().out == "Running stage x\n 3/3\ndone\n"
-    assert out == "Running stage x\n\r 1/3\r 2/3\r 3/3\ndone\n"
+    text = "Running stage 'x':\n\r 1/3\r 2/3\r 3/3\ndone\n"
+    (tmp_path / "stage.txt").write_text(text, newline="")
+    out = sh("cat", str(tmp_path / "stage.txt"), echo=True)
+    assert capsys.readouterr().out == "Running stage 'x':\n 3/3\ndone\n"
+    assert out == text and STAGE_SECONDS["x"] >= 0  # timed from its "Running stage" line to the command's end
 
 
 def test_a_token_in_a_url_reaches_no_error_log_or_failed_json(tmp_path, monkeypatch):
