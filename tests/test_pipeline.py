@@ -184,6 +184,7 @@ def test_wandb_offline_runs_hold_each_stage(project):
     (model,) = train.artifacts
     assert model["name"] == "extraction-lora" and model["type"] == "model"
     assert model["metadata"]["trained_on"] == "extraction-data" and any(f.endswith("adapter_model.safetensors") for f in model["files"])
+    assert not any(model["refs"])  # an adapter is small: its files are in the artifact, for a reviewer to download
     assert runs["prepare@extraction"].artifacts[0]["type"] == "dataset"
     assert runs["merge@extraction-qlora"].artifacts[0]["name"] == "extraction-qlora-merged"
 

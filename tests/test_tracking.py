@@ -63,3 +63,25 @@ def test_a_wandb_login_key_in_netrc_means_online(tmp_path, monkeypatch):
     assert tracking._mode() == "online"
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # a key for another host is not one
     assert tracking._mode() == "offline"
+
+
+def test_small_outputs_are_artifact_files_and_large_ones_references(tmp_path, monkeypatch):
+    """A reviewer can download an adapter from W&B; a model over tracking.upload_max_mib stays a
+    reference (its checksums and path), as DVC stores it."""
+    from wandb_records import read_runs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    adapter = tmp_path / "model"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"x" * 3000)
+    (adapter / "adapter_config.json").write_text("{}")
+    for limit, name in ((1, "small"), (0.001, "large")):  # MiB: 3 kB is under 1, over 0.001
+        tracker = tracking.start(TrackingParams(**PARAMS | {"dir": str(tmp_path / name), "upload_max_mib": limit}),
+                                 "train", {}, task="t", method="lora")
+        tracker.artifact(f"t-lora-{name}", "model", adapter, {"trained_on": "t-data"})
+        tracker.finish()
+    (small,) = read_runs(tmp_path / "small/wandb")[0].artifacts
+    (large,) = read_runs(tmp_path / "large/wandb")[0].artifacts
+    assert sorted(small["files"]) == ["model/adapter_config.json", "model/adapter_model.safetensors"]
+    assert not any(small["refs"])  # the files themselves
+    assert all(ref.startswith("file://") for ref in large["refs"]) and large["files"]

@@ -245,6 +245,7 @@ class TrackingParams(Section):
     dir: str  # offline runs are written to <dir>/wandb/offline-run-*
     system_metrics_seconds: float = Field(gt=0)
     registry: str  # the W&B registry the register stage links production models into (online only)
+    upload_max_mib: float = Field(default=100, ge=0)  # an output up to this size goes to W&B as files; larger: a reference
 
 
 class RetrainParams(Section):

@@ -67,8 +67,8 @@ def _guarded(method):
 
 
 class WandbTracker(NoTracker):
-    def __init__(self, run, online: bool):
-        self.run, self.online = run, online
+    def __init__(self, run, online: bool, upload_max_bytes: float = 100 * 2**20):
+        self.run, self.online, self.upload_max_bytes = run, online, upload_max_bytes
 
     def disable(self, error: Exception) -> None:
         warn(f"W&B tracking failed ({type(error).__name__}: {error}); the stage goes on without it")
@@ -97,12 +97,20 @@ class WandbTracker(NoTracker):
         self.run.log({key: wandb.Image(str(path))})
 
     def _artifact(self, name, kind, path, metadata):
+        """Files a reviewer can download when `path` is small (an adapter, the data, metrics); above
+        tracking.upload_max_mib a reference: W&B records each file's checksum and path and does not
+        copy a model's weights (DVC stores them)."""
         import wandb
 
-        # a reference: W&B records each file's checksum and path, it does not copy a model's
-        # weights into its cache (DVC already stores them)
+        path = Path(path)
         art = wandb.Artifact(name, type=kind, metadata=metadata)
-        art.add_reference(Path(path).resolve().as_uri(), name=Path(path).name)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        if size > self.upload_max_bytes:
+            art.add_reference(path.resolve().as_uri(), name=path.name)
+        elif path.is_dir():
+            art.add_dir(str(path), name=path.name)
+        else:
+            art.add_file(str(path), name=path.name)
         return art
 
     @_guarded
@@ -205,7 +213,7 @@ def start(params: TrackingParams, stage: str, config: dict, *, task: str = "", m
     except Exception as e:  # tracking must never fail the stage
         warn(f"W&B tracking failed to start ({type(e).__name__}: {e}); the stage goes on without it")
         return NoTracker()
-    return WandbTracker(run, online=mode == "online")
+    return WandbTracker(run, online=mode == "online", upload_max_bytes=params.upload_max_mib * 2**20)
 
 
 @contextlib.contextmanager
