@@ -128,6 +128,8 @@ def main() -> None:
             decisions[task]["registered"]["published"] = str(PRODUCTION / task)
         with stage_run("register", {"decide": rules.model_dump()}, task=task, method=method) as tracker:
             tracker.summary(flat({"registered": decisions[task]["registered"], "main": row["main"]}))
+            if version["stage"] == "production":
+                tracker.alert(f"tuneoff: {task}-model v{version['version']} ({method}) in production", version["reason"])
             # the same version and stage as the local registry, as artifact aliases and a registry link
             tracker.link(f"{task}-model", "model", deployed.path, {k: v for k, v in version.items() if k != "params"},
                          f"{tracking_params.registry}/{task}-model",

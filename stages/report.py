@@ -61,6 +61,9 @@ def main() -> None:
         tracker.summary(flat({"decision": {task: {"method": d["method"], "verdict": d["verdict"],
                                                   "rationale": d["rationale"]} for task, d in decisions.items()}}))
         url = tracker.publish_report(f"tuneoff bake-off {group_id()}", (OUT / "report.md").read_text())
+        for c in comparisons:
+            for row in (r for r in c["rows"] if r.get("failed")):
+                tracker.alert(f"tuneoff: {c['task']} {row['method']} failed", row["failed"], "WARN")
     for task, d in decisions.items():
         print(f"report: {task}: " + (f"recommend {d['method']}" if d["method"] else d["verdict"]))
     if url:

@@ -336,6 +336,11 @@ def test_a_unit_no_worker_takes_is_cancelled_after_its_timeout_and_retried(proje
                           env={**os.environ, **server, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"})
     assert done.returncode == 1 and "lora: failed (" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Retry 1/2 will start" in done.stdout + done.stderr  # a timeout is worth another attempt
+    from wandb_records import read_runs
+
+    # the report told the team, as a W&B alert
+    alerts = [a for r in read_runs(project / "wandb") if r.name == "report" for a in r.alerts]
+    assert any(a["title"] == "tuneoff: extraction lora failed" and a["level"] == "WARN" for a in alerts)
     assert "unfinished after 0.05 min: cancelled" in json.loads((project / "runs/extraction/lora/failed.json").read_text())["error"]
     runs = [r for r in unit_runs(server) if r.id not in before]
     # one run per attempt (the first and two retries), each cancelled, none left waiting for a worker

@@ -353,6 +353,12 @@ def test_register_scores_production_beside_the_new_version(project, tiny_base):
     assert f"on the same {n} test items: cannot tell whether it is within the 2-point margin" in versions[1]["reason"]
     assert versions[1]["form"] == "float-merged" and versions[1]["test_sha256"] == versions[0]["test_sha256"]
     assert "register: extraction-model v2 (lora) -> staging" in out
+    from wandb_records import read_runs
+
+    # the promotion reached W&B as an alert (Slack or e-mail, as the team set it up there)
+    alerts = [a for r in read_runs(project / "wandb") if r.name == "register@extraction-lora" for a in r.alerts]
+    assert {"title": "tuneoff: extraction-model v1 (lora) in production", "text": "first version of this model",
+            "level": "INFO"} in alerts
 
 
 def test_more_seeds_train_again_and_the_pairs_cover_them(project):

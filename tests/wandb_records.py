@@ -56,6 +56,7 @@ class OfflineRun:
     config: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    alerts: list = field(default_factory=list)
     artifacts: list = field(default_factory=list)
     exit_code: int | None = None
 
@@ -81,6 +82,8 @@ def read_run(run_dir: Path) -> OfflineRun:
                                   "metadata": json.loads(r.artifact.metadata or "{}"),
                                   "files": [m.path for m in r.artifact.manifest.contents],
                                   "refs": [m.ref for m in r.artifact.manifest.contents]})
+        elif kind == "alert":
+            run.alerts.append({"title": r.alert.title, "text": r.alert.text, "level": r.alert.level})
         elif kind == "exit":
             run.exit_code = r.exit.exit_code
     return run

@@ -47,6 +47,8 @@ class NoTracker:
 
     def publish_report(self, title: str, markdown: str) -> str | None: ...
 
+    def alert(self, title: str, text: str, level: str = "INFO") -> None: ...
+
     def finish(self, failed: bool = False) -> None: ...
 
 
@@ -123,6 +125,13 @@ class WandbTracker(NoTracker):
         if self.online:  # the model registry lives on the server; offline runs keep the aliases only
             art.wait()
             self.run.link_artifact(art, target, aliases=list(aliases))
+
+    @_guarded
+    def alert(self, title, text, level="INFO"):
+        """A W&B alert (Slack or e-mail, as the team set it up in W&B); recorded offline too."""
+        import wandb
+
+        self.run.alert(title=title, text=text, level=wandb.AlertLevel[level])
 
     @_guarded
     def publish_report(self, title, markdown):
