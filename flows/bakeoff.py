@@ -50,6 +50,7 @@ from tuneoff.core.params import (
     read_params,
     section,
 )
+from tuneoff.core.records import Comparison, read
 from tuneoff.core.tracking import GROUP_ENV
 
 UNIT_DEPLOYMENT = "bakeoff-unit"
@@ -292,7 +293,7 @@ def report_artifacts() -> None:
 
     create_markdown_artifact(Path("reports/report.md").read_text(), key="bakeoff-report",
                              description="tuneoff bake-off report (reports/report.md)")
-    comparison = json.loads(Path("reports/comparison.json").read_text())
+    comparison = read(Comparison, Path("reports/comparison.json"))
     rows = [{"task": c["task"], "method": r["method"], "main": r["main"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
              "cost_usd": (r["train"] or {}).get("cost_usd"), "peak_memory_bytes": (r["train"] or {}).get("peak_memory_bytes"),
              "failed": r.get("failed"), "verdict": comparison["decisions"][c["task"]]["verdict"],

@@ -312,6 +312,16 @@ def test_eight_concurrent_registrations_lose_and_duplicate_nothing(tmp_path):
 
 # -- files stages hand each other -----------------------------------------------------------------
 
+def test_results_with_a_broken_comparison_is_one_line(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports/comparison.json").write_text('{"tasks": 1}')
+    done = subprocess.run([sys.executable, "-m", "tuneoff.cli", "results"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["error: reports/comparison.json: tasks: Input should be a valid list "
+                                                "(written by an older tuneoff? rerun its stage: `dvc repro --force <stage>`)"]
+
+
 def test_a_stale_or_broken_train_json_is_one_line_naming_the_file(tmp_path):
     from tuneoff.core.records import TrainRecord, read
 

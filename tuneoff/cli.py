@@ -54,9 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "sync":
         sys.exit(sync())
     if args.command == "results":
-        return print(json.dumps(results(), indent=2) if args.json else results_table())
+        return show_results(args.json)
     flags = {"run": ("gpu_pool", "repo", "methods"), "deploy": ("gpu_pool", "cpu_pool", "source", "image")}[args.command]
     project_flow(args.command, [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in flags if getattr(args, k)])
+
+
+@user_errors
+def show_results(as_json: bool) -> None:
+    print(json.dumps(results(), indent=2) if as_json else results_table())
 
 
 @user_errors

@@ -4,12 +4,11 @@ edit retrains nothing."""
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from tuneoff.core.params import CostParams, EstimateParams, section
-from tuneoff.core.records import RunCosts, TaskComparison, TrainRecord, read
+from tuneoff.core.records import Comparison, RunCosts, TaskComparison, TrainRecord, read
 from tuneoff.estimator.estimate import cost, for_record
 
 
@@ -90,7 +89,7 @@ def results(runs: Path = Path("runs"), comparison_file: Path = Path("reports/com
     """Each (task, method)'s run from runs/<task>/<method>/train.json, in dollars at params.yaml's
     prices, with its score and 95% interval and each task's verdict from the report, if it ran."""
     prices = section(CostParams, "cost").price_per_hour
-    report = json.loads(comparison_file.read_text()) if comparison_file.is_file() else {"tasks": [], "decisions": {}}
+    report = read(Comparison, comparison_file) if comparison_file.is_file() else {"tasks": [], "decisions": {}}
     scores = {(c["task"], r["method"]): r for c in report["tasks"] for r in c["rows"]}
     rows = []
     for path in sorted(runs.glob("*/*/train.json")):
