@@ -3,10 +3,11 @@
 CPU stages (import_base, prepare, quantize, then report, register) run where the flow runs. The
 per-model GPU stages are grouped into units, one per method plus the untuned base's evaluation:
 
-    base:  evaluate_base@<task>
-    full:  train@<task>-full, evaluate_full@<task>
-    lora:  train@<task>-lora, merge@<task>-lora, evaluate@<task>-lora
-    qlora: train_nf4@<task>-qlora, merge@<task>-qlora, merge_nf4@<task>-qlora, evaluate_nf4@<task>-qlora
+    base:  evaluate_base@<task>, benchmark_base@<task>
+    full:  train@<task>-full, evaluate_full@<task>, benchmark_full@<task>
+    lora:  train@<task>-lora, merge@<task>-lora, evaluate@<task>-lora, benchmark@<task>-lora
+    qlora: train_nf4@<task>-qlora, merge@<task>-qlora, merge_nf4@<task>-qlora, evaluate_nf4@<task>-qlora,
+           benchmark_nf4@<task>-qlora
 
 Without a pool each unit is `dvc repro` here, one after another (DVC locks the workspace).
 With `gpu_pool`, each unit becomes a run of the `bakeoff-unit` deployment in that work pool, and
@@ -15,6 +16,10 @@ revision, takes this workspace's dvc.lock, `dvc pull`s the inputs from the DVC r
 its stages, `dvc push`es their outputs and returns their dvc.lock entries and small uncached files
 (metrics, plots); the flow writes those back and `dvc pull`s the outputs, so afterwards
 `dvc status` here is clean and `dvc repro` has nothing to do.
+
+Afterwards the run is published (flows/publish.py): its records committed, its outputs pushed to
+the DVC remote, its registered versions tagged with GTO, and with publish.push the branch and tags
+pushed.
 
 Transient failures retry with backoff. A unit that fails for good is recorded in
 runs/<task>/<method>/failed.json; the report shows it as failed and the other methods complete.
@@ -319,14 +324,27 @@ def git_revision_for_dispatch() -> str:
 
 
 @flow(name="bakeoff", log_prints=True)
-def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[str] | None = None) -> dict:
+def bakeoff(gpu_pool: str | None = None, repo: str | None = None, methods: list[str] | None = None,
+            branch: str | None = None, push: bool | None = None) -> dict:
     """The whole bake-off; `gpu_pool` sends the per-method stages to that work pool's workers.
     `repo` is the git URL workers clone (default: this repository's path); `methods` limits the
-    methods rerun (default: all of params.yaml's)."""
+    methods rerun (default: all of params.yaml's). Then its records are committed and its versions
+    tagged (flows/publish.py): on `branch` if given (pushed with force), pushed when `push` (default
+    params publish.push)."""
+    from flows.publish import publish, switch_to
+
     WORKSPACE_LOCK.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(WORKSPACE_LOCK), timeout=0):
-            return run_bakeoff(gpu_pool, repo, methods)
+            if branch:
+                switch_to(branch)
+            outcome = run_bakeoff(gpu_pool, repo, methods)
+            if isinstance(outcome, dict):
+                try:
+                    publish(push, branch)
+                except CommandFailed as e:
+                    return Failed(message=f"the bake-off finished, publishing it failed: {e.line}")
+            return outcome
     except Timeout:
         return Failed(message=f"another bake-off is running in this workspace (it holds {WORKSPACE_LOCK}); "
                               "wait for it to finish")

@@ -117,6 +117,7 @@ def make_project(dest: Path, tiny_base: Path) -> Path:
     params["tasks"]["iso_codes"]["n_facts"] = 30
     params["prepare"].update(seq_len=256, max_val_examples=8, max_test_examples=8)
     params["evaluate"].update(max_new_tokens=8, bootstrap_samples=200)
+    params["benchmarks"].update(limit=4, batch_size=4, cross_task_limit=4)
     params["train"]["common"].update(batch_size=2, token_budget=1500, log_every=2, eval_every=2)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dest)

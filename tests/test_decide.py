@@ -15,7 +15,7 @@ from tuneoff.decision.registry import register
 from tuneoff.decision.report import claims
 
 GIB = 2**30
-RULES = DecideParams(max_gap_points=2.0, memory_budget_gb=0, bootstrap_samples=500, seed=0)
+RULES = DecideParams(max_gap_points=2.0, memory_budget_gb=0, bootstrap_samples=500, seed=0, max_general_drop_points=0)
 N = 400
 
 
@@ -98,10 +98,56 @@ def test_a_method_worse_than_the_base_is_out_and_the_cheapest_adapter_wins_witho
 
 
 def test_memory_budget_excludes_full_and_picks_the_adapter_that_fits():
-    rules = DecideParams(max_gap_points=2, memory_budget_gb=3.5, bootstrap_samples=500, seed=0)
+    rules = DecideParams(max_gap_points=2, memory_budget_gb=3.5, bootstrap_samples=500, seed=0, max_general_drop_points=0)
     d = decide(comparison(base=scores(100), full=scores(300), lora=scores(250), qlora=scores(240)), rules)
     assert d["method"] == "qlora"
     assert "full needs 8.0 GiB" in d["rationale"] and "lora needs 4.0 GiB" in d["rationale"]
+
+
+def test_a_method_shown_to_lose_general_ability_is_out_over_the_limit(tmp_path):
+    """decide.max_general_drop_points: lora loses 30 points on a general benchmark against the base
+    (on the same 400 items), full 1; over a 5-point limit lora is out and full, not lora, wins; at
+    0 general ability does not decide. The cross-task pairing reads the base's own predictions."""
+    from tuneoff.decision.general import general_ability, table
+
+    general_items = {"base": scores(200), "full": scores(196, first=2), "lora": scores(80), "qlora": scores(200)}
+    for model, correct in general_items.items():
+        (tmp_path / "t" / model).mkdir(parents=True)
+        cross = {} if model == "base" else {"u": scores(5, 10)}
+        (tmp_path / "t" / model / "benchmark-items.json").write_text(json.dumps(
+            {"benchmarks": {"bench": correct}, "cross_task": cross}))
+    (tmp_path / "u/base").mkdir(parents=True)
+    (tmp_path / "u/base/predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items(scores(7, 20))))
+    general = general_ability("t", ["full", "lora", "qlora"], tmp_path)
+    lora_vs_base = next(p for p in general["pairs"] if (p["a"], p["b"], p["benchmark"]) == ("lora", "base", "bench"))
+    assert lora_vs_base["diff_points"] == -30.0 and lora_vs_base["ci_points"][1] < -5
+    cross = next(p for p in general["pairs"] if (p["a"], p["benchmark"]) == ("full", "u"))
+    assert cross["n"] == 10 and cross["diff_points"] == -20.0  # 5 of 10 right against the base's 7 of the same 10
+    assert general["scores"]["u"]["base"] == {"score": 0.7, "n": 10, "kind": "cross-task"}
+    assert "| bench | 400 | 50.0 | 49.0 (-1.0 [" in "\n".join(table(general))
+    c = comparison(base=scores(100), full=scores(300), lora=scores(300, first=1), qlora=scores(200))
+    c["general"] = general
+    assert decide(c, RULES)["method"] == "lora"
+    d = decide(c, RULES.model_copy(update={"max_general_drop_points": 5}))
+    assert d["method"] == "full" and "lora loses more than the 5-point limit of general ability" in d["rationale"]
+    assert "bench -30.0 points [" in d["rationale"]
+    checked = {x["claim"]: x for x in claims({**c, "general": general})}
+    on_bench = checked["LoRA within 1-3 points of full fine-tuning on general benchmarks (bench; taken as: at most 3 apart)"]
+    assert on_bench["status"] == "does not hold" and on_bench["evidence"].startswith("lora - full: -29.0 points")
+
+
+def test_no_benchmarks_leave_no_general_section(tmp_path):
+    """benchmarks.tasks: [] and cross_task_limit: 0: the stages write empty scores; nothing is shown or judged."""
+    from tuneoff.decision.general import claims as general_claims
+    from tuneoff.decision.general import drops, general_ability, table
+
+    for model in ("base", "full", "lora"):
+        (tmp_path / "t" / model).mkdir(parents=True)
+        (tmp_path / "t" / model / "benchmark-items.json").write_text(json.dumps({"benchmarks": {}, "cross_task": {}}))
+    general = general_ability("t", ["full", "lora"], tmp_path)
+    assert general == {"scores": {}, "pairs": []}
+    assert table(general) == [] and general_claims(general) == [] and drops(general, "lora", 1) == []
+    assert general_ability("t", ["full"], tmp_path / "none") is None  # the stage has not run: no section
 
 
 def test_a_failed_method_is_excluded_and_named():

@@ -77,14 +77,21 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_base, server):
-    """The tiny project with a local-folder DVC remote, committed; the pool and deployments created."""
+    """The tiny project with a local-folder DVC remote and a bare git remote (origin) it pushes its
+    runs to, committed; the pool and deployments created."""
     dest = make_project(tmp_path_factory.mktemp("flow-project"), tiny_base)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["bakeoff"]["tasks"] = ["extraction"]  # units are methods: one task shows every path through them
+    params["publish"]["push"] = True
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     remote = tmp_path_factory.mktemp("dvc-remote")
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], dest)
     run(["git", "commit", "-qam", "DVC remote"], dest)
+    origin = tmp_path_factory.mktemp("git-remote") / "project.git"
+    run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], dest)
+    run(["git", "remote", "add", "origin", str(origin)], dest)
+    run(["git", "branch", "-M", "main"], dest)
+    run(["git", "push", "-q", "origin", "main"], dest)
     run(["prefect", "work-pool", "create", POOL, "--type", "process"], dest, server)
     run(["prefect", "work-pool", "create", "cpu", "--type", "process"], dest, server)
     run([sys.executable, "-m", "flows.deploy", "--gpu-pool", POOL, "--cpu-pool", "cpu", "--source", str(dest)], dest,
@@ -191,6 +198,74 @@ def test_retrain_is_scheduled_and_retrains_nothing_when_nothing_changed(project,
     out = run([sys.executable, "-c", "from flows.retrain import retrain; print('result', retrain())"], project, server)
     assert "result {'retrained': False, 'changed': []}" in out
     assert (project / "dvc.lock").read_bytes() == lock
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_second_clone_gets_the_versions_stages_and_production_model(project, server, tmp_path):
+    """Clone A (the project) ran the bake-off flow, which committed the run's records, pushed its
+    outputs to the DVC remote and its commit to origin. With a version registered and published,
+    clone B, with only git, `dvc pull` and GTO, has what A has: the same records and outputs
+    (`dvc status` clean), the versions and stages, and the production model."""
+    origin = run(["git", "remote", "get-url", "origin"], project).strip()
+    head = run(["git", "rev-parse", "HEAD"], project).strip()
+    assert run(["git", "--git-dir", origin, "log", "-1", "--format=%H %s", "main"], project).startswith(
+        f"{head} tuneoff bake-off: extraction: ")
+    # a decided verdict (8 test items cannot give the tiny model one), registered and published as the flow does
+    comparison_file = project / "reports/comparison.json"
+    report = json.loads(comparison_file.read_text())
+    report["decisions"]["extraction"].update(method="lora", verdict="decided")
+    comparison_file.write_text(json.dumps(report))
+    run([sys.executable, "-m", "stages.register"], project)
+    run(["dvc", "commit", "--force", "report", "register"], project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["upload_max_mib"] = 0  # every model a reference in W&B, as an 8B one would be
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([sys.executable, "-m", "tuneoff.cli", "publish"], project)
+    assert "publish: GTO extraction-model v1.0.0 production" in out and "publish: pushed main" in out
+    # W&B: the published model's files are references to the DVC remote, with the version and stage
+    from wandb_records import read_runs
+
+    remote = Path(run(["dvc", "remote", "list"], project).split()[1]).resolve()
+    (record,) = [a for r in read_runs(project / "wandb") if r.name == "publish@extraction-lora" for a in r.artifacts]
+    assert set(record["aliases"]) >= {"v1.0.0", "production"} and record["metadata"]["stage"] == "production"
+    assert sorted(record["files"]) == sorted(f"extraction/{f}" for f in tree(project / "models/production/extraction"))
+    assert all(ref.startswith(f"{remote.as_uri()}/files/md5/") for ref in record["refs"])
+    assert "GTO" not in run([sys.executable, "-m", "tuneoff.cli", "publish"], project)  # a rerun tags nothing
+    clone = tmp_path / "b"
+    run(["git", "clone", "-q", origin, str(clone)], tmp_path)
+    run(["dvc", "pull", "--quiet"], clone)
+    assert json.loads(run(["dvc", "status", "--json"], clone) or "{}") == {}
+    assert json.loads(run(["gto", "show", "--json"], clone))["extraction-model"]["stage"] == {"production": "v1.0.0"}
+    assert (clone / "registry/registry.json").read_text() == (project / "registry/registry.json").read_text()
+    run(["dvc", "artifacts", "get", origin, "extraction-model", "--stage", "production", "-o", "prod"], tmp_path)
+    assert tree(tmp_path / "prod") == tree(project / "models/production/extraction")
+
+
+def test_a_retrain_commits_on_its_branch_and_pushes_it(project, server):
+    """A params change (the decision's margin) makes the scheduled retrain rerun report and
+    register; it commits on tuneoff/retrain and pushes that branch, and says what changed."""
+    params_file = project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["decide"]["max_gap_points"] = 3.0
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "a wider margin"], project)
+    origin = run(["git", "remote", "get-url", "origin"], project).strip()
+    main = run(["git", "--git-dir", origin, "rev-parse", "main"], project)
+    out = run([sys.executable, "-c", "import json; from flows.retrain import retrain; "
+                                     "print('result', json.dumps(retrain()))"], project, server)
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("result "))[7:])
+    assert result["retrained"] and result["changed"] == ["register", "report"] and result["branch"] == "tuneoff/retrain"
+    assert result["tasks"]["extraction"]["production_before"] == result["tasks"]["extraction"]["production_after"] \
+        == "v1 (lora)"
+    head = run(["git", "rev-parse", "HEAD"], project).strip()
+    assert run(["git", "rev-parse", "--abbrev-ref", "HEAD"], project).strip() == "tuneoff/retrain"
+    assert run(["git", "--git-dir", origin, "log", "-1", "--format=%H %s", "tuneoff/retrain"], project).startswith(
+        f"{head} tuneoff bake-off: extraction: ")
+    assert run(["git", "--git-dir", origin, "rev-parse", "main"], project) == main  # main is the team's
+    assert json.loads(run(["dvc", "status", "--json"], project) or "{}") == {}
 
 
 def test_a_killed_worker_is_retried_on_a_restarted_one_and_resumes_its_checkpoint(project, server, tmp_path):

@@ -41,6 +41,8 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
                   + [f"train@{t}-{m}" for t in tasks for m in ("full", "lora")] + [f"train_nf4@{t}-qlora" for t in tasks]
                   + [f"merge@{t}-{m}" for t in tasks for m in ("lora", "qlora")] + [f"evaluate@{t}-lora" for t in tasks]
                   + [f"{s}@{t}-qlora" for s in ("merge_nf4", "evaluate_nf4") for t in tasks]
+                  + [f"{s}@{t}" for s in ("benchmark_base", "benchmark_full") for t in tasks]
+                  + [f"benchmark@{t}-lora" for t in tasks] + [f"benchmark_nf4@{t}-qlora" for t in tasks]
                   + ["report", "register"]):
         assert f"Running stage '{stage}'" in out
     for task in ("extraction", "iso_codes"):
@@ -90,6 +92,12 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             assert len((qlora / f"predictions-{form}.jsonl").read_text().splitlines()) == scores["n"]
         assert ev["metrics"]["main"] == ev["forms"][ev["deployed_form"]]["main"]
         assert (qlora / "predictions.jsonl").read_text() == (qlora / f"predictions-{ev['deployed_form']}.jsonl").read_text()
+        # general ability: the shipped lm-eval tasks, the same 4 items for every model; tuned models on the other task
+        other = next(t for t in tasks if t != task)
+        for model in ("base", "full", "lora", "qlora"):
+            bench = json.loads((project / "runs" / task / model / "benchmark.json").read_text())
+            assert {b: s["n"] for b, s in bench["benchmarks"].items()} == {"openbookqa_local": 4, "truthfulqa_local_mc1": 4}
+            assert list(bench["cross_task"]) == ([] if model == "base" else [other])
         # the model QLoRA trained (adapter on NF4) differs from its float merge by the quantization error
         gap = json.loads((project / "runs" / task / "qlora/merge.json").read_text())["vs_trained_4bit"]
         assert gap["mean_abs_logit_diff"] > 0 and gap["positions"] > 0
@@ -107,6 +115,10 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
     assert (project / "reports/extraction.png").stat().st_size > 10_000
     comparison = json.loads((project / "reports/comparison.json").read_text())
     assert [r["method"] for r in comparison["tasks"][0]["rows"]] == ["base", "full", "lora", "qlora"]
+    general = comparison["tasks"][0]["general"]
+    assert {(p["a"], p["b"]) for p in general["pairs"]} == {("full", "base"), ("lora", "base"), ("qlora", "base"),
+                                                          ("lora", "full")}
+    assert "| openbookqa_local | 4 | " in report and "| iso_codes (cross-task) | 4 | " in report
     decisions = json.loads((project / "registry/decision.json").read_text())
     stored = project / "registry/registry.json"
     registry = json.loads(stored.read_text())["models"] if stored.exists() else {}
@@ -156,7 +168,9 @@ def test_forced_rerun_gives_identical_results(project):
             "merge_nf4@extraction-qlora"} <= {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     # what changed are the measured times the report prices, so only it and register follow
     out = run(["dvc", "repro"], project)
-    assert sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")) == ["register", "report"]
+    # (and QLoRA's benchmark, which reads the form evaluate_nf4 chose from its eval.json)
+    assert sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")) == [
+        "benchmark_nf4@extraction-qlora", "register", "report"]
     second = deterministic_outputs(project)
     assert second.keys() == first.keys()
     for name in first:
@@ -253,8 +267,8 @@ def test_second_repro_does_nothing_and_rank_reruns_only_lora(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], project)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == sorted([f"{s}@{t}-lora" for s in ("train", "merge", "evaluate") for t in ("extraction", "iso_codes")]
-                         + ["register", "report"])
+    assert ran == sorted([f"{s}@{t}-lora" for s in ("train", "merge", "evaluate", "benchmark")
+                          for t in ("extraction", "iso_codes")] + ["register", "report"])
 
 
 def test_a_price_or_estimator_edit_reruns_only_report_and_register(project):
@@ -283,7 +297,8 @@ def test_quantize_params_rerun_only_qlora(project):
     out = run(["dvc", "repro"], project)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == sorted(["quantize", "register", "report"] + [f"train_nf4@{t}-qlora" for t in ("extraction", "iso_codes")]
-                         + [f"{s}@{t}-qlora" for s in ("merge", "merge_nf4", "evaluate_nf4") for t in ("extraction", "iso_codes")])
+                         + [f"{s}@{t}-qlora" for s in ("merge", "merge_nf4", "evaluate_nf4", "benchmark_nf4")
+                            for t in ("extraction", "iso_codes")])
     assert json.loads((project / "models/quantize.json").read_text())["double_quant"] is False
 
 

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     deploy.add_argument("--cpu-pool", required=True)
     deploy.add_argument("--source", default=str(Path.cwd()))
     deploy.add_argument("--image")
+    publish = sub.add_parser("publish", help="commit the last run's records, dvc push, tag its versions with GTO "
+                                             "(the bake-off does this itself; see flows/publish.py)")
+    publish.add_argument("--push", action="store_true", help="also push the branch and tags to publish.git_remote")
     shown = sub.add_parser("results", help="print the per-method results and each task's verdict")
     shown.add_argument("--json", action="store_true", help="as JSON (runs, verdicts) for scripts")
     sub.add_parser("sync", help="upload the offline W&B runs (needs WANDB_API_KEY)")
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(sync())
     if args.command == "results":
         return show_results(args.json)
+    if args.command == "publish":
+        return project_flow("publish", ["--push"] if args.push else [])
     flags = {"run": ("gpu_pool", "repo", "methods"), "deploy": ("gpu_pool", "cpu_pool", "source", "image")}[args.command]
     project_flow(args.command, [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in flags if getattr(args, k)])
 

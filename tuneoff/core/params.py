@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -155,10 +156,21 @@ class EvaluateParams(Section):
     seed: int
 
 
+class BenchmarkParams(Section):
+    """General ability (stages/benchmark.py): lm-eval benchmarks and the bake-off's other tasks."""
+
+    tasks: list[str]  # lm-eval task names; the *_local ones run offline on data/general/; [] = none
+    limit: int = Field(ge=0)  # the first this many items of each benchmark, the same for every model; 0 = all
+    batch_size: int = Field(gt=0)
+    cross_task_limit: int = Field(ge=0)  # test items of each other bake-off task a tuned model is scored on; 0 = none
+
+
 class DecideParams(Section):
     """Decision thresholds (tuneoff/decision/decide.py) shared by the report and register stages."""
 
     max_gap_points: float = Field(ge=0)  # non-inferiority margin to full fine-tuning, in points of the main metric
+    # a method shown to lose more than this many points against the base on a general benchmark is out; 0 = ignore
+    max_general_drop_points: float = Field(ge=0)
     memory_budget_gb: float = Field(ge=0)  # peak memory the target device allows; 0 = no limit
     bootstrap_samples: int = Field(ge=100)  # resamples for the paired interval of the per-example loss
     seed: int
@@ -254,6 +266,7 @@ class RetrainParams(Section):
     cron: str  # the retrain deployment's schedule, e.g. "0 3 * * 1" (Mondays 03:00 UTC)
     scope: Literal["bakeoff", "production"]  # rerun every method, or only each task's production method
     gpu_pool: str  # "" = run the GPU stages where the flow runs
+    branch: str = Field(min_length=1)  # commits go there, pushed to publish.git_remote
 
     @model_validator(mode="after")
     def _cron(self) -> "RetrainParams":
@@ -271,6 +284,22 @@ class DispatchParams(Section):
 
     unit_timeout_minutes: float = Field(gt=0)  # unfinished after this: cancelled, then retried (twice) or failed
     pending_timeout_minutes: float = Field(gt=0)  # claimed by a worker but not started (PENDING) this long: the same
+
+
+class PublishParams(Section):
+    """What the bake-off flow leaves for the team (flows/publish.py): a commit, GTO tags, pushes."""
+
+    commit: bool  # commit the run's records and tag its registered versions (GTO); false = leave git alone
+    push: bool  # also push the branch and the tags to git_remote (the scheduled retrain always does)
+    git_remote: str = Field(min_length=1)
+    hub_repo: str  # e.g. "my-org/{task}-model": each newly promoted model pushed there, private; "" = never
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _hub_repo(cls, value: str) -> str:
+        if value and value.format(task="t").count("/") != 1:
+            raise ValueError(f"{value!r} is not a Hub repo id like 'my-org/{{task}}-model'")
+        return value
 
 
 class BakeoffParams(Section):

@@ -191,6 +191,7 @@ class TaskComparison(TypedDict):
     form_pairs: list[Pair]
     seeds: NotRequired[dict | None]  # each method's main metric per training seed and their spread
     conditions: dict
+    general: NotRequired[dict | None]  # general ability against the base (tuneoff/decision/general.py)
 
 
 class Decision(TypedDict):

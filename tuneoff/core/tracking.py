@@ -41,7 +41,8 @@ class NoTracker:
 
     def image(self, key: str, path: Path) -> None: ...
 
-    def artifact(self, name: str, kind: str, path: Path, metadata: dict, aliases: tuple[str, ...] = ()) -> None: ...
+    def artifact(self, name: str, kind: str, path: Path, metadata: dict, aliases: tuple[str, ...] = (),
+                 urls: dict[str, str] | None = None) -> None: ...
 
     def link(self, name: str, kind: str, path: Path, metadata: dict, target: str, aliases: tuple[str, ...]) -> None: ...
 
@@ -98,16 +99,21 @@ class WandbTracker(NoTracker):
 
         self.run.log({key: wandb.Image(str(path))})
 
-    def _artifact(self, name, kind, path, metadata):
+    def _artifact(self, name, kind, path, metadata, urls=None):
         """Files a reviewer can download when `path` is small (an adapter, the data, metrics); above
         tracking.upload_max_mib a reference: W&B records each file's checksum and path and does not
-        copy a model's weights (DVC stores them)."""
+        copy a model's weights (DVC stores them). `urls` ({file in path: URL}) are where the DVC
+        remote holds each file: the reference then points there, fetchable by whoever can read the
+        remote, not at this machine's disk."""
         import wandb
 
         path = Path(path)
         art = wandb.Artifact(name, type=kind, metadata=metadata)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-        if size > self.upload_max_bytes:
+        if size > self.upload_max_bytes and urls:
+            for rel, url in sorted(urls.items()):  # checksum=False: W&B would fetch the object to hash it
+                art.add_reference(url, name=f"{path.name}/{rel}", checksum=False)
+        elif size > self.upload_max_bytes:
             art.add_reference(path.resolve().as_uri(), name=path.name)
         elif path.is_dir():
             art.add_dir(str(path), name=path.name)
@@ -116,8 +122,8 @@ class WandbTracker(NoTracker):
         return art
 
     @_guarded
-    def artifact(self, name, kind, path, metadata, aliases=()):
-        self.run.log_artifact(self._artifact(name, kind, path, metadata), aliases=list(aliases))
+    def artifact(self, name, kind, path, metadata, aliases=(), urls=None):
+        self.run.log_artifact(self._artifact(name, kind, path, metadata, urls), aliases=list(aliases))
 
     @_guarded
     def link(self, name, kind, path, metadata, target, aliases):

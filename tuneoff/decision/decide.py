@@ -5,7 +5,9 @@ Every method is scored on the same test items, so each comparison the decision u
 
 1. A method is in only if its interval against the untuned base lies wholly above 0: fine-tuning
    is shown to have bought something. One whose interval straddles 0 is "not shown to beat the base".
-2. A method over the memory budget (`decide.memory_budget_gb`, 0 = none) is out.
+2. A method over the memory budget (`decide.memory_budget_gb`, 0 = none) is out, and so is one
+   shown to lose more than `decide.max_general_drop_points` (0 = none) against the base on a
+   general benchmark (its whole paired interval below -that; tuneoff/decision/general.py).
 3. Non-inferiority to full fine-tuning, the article's rule ("LoRA within 1-3% of full"), with
    margin `decide.max_gap_points`: an adapter whose whole interval of (adapter - full) lies above
    -margin is good enough, and the cheapest such adapter wins; when every adapter's interval lies
@@ -20,6 +22,7 @@ from tuneoff.core.methods import BASE, FULL
 from tuneoff.core.params import DecideParams
 from tuneoff.core.records import Decision, Pair, TaskComparison
 from tuneoff.decision import stats
+from tuneoff.decision.general import drops
 
 GIB = 2**30
 
@@ -56,6 +59,11 @@ def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
         mem = r["train"]["peak_memory_bytes"] / GIB
         if rules.memory_budget_gb and mem > rules.memory_budget_gb:
             reasons.append(f"{name} needs {mem:.1f} GiB, over the {rules.memory_budget_gb:g} GiB budget")
+            continue
+        lost = drops(comparison.get("general"), name, rules.max_general_drop_points)
+        if lost:
+            reasons.append(f"{name} loses more than the {rules.max_general_drop_points:g}-point limit of general "
+                           f"ability against the untuned base ({'; '.join(lost)})")
             continue
         vs_base = pair(comparison, name, BASE)
         if stats.above(vs_base["ci_points"], 0):

@@ -1,11 +1,10 @@
 """A small file registry of model versions and stages, updated under a lock. Whether a new version
 replaces production is the caller's judgement (stages/register.py scores both on the same items).
 
-Why not GTO (DVC's git-tag registry): GTO records a version as a git tag on a commit, but a
-pipeline run registers its result before anyone commits it, and a scheduled run on a worker
-may not be allowed to push tags. A JSON file with each version's lineage (git revision,
-dvc.lock hashes of its inputs, params, metrics) works in both places and is readable by
-people; `gto` can be layered on top once a team tags releases.
+A DVC stage cannot commit, so this file (each version's lineage: git revision, dvc.lock hashes of
+its inputs, params, metrics) is what the register stage writes and judges against; the bake-off
+flow then commits it and writes the same versions and stages as GTO git tags on that commit
+(flows/publish.py), for `gto show`, `dvc artifacts get --stage` and DVC Studio.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from tuneoff.core.errors import TuneoffError
 from tuneoff.core.methods import BASE, COLOURS, FULL, LORA, QLORA
 from tuneoff.core.params import EstimateParams
 from tuneoff.core.records import EvalRecord, TaskComparison, TrainRecord, read
+from tuneoff.decision import general
 from tuneoff.decision.costs import _predictions_table, run_costs
 from tuneoff.decision.pairs import (
     form_pairs,
@@ -69,6 +70,8 @@ def compare_task(task: str, methods: list[str], estimate_params: EstimateParams,
         "pairs": paired(items, bootstrap_samples, seed, by_seed),
         "seeds": seed_spread(by_seed, [first.seed, *more_seeds]) if by_seed and first else None,
         "form_pairs": form_pairs(rows, runs / task, bootstrap_samples, seed),
+        "general": general.general_ability(task, [r["method"] for r in rows if r["method"] != BASE
+                                                  and not r.get("failed")], runs),
         "conditions": {
             "test_examples": meta["examples"]["test"], "train_examples": meta["examples"]["train"],
             "token_budget": first and first.tokens.budget, "seed": first and first.seed, "more_seeds": list(more_seeds),
@@ -163,6 +166,8 @@ def claims(c: TaskComparison) -> list[dict]:
     if qlora_vs_lora:
         judged("QLoRA within 0.5-1.5 points of LoRA (taken as: at most 1.5 behind)", qlora_vs_lora, -1.5,
                float("inf"))
+    for claim, p in general.claims(c.get("general")):
+        judged(claim, p, -3, 3)
     measured = "one run each, no interval"
     # each method's training record; None when it did not train (or failed)
     lora, qlora, full = (rows.get(m.name, {}).get("train") for m in (LORA, QLORA, FULL))
@@ -231,6 +236,7 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
         if c["form_pairs"]:
             lines += ["QLoRA in its other deployable forms, against the one deployed (same items):", "",
                       *_pairs_table(c["form_pairs"], c["main_metric"]), ""]
+        lines += general.table(c.get("general"))
         checked = claims(c)
         if checked:
             lines += ["The seed article's claims, as this run can test them:", "", "| claim | this run | evidence |",
