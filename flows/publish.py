@@ -12,8 +12,10 @@ remote, and its registered versions and stages as GTO tags on that commit.
    (`production` or `staging`); a production version it replaced loses that stage (GTO deprecates
    the assignment). `gto show`, `dvc artifacts get <repo> <task>-model --stage production` and DVC
    Studio read these tags;
-4. with `--push` (params `publish.push`), the branch and the new tags to `publish.git_remote`;
-5. with `publish.hub_repo`, the production folder (its model card included) to the Hugging Face Hub.
+4. with a DVC remote, a `publish@<task>` W&B run per version tagged now: the model as an artifact
+   whose large files are references to the remote's URLs;
+5. with `--push` (params `publish.push`), the branch and the new tags to `publish.git_remote`;
+6. with `publish.hub_repo`, each newly promoted model (its model card included) to the Hugging Face Hub.
 
 registry/registry.json stays the record of each version's lineage (what the register stage judges
 against); the tags are written from it, on the commit that holds it, and checked against it.
@@ -22,6 +24,7 @@ against); the tags are written from it, on the commit that holds it, and checked
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -36,17 +39,18 @@ FALLBACK_IDENTITY = {"GIT_AUTHOR_NAME": "tuneoff", "GIT_AUTHOR_EMAIL": "tuneoff@
                      "GIT_COMMITTER_NAME": "tuneoff", "GIT_COMMITTER_EMAIL": "tuneoff@localhost"}
 
 
-def git(*args: str, check: bool = True) -> str:
-    env = {} if git_identity_set() else FALLBACK_IDENTITY
-    return sh("git", *args, env=env) if check else subprocess.run(
-        ["git", *args], capture_output=True, text=True, env={**os.environ, **env}).stdout
+def git(*args: str) -> str:
+    return sh("git", *args, env=identity())
 
 
-def git_identity_set() -> bool:
-    """Whether git has a committer name and e-mail here (a fresh machine often has neither)."""
+@functools.cache
+def identity() -> dict[str, str]:
+    """FALLBACK_IDENTITY when git has no committer name and e-mail here (a fresh machine often has
+    neither, and GTO cannot tag without them); else nothing to add."""
     configured = [subprocess.run(["git", "config", key], capture_output=True, text=True).stdout.strip()
                   for key in ("user.name", "user.email")]
-    return all(configured) or all(os.environ.get(k) for k in ("GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"))
+    given = all(configured) or all(os.environ.get(k) for k in ("GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"))
+    return {} if given else FALLBACK_IDENTITY
 
 
 def in_git_repo() -> bool:
@@ -77,7 +81,7 @@ def commit(decisions: dict) -> str | None:
 
 
 def gto(*args: str) -> str:
-    return sh("gto", *args, env={} if git_identity_set() else FALLBACK_IDENTITY)
+    return sh("gto", *args, env=identity())
 
 
 def tag_versions(decisions: dict, registry: dict, ref: str) -> list[str]:
@@ -129,7 +133,7 @@ def check_agrees(registry: dict) -> None:
 def dvc_remote() -> str | None:
     """The project's default DVC remote, if it has one."""
     proc = subprocess.run(["dvc", "remote", "default"], capture_output=True, text=True)
-    return proc.stdout.strip() or None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None  # none: exit 1, "No default remote set"
 
 
 def switch_to(branch: str) -> None:
@@ -145,7 +149,7 @@ def has_remote(name: str) -> bool:
 
 
 def publish(push: bool | None = None, branch: str | None = None) -> dict:
-    """Steps 1-5 above; what was done, for the flow's log and result. `branch` (the retrain's) is
+    """Steps 1-6 above; what was done, for the flow's log and result. `branch` (the retrain's) is
     pushed with force: each retrain rebuilds it."""
     params = section(PublishParams, "publish")
     push = params.push if push is None else push

@@ -5,6 +5,7 @@ remote in a temporary folder, and the tiny model."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -266,6 +267,27 @@ def test_a_retrain_commits_on_its_branch_and_pushes_it(project, server):
         f"{head} tuneoff bake-off: extraction: ")
     assert run(["git", "--git-dir", origin, "rev-parse", "main"], project) == main  # main is the team's
     assert json.loads(run(["dvc", "status", "--json"], project) or "{}") == {}
+
+
+def test_publish_on_a_fresh_machine_commits_as_tuneoff_and_pushes_nothing(tmp_path):
+    """No DVC remote, no git remote, no git identity (a new clone on a new machine, as `make run`
+    has it): the records are committed under tuneoff's own name and nothing is pushed."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry/decision.json").write_text(json.dumps({"t": {"verdict": "inconclusive", "method": None}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1", PYTHONPATH=str(ROOT),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, env=env, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, env={**env, "DVC_NO_ANALYTICS": "1"}, check=True)
+    done = subprocess.run([sys.executable, "-m", "flows.publish", "--push"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "publish: committed" in done.stdout and "publish: no git remote 'origin'" in done.stdout
+    assert "DVC remote" not in done.stdout
+    log = subprocess.run(["git", "log", "-1", "--format=%an <%ae>%n%s"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True).stdout.splitlines()
+    assert log == ["tuneoff <tuneoff@localhost>", "tuneoff bake-off: t: inconclusive"]
 
 
 def test_a_killed_worker_is_retried_on_a_restarted_one_and_resumes_its_checkpoint(project, server, tmp_path):
