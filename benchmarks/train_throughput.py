@@ -22,8 +22,8 @@ and so the same real-token budget, and each batches them its own way:
   hf-bf16   size (the mean number of examples in a tuneoff step, so about as many steps), length-grouped
             batches (train_sampling_strategy="group_by_length"), padded to the longest in each batch
             (DataCollatorForSeq2Seq); fp32, and bf16=True (autocast; qlora computes in bf16).
-  hf-fp32-keep
-            hf-fp32 with the output layer only on the positions that have a label (a compute_loss override
+  hf-fp32-keep, hf-bf16-keep
+            hf-fp32 (hf-bf16) with the output layer only on the positions that have a label (a compute_loss override
             passing logits_to_keep), the one trick of tuneoff's loop a Trainer user can copy in a few lines:
             the rows apart show what it gives and what the rest of the loop gives.
   trl       TRL's SFTTrainer in its best CPU setting: padded batches, no packing, length-grouped, the same
@@ -89,9 +89,9 @@ sys.path.insert(0, str(ROOT))
 
 from tuneoff.core.methods import METHODS  # noqa: E402
 
-IMPLS = ("tuneoff", "hf-fp32", "hf-bf16", "hf-fp32-keep", "trl", "trl-packed")
+IMPLS = ("tuneoff", "hf-fp32", "hf-bf16", "hf-fp32-keep", "hf-bf16-keep", "trl", "trl-packed")
 BASELINES = IMPLS[1:]
-HF, TRL = ("hf-fp32", "hf-bf16", "hf-fp32-keep"), ("trl", "trl-packed")
+HF, TRL = ("hf-fp32", "hf-bf16", "hf-fp32-keep", "hf-bf16-keep"), ("trl", "trl-packed")
 # tuneoff with one change, to measure what an optimisation gives: impl "tuneoff+<variant>"
 VARIANTS = {
     "bf16": "bf16 autocast (precision: bf16)",
@@ -184,7 +184,7 @@ def runs_bf16(impl: str, precision: str) -> bool:
     """Whether `impl` trains in bf16, given the precision the params resolve to on this device."""
     base_impl, _, variant = impl.partition("+")
     if base_impl.startswith("hf"):
-        return base_impl == "hf-bf16"
+        return base_impl.startswith("hf-bf16")
     if base_impl == "tuneoff" and variant in ("bf16", "fp32"):
         return variant == "bf16"
     return precision == "bf16"  # tuneoff, its other variants and trl train in the params' precision
@@ -263,7 +263,7 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
                               common.gradient_checkpointing)
     elif impl.startswith("hf"):
         # float bases keep fp32 master weights (bf16=True autocasts); the NF4 base computes in bf16 under bf16=True
-        build_precision = "bf16" if base_impl == "hf-bf16" and METHODS[method].quantized else "fp32"
+        build_precision = "bf16" if base_impl.startswith("hf-bf16") and METHODS[method].quantized else "fp32"
         model = methods.build(method, params, project / METHODS[method].base, build_precision, dev,
                               common.gradient_checkpointing)
     else:
@@ -279,7 +279,7 @@ def worker(impl: str, method: str, project: Path, task: str, params_path: Path, 
     if impl.startswith("tuneoff"):
         out = run_tuneoff(model, plan_data, common, params, dev, precision)
     elif impl.startswith("hf"):
-        out = run_hf(model, plan_data, common, params, bf16=base_impl == "hf-bf16", keep=base_impl == "hf-fp32-keep")
+        out = run_hf(model, plan_data, common, params, bf16=base_impl.startswith("hf-bf16"), keep=base_impl.endswith("-keep"))
     else:
         out = run_trl(model, plan_data, common, params, method, precision, packed=base_impl == "trl-packed")
     mem = peak.read()
@@ -670,7 +670,7 @@ def main() -> None:
     budgets = {r["real_tokens"] for r in runs}
     if len(budgets) != 1:
         sys.exit(f"real token budgets differ between runs: {sorted(budgets)}")
-    result = {"label": args.label or "benchmark run", "task": args.task, "project": str(project),
+    result = {"label": args.label or "benchmark run", "task": args.task, "project": project.name,
               "steps": next((r["steps"] for r in runs if r["impl"] == "tuneoff"), None), "budget": budgets.pop(),
               "rounds": args.rounds, "methods": methods, "impls": impls, "peak": peak, "runs": runs,
               "summary": summarise(runs, methods, impls)}

@@ -83,7 +83,7 @@ def table(general: dict | None) -> list[str]:
     """Markdown: each benchmark's score per model, and each tuned model's change against the base."""
     if not general or not general["scores"]:
         return []
-    models = [m for m in dict.fromkeys(m for s in general["scores"].values() for m in s)]
+    models = list(dict.fromkeys(m for s in general["scores"].values() for m in s))
     lines = ["General ability: each model as deployed on lm-eval benchmarks (the same first items for every "
              "model) and on the bake-off's other tasks (cross-task); % right, and for a tuned model its change "
              "against the untuned base, paired on the same items (points [95% CI]):", "",
