@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneoff.core import measure
 from tuneoff.core.atomic import write_json
@@ -39,22 +38,18 @@ from tuneoff.evaluation.general import run_benchmarks
 from tuneoff.evaluation.generate import generate
 from tuneoff.evaluation.metrics import score
 from tuneoff.evaluation.score import load_test
-from tuneoff.modeling.merge import adapter_dir, deployment, load_adapter_model
+from tuneoff.modeling.merge import deployment, load_shipped
 
 
 def load_deployed(task: str, model: str, dev: torch.device):
     """The model as it would ship, computing in float32, and its tokenizer."""
     if model == BASE:
-        source, base = FLOAT_BASE, None
-    else:
-        shipped = deployment(task, model)
-        source, base = (adapter_dir(task, model), shipped.base) if shipped.form == "nf4" else (shipped.path, None)
-    if base is not None:
-        return load_adapter_model(base, source, dev), AutoTokenizer.from_pretrained(base)
-    if not (source / "config.json").is_file():
-        raise TuneoffError(f"{source}/config.json not found: run the stages before benchmark@{task}-{model}")
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(dev).eval(), \
-        AutoTokenizer.from_pretrained(source)
+        return load_shipped(FLOAT_BASE, None, dev)
+    shipped = deployment(task, model)  # for QLoRA's nf4 form, its adapter folder
+    folder = shipped.path
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise TuneoffError(f"{folder} holds no model: run the stages before benchmark@{task}-{model}")
+    return load_shipped(folder, shipped.base, dev)
 
 
 def cross_task(net, tokenizer, other: str, limit: int, evaluate: EvaluateParams, dev: torch.device) -> dict:

@@ -14,9 +14,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from tuneoff.core import measure
 from tuneoff.core.atomic import write_json
 from tuneoff.core.errors import TuneoffError, user_errors
@@ -36,7 +33,7 @@ from tuneoff.core.tracking import flat, stage_run
 from tuneoff.decision.decide import replaces_champion
 from tuneoff.decision.registry import model_card, register
 from tuneoff.evaluation.score import load_test, score_model
-from tuneoff.modeling.merge import adapter_dir, deployment, load_adapter_model
+from tuneoff.modeling.merge import adapter_dir, deployment, load_shipped
 
 REGISTRY = Path("registry")
 PRODUCTION = Path("models/production")
@@ -54,12 +51,7 @@ def score_production(task: str, production: dict, params: EvaluateParams) -> lis
         raise TuneoffError(f"{folder}/ holds no model, but registry/registry.json names production v{production['version']}: "
                            "restore it (`dvc pull models/production`) so the new version can be scored beside it")
     dev = measure.device()
-    if (folder / "adapter_config.json").is_file():  # an adapter deployed on its base (QLoRA's nf4 form)
-        base = Path(production["base"])
-        net, tokenizer = load_adapter_model(base, folder, dev), AutoTokenizer.from_pretrained(base)
-    else:
-        net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    net, tokenizer = load_shipped(folder, Path(production["base"]) if "base" in production else None, dev)
     scored = score_model(net, tokenizer, load_test(Path("data/prepared") / task), params, dev,
                          f"register {task}: production v{production['version']}")
     return [bool(r["correct"]) for r in scored.records]

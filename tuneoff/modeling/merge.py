@@ -114,6 +114,17 @@ def load_adapter_model(base_dir: Path, adapter_dir: Path, dev: torch.device):
     return PeftModel.from_pretrained(load_base(base_dir, dev), adapter_dir).eval()
 
 
+def load_shipped(folder: Path, base: Path | None, dev: torch.device):
+    """A model as it ships, computing in float32, and its tokenizer: a standalone model folder, or
+    (QLoRA's nf4 form) an adapter folder run on `base`."""
+    from transformers import AutoTokenizer
+
+    if (folder / "adapter_config.json").is_file():
+        return load_adapter_model(base, folder, dev), AutoTokenizer.from_pretrained(base)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dev).eval(), \
+        AutoTokenizer.from_pretrained(folder)
+
+
 def check_merge(reference: torch.Tensor, merged: torch.Tensor, tolerance: float, what: str) -> float:
     """Max |logit difference|; a difference beyond `tolerance` fails the stage."""
     diff = float((reference - merged).abs().max())
