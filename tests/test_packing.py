@@ -103,6 +103,28 @@ def test_per_example_attention_matches_the_masked_row(tiny_base, tokenizer):
     assert not torch.allclose(whole, masked, atol=1e-3)
 
 
+def test_per_example_attention_under_bf16_autocast_attends_in_float32():
+    """In a bf16 run the attention itself runs in float32 (CPU flash attention's bf16 backward is about
+    twice as slow): same output as float32 SDPA on each span, rounded once to bf16, and gradients reach
+    bf16 inputs."""
+    import torch.nn.functional as F
+
+    from tuneoff.training import attention
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 12, 8, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 12, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    spans = [[(0, 5), (5, 12)]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention.packed_attention(None, q, k, v, None, packed_spans=spans)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 12, 4, 8)
+    expected = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b].float(), k[:, :, a:b].float(), v[:, :, a:b].float(),
+                                                         is_causal=True, enable_gqa=True) for a, b in spans[0]], 2)
+    torch.testing.assert_close(out, expected.transpose(1, 2).bfloat16(), atol=0, rtol=0)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
 def test_batch_loss_on_one_row_of_real_tokens_matches_the_padded_rows(tiny_base, tokenizer):
     """With per-example attention, batch_loss joins the batch's rows into one row of their real tokens
     (no compute on padding): the loss, its token count and the gradients are those of the padded rows
