@@ -96,7 +96,7 @@ HF, TRL = ("hf-fp32", "hf-bf16", "hf-fp32-keep", "hf-bf16-keep"), ("trl", "trl-p
 VARIANTS = {
     "bf16": "bf16 autocast (precision: bf16)",
     "fp32": "fp32 (precision: fp32)",
-    "fused-adamw": "torch.optim.AdamW(fused=True)",
+    "per-tensor-adamw": "torch.optim.AdamW(fused=False), the per-tensor loop (tuneoff's is fused)",
     "foreach-adamw": "torch.optim.AdamW(foreach=True, fused=False)",
     "full-logits": "the output layer on every position, not only the supervised ones",
     "masked-attention": "SDPA over the whole packed row with the block-diagonal mask, not per example",
@@ -306,10 +306,9 @@ def apply_variant(variant: str, precision: str) -> str:
 
     if variant in ("bf16", "fp32"):
         return variant
-    if variant in ("fused-adamw", "foreach-adamw"):
-        if variant == "fused-adamw":
-            train.make_optimizer = functools.partial(train.make_optimizer, fused=True)
-        else:  # on a CPU torch's default is the per-tensor loop
+    if variant in ("per-tensor-adamw", "foreach-adamw"):
+        train.make_optimizer = functools.partial(train.make_optimizer, fused=False)
+        if variant == "foreach-adamw":  # on a CPU torch's unfused default is the per-tensor loop
             torch.optim.AdamW = functools.partial(torch.optim.AdamW, foreach=True)
     elif variant == "full-logits":
         batch_loss = train.batch_loss
@@ -418,7 +417,7 @@ def trainer_args(common, lr: float, steps: int, bf16: bool, out_dir: str, **extr
 
     return dict(output_dir=out_dir, learning_rate=lr, lr_scheduler_type="cosine",
                 warmup_steps=math.ceil(common.warmup_fraction * steps), weight_decay=common.weight_decay,
-                max_grad_norm=common.max_grad_norm, optim="adamw_torch", seed=common.seed, bf16=bf16,
+                max_grad_norm=common.max_grad_norm, optim="adamw_torch_fused", seed=common.seed, bf16=bf16,
                 use_cpu=not torch.cuda.is_available(),  # bf16=True on a CPU needs it said
                 gradient_checkpointing=common.gradient_checkpointing, logging_steps=1,  # as tuneoff here: every step
                 report_to=[], save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,

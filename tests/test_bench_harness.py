@@ -61,7 +61,7 @@ def test_train_harness_gives_every_impl_the_same_examples_tokens_and_warm_up(pro
     +tcmalloc rows."""
     folder, params = project
     methods = ["lora", "qlora"]  # full differs from lora only in what trains
-    variants = ["tuneoff+full-logits", "tuneoff+fused-adamw"]
+    variants = ["tuneoff+full-logits", "tuneoff+per-tensor-adamw"]
     impls = (["tuneoff", "hf-fp32", "hf-fp32-keep", "tuneoff+tcmalloc"] + (["hf-bf16"] if HAS_BF16 else [])
              + (["trl", "trl-packed"] if HAS_TRL else []) + variants)
     out = tmp_path / "train.json"
@@ -86,7 +86,7 @@ def test_train_harness_gives_every_impl_the_same_examples_tokens_and_warm_up(pro
     assert all("best_hf" in result["summary"][m] and result["summary"][m]["best_hf"]["speedup"]["rounds"] == 1
                for m in methods)
     # a variant changes how tuneoff computes, not what: the same losses (the output layer on every
-    # position, the fused optimizer kernel, another allocator); so does HF's logits_to_keep override
+    # position, the per-tensor optimizer loop, another allocator); so does HF's logits_to_keep override
     loss = {(r["impl"], r["method"]): r["final_train_loss"] for r in runs}
     for method in methods:
         for variant in [*variants, "tuneoff+tcmalloc"]:

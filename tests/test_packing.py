@@ -123,6 +123,10 @@ def test_per_example_attention_under_bf16_autocast_attends_in_float32():
     torch.testing.assert_close(out, expected.transpose(1, 2).bfloat16(), atol=0, rtol=0)
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    # a full fine-tune's rotary embeddings leave q and k in float32 beside a bf16 v: the same result
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = attention.packed_attention(None, q.float(), k.float(), v, None, packed_spans=spans)
+    torch.testing.assert_close(mixed, out, atol=0, rtol=0)
 
 
 def test_batch_loss_on_one_row_of_real_tokens_matches_the_padded_rows(tiny_base, tokenizer):

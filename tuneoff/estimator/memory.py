@@ -318,7 +318,9 @@ def _decoder_layer(shape: Shape, setup: Setup, rg_in: bool, index: str) -> tuple
     if attention_rg:
         # RoPE writes new q and k; packed rows repeat k and v to every query head (no mask: SDPA's enable_gqa)
         kv_heads = nh if setup.attention == "packed" and nkv < nh else nkv
-        saved.add("attention q, k, v, output", T * d * (2 * nh + 2 * kv_heads) * compute)
+        # per example, a bf16 run attends in float32 (attention.py): SDPA keeps float32 q, k, v and output
+        attended = 4 if setup.attention == "per-example" else compute
+        saved.add("attention q, k, v, output", T * d * (2 * nh + 2 * kv_heads) * attended)
         saved.add("attention logsumexp", b * nh * s * 4)
         if setup.attention == "packed":
             saved.add("attention mask (packed rows)", b * s * s * compute)
