@@ -1,5 +1,6 @@
-"""Evaluation's batched greedy generation against generating one example at a time: examples per
-second for each, the ratio, and whether the predictions are identical.
+"""Evaluation's batched greedy generation against generating one example at a time (plain
+`generate()`), and batched with transformers' static KV cache: examples and reply tokens per second
+for each, the ratio, and whether the predictions are identical.
 
     .venv/bin/python benchmarks/eval_throughput.py --project PROJECT --task extraction \\
         --examples 64 --out benchmarks/results/eval_throughput_extraction.json
@@ -80,21 +81,31 @@ def main() -> None:
     single, single_s = timed(lambda convs: per_example(model, tokenizer, convs, params.max_new_tokens, dev))
     batched, batched_s = timed(lambda convs: generate(model, tokenizer, convs, params.batch_size, params.max_new_tokens,
                                                       dev, "batched"))
-    mismatches = [{"index": i, "per_example": a, "batched": b} for i, (a, b) in enumerate(zip(single, batched)) if a != b]
+    static, static_s = timed(lambda convs: generate(model, tokenizer, convs, params.batch_size, params.max_new_tokens,
+                                                    dev, "batched, static cache", cache="static"))
+    # reply tokens, re-tokenized from the decoded text: the same count for each way (identical replies)
+    reply_tokens = sum(len(tokenizer(r, add_special_tokens=False).input_ids) + 1 for r in batched)
+    mismatches = [{"index": i, "per_example": a, "batched": b, "static": c}
+                  for i, (a, b, c) in enumerate(zip(single, batched, static)) if not a == b == c]
     n = len(conversations)
     result = {"label": args.label or "benchmark run", "task": args.task, "model": str(source),
               "device": measure.device_name(dev), "threads": torch.get_num_threads(), "examples": n,
               "batch_size": params.batch_size, "max_new_tokens": params.max_new_tokens,
               "per_example": {"seconds": round(single_s, 3), "examples_per_second": round(n / single_s, 3)},
               "batched": {"seconds": round(batched_s, 3), "examples_per_second": round(n / batched_s, 3)},
+              "batched_static_cache": {"seconds": round(static_s, 3), "examples_per_second": round(n / static_s, 3)},
+              "reply_tokens": reply_tokens,
               "speedup": round(single_s / batched_s, 3), "identical_predictions": not mismatches,
               "mismatches": mismatches, "meets_target": single_s / batched_s >= 5 and not mismatches}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     md = (f"{result['label']}\n\ntask `{args.task}`, {n} test prompts, batch {params.batch_size}, max_new_tokens "
           f"{params.max_new_tokens}, {result['device']} ({result['threads']} threads)\n\n"
-          "| generation | examples/s | seconds |\n|---|---:|---:|\n"
-          f"| per-example | {n / single_s:.2f} | {single_s:.2f} |\n| batched | {n / batched_s:.2f} | {batched_s:.2f} |\n\n"
+          "| generation | examples/s | reply tokens/s | seconds |\n|---|---:|---:|---:|\n"
+          + "".join(f"| {name} | {n / s:.2f} | {reply_tokens / s:.1f} | {s:.2f} |\n" for name, s in
+                    (("per-example generate()", single_s), ("batched (evaluate)", batched_s),
+                     ("batched, static cache", static_s)))
+          + f"\nreply tokens: {reply_tokens} (each reply re-tokenized, + its end token)\n\n"
           f"batched / per-example: {result['speedup']:.2f}x; identical predictions: {not mismatches} "
           f"({len(mismatches)} differ); target (>= 5x, identical) met: {result['meets_target']}\n")
     args.out.with_suffix(".md").write_text(md)

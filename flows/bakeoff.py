@@ -46,7 +46,9 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Failed
 
+from flows import hardware
 from tuneoff.core.atomic import atomic_file
+from tuneoff.core.errors import TuneoffError
 from tuneoff.core.methods import BASE, unit_stages
 from tuneoff.core.params import (
     BakeoffParams,
@@ -145,14 +147,16 @@ def run_here(unit: str, targets: list[str]) -> str:
 
 @task(retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=transient)
 def dispatch(unit: str, targets: list[str], upstream: list[str], pool: str, repo: str, revision: str, lock: str,
-             group: str, limits: DispatchParams) -> dict:
+             group: str, limits: DispatchParams, job_variables: dict) -> dict:
     """Run a unit on a worker in `pool` and return its result; its outputs come back through the
     DVC remote. The run's idempotency key is the unit, revision, dvc.lock and this task's attempt:
-    a retry after a failed or timed-out run starts a new run, nothing else starts a second one."""
+    a retry after a failed or timed-out run starts a new run, nothing else starts a second one.
+    `job_variables` (flows/hardware.py) override the deployment's per key; its command and env stay."""
     key = f"{unit}@{revision}:{hashlib.sha256(lock.encode()).hexdigest()[:16]}:{runtime.task_run.run_count}"
     run = run_deployment(f"{UNIT_DEPLOYMENT}/{pool}", parameters={
         "repo": repo, "revision": revision, "unit": unit, "targets": targets, "upstream": upstream, "lock": lock,
-        "group": group}, flow_run_name=f"{unit}@{revision[:8]}", as_subflow=False, idempotency_key=key, timeout=0)
+        "group": group}, job_variables=job_variables, flow_run_name=f"{unit}@{revision[:8]}", as_subflow=False,
+        idempotency_key=key, timeout=0)
     state = wait_for(run.id, run.name, limits)
     if not state.is_completed():
         raise RuntimeError(redact(f"unit {unit}: flow run {run.name} ended {state.type.value}: {state.message}"))
@@ -374,9 +378,13 @@ def run_bakeoff(gpu_pool: str | None, repo: str | None, methods: list[str] | Non
         sh("dvc", "push", "--quiet", *before)
         lock = Path("dvc.lock").read_text()
         limits = section(DispatchParams, "dispatch", data=params)
+        try:  # every unit's hardware before any is sent: a method that fits no GPU costs no GPU time
+            variables = {u: hardware.job_variables(u, tasks, params) for u in units}
+        except TuneoffError as e:
+            return Failed(message=str(e))
         sent = {u: unit_stages(u, tasks, bakeoff_params.more_seeds) for u in units}
         futures = {u: dispatch.submit(u, sent[u], before, gpu_pool, repo or str(Path.cwd()), revision, lock,
-                                      os.environ[GROUP_ENV], limits) for u in units}
+                                      os.environ[GROUP_ENV], limits, variables[u]) for u in units}
         for unit, future in futures.items():
             try:
                 result = future.result()

@@ -85,7 +85,7 @@ def main(task: str, model: str) -> None:
                                                   "cross_task": {o: s["correct"] for o, s in retained.items()}})
         scores = {"benchmarks": {b: {k: v for k, v in s.items() if k != "correct"} for b, s in general.items()},
                   "cross_task": {o: {k: v for k, v in s.items() if k != "correct"} for o, s in retained.items()},
-                  "timing": {"seconds": round(seconds, 1)}}
+                  "timing": {"seconds": round(seconds, 1), "stage_seconds": measure.process_seconds()}}
         write_json(out / "benchmark.json", scores)
         tracker.summary(flat({"benchmark": scores}))
     shown = [f"{b} {100 * s['acc']:.1f}%" for b, s in general.items()]

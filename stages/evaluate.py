@@ -57,7 +57,8 @@ def main(task: str, model: str) -> None:
             task=task, model=model, evaluated=str(source), scorer=test.scorer, metrics=metrics,
             test_loss=round(scored.test_loss, 6),
             timing=EvalTiming(load_seconds=round(load_seconds, 3), generate_seconds=round(scored.generate_seconds, 3),
-                              examples_per_second=round(scored.examples_per_second, 3)))
+                              examples_per_second=round(scored.examples_per_second, 3),
+                              stage_seconds=measure.process_seconds()))
         write_json(out / "eval.json", record.model_dump(exclude_none=True))
         tracker.summary(flat({"eval": {k: v for k, v in metrics.items() if k != "confusions"}
                                        | {"test_loss": scored.test_loss}}))

@@ -83,7 +83,8 @@ def main(task: str, method: str) -> None:
             task=task, model=method, evaluated=str(forms[chosen].path), scorer=test.scorer, deployed_form=chosen,
             metrics=deployed.metrics, test_loss=round(deployed.test_loss, 6), forms=summary,
             timing=EvalTiming(load_seconds=round(load_seconds[chosen], 3), generate_seconds=round(deployed.generate_seconds, 3),
-                              examples_per_second=round(deployed.examples_per_second, 3)))
+                              examples_per_second=round(deployed.examples_per_second, 3),
+                              stage_seconds=measure.process_seconds()))
         write_json(out / "eval.json", record.model_dump(exclude_none=True))
         tracker.summary(flat({"eval": {k: v for k, v in deployed.metrics.items() if k != "confusions"}
                                        | {"test_loss": deployed.test_loss, "deployed_form": chosen, "forms": summary}}))

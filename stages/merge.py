@@ -82,6 +82,7 @@ def main(task: str, method: str, form: str = "float-merged") -> None:
         "max_abs_logit_diff": diff, "tolerance": params.tolerance,
         "positions_checked": int(reference.shape[0]), **extra,
         "weights_bytes": measure.dir_bytes(deployed.path, "*.safetensors"),
+        "timing": {"stage_seconds": measure.process_seconds()},
     }
     write_json(adapter.parent / f"{STAGES[form].replace('_', '-')}.json", metrics)
     with stage_run(STAGES[form], {"merge": params.model_dump()}, task=task, method=method) as tracker:

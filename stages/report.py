@@ -26,6 +26,7 @@ from tuneoff.decision.report import (
     markdown,
     plot,
     read_json,
+    stage_seconds,
     write_plot_data,
 )
 
@@ -45,9 +46,11 @@ def main() -> None:
                                 more_seeds=tuple(bakeoff.more_seeds)) for task in bakeoff.tasks]
     decisions = {c["task"]: decide(c, rules) for c in comparisons}
     quantization = read_json(QUANTIZE) if bakeoff.nf4_methods else None
+    seconds = stage_seconds(Path("runs"), quantization)
     with atomic_dir(OUT) as tmp:
-        write_json(tmp / "comparison.json", {"tasks": comparisons, "decisions": decisions, "quantization": quantization})
-        (tmp / "report.md").write_text(markdown(comparisons, decisions, quantization), encoding="utf-8")
+        write_json(tmp / "comparison.json", {"tasks": comparisons, "decisions": decisions, "quantization": quantization,
+                                             "stage_seconds": seconds})
+        (tmp / "report.md").write_text(markdown(comparisons, decisions, quantization, seconds), encoding="utf-8")
         write_plot_data(comparisons, Path("runs"), tmp)
         for c in comparisons:
             d = decisions[c["task"]]

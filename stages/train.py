@@ -124,7 +124,8 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
                 timing=Timing(resumed_from_step=result.resumed_from_step, load_seconds=round(load_seconds, 3),
                               train_seconds=round(result.train_seconds, 3), eval_seconds=round(result.eval_seconds, 3),
                               wall_seconds=round(time.perf_counter() - stage_start, 3),
-                              tokens_per_second=round(result.real_tokens / result.train_seconds, 2)))
+                              tokens_per_second=round(result.real_tokens / result.train_seconds, 2),
+                              stage_seconds=measure.process_seconds()))
             write_json(out / "train.json", record.model_dump())
         checkpointer.clear()
         metrics = record.model_dump()

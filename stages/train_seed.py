@@ -46,7 +46,8 @@ def main(task: str, method: str, seed: int) -> None:
         task=task, model=method, evaluated=str(out / "model"), scorer=test.scorer, metrics=scored.metrics,
         test_loss=round(scored.test_loss, 6),
         timing=EvalTiming(load_seconds=round(load_seconds, 3), generate_seconds=round(scored.generate_seconds, 3),
-                          examples_per_second=round(scored.examples_per_second, 3))).model_dump(exclude_none=True))
+                          examples_per_second=round(scored.examples_per_second, 3),
+                          stage_seconds=measure.process_seconds())).model_dump(exclude_none=True))
     m = scored.metrics
     print(f"train_seed {task}/{method}-seed{seed}: {m['main_metric']} {m['main']:.3f} on {m['n']} test examples "
           f"(as trained) -> {out}/eval.json")

@@ -12,7 +12,7 @@ from tuneoff.core.params import DecideParams
 from tuneoff.decision.decide import decide, replaces_champion
 from tuneoff.decision.pairs import paired
 from tuneoff.decision.registry import register
-from tuneoff.decision.report import claims
+from tuneoff.decision.report import claims, markdown, stage_seconds
 
 GIB = 2**30
 RULES = DecideParams(max_gap_points=2.0, memory_budget_gb=0, bootstrap_samples=500, seed=0, max_general_drop_points=0)
@@ -264,3 +264,22 @@ def test_without_full_the_margin_is_measured_from_the_best_adapter():
     assert "Cheaper, but not shown to be within 2 points of qlora: lora - qlora -25.0 points" in behind["rationale"]
     close = decide(comparison(base=base, full=full, lora=scores(300), qlora=scores(302)), RULES)
     assert close["method"] == "lora" and "Against qlora, the best that beats the base" in close["rationale"]
+
+
+def test_stage_seconds_come_from_each_record_and_a_seed_counts_once(tmp_path):
+    """The report's time breakdown: each record's timing.stage_seconds, named by task, model and stage;
+    a seed's train.json is inside its eval.json's process, so only the latter counts."""
+    records = {"t/lora/train.json": 30.0, "t/lora/eval.json": 12.5, "t/lora/merge.json": 4.0,
+               "t/base/benchmark.json": 8.0, "t/lora/seeds/1/train.json": 20.0, "t/lora/seeds/1/eval.json": 26.0,
+               "t/lora/predictions.json": 99.0}
+    for name, seconds in records.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps({"timing": {"stage_seconds": seconds}}))
+    (tmp_path / "t/full").mkdir()
+    (tmp_path / "t/full/train.json").write_text(json.dumps({"timing": {"train_seconds": 3}}))  # an older record
+    seconds = stage_seconds(tmp_path, {"timing": {"seconds": 5.0, "stage_seconds": 9.0}})
+    assert seconds == {"t/lora train": 30.0, "t/lora seed 1 (train + evaluate)": 26.0, "t/lora evaluate": 12.5,
+                       "quantize": 9.0, "t/base benchmark": 8.0, "t/lora merge": 4.0}
+    table = markdown([], stages=seconds)
+    assert "6 stages, 90 s in all" in table and "| t/lora train | 30.0 | 33.5% |" in table
+    assert "Where the time went" not in markdown([], stages={})

@@ -157,6 +157,9 @@ def test_dispatch_runs_every_method_on_the_worker(project, server, tmp_path):
     runs = unit_runs(server)
     assert sorted(r.parameters["unit"] for r in runs) == sorted(UNITS)
     assert all(r.state.is_completed() and r.work_pool_name == POOL for r in runs)
+    # each unit asked the pool for its hardware (flows/hardware.py): the tiny model fits the smallest GPU listed
+    from flows.hardware import GPU_LABEL
+    assert all(r.job_variables == {"gpu_count": 1, "node_selector": {GPU_LABEL: "NVIDIA-L4"}} for r in runs)
     # outputs came back through the DVC remote: the cache here has the adapters the workers trained
     status = json.loads(run(["dvc", "status", "--json"], project) or "{}")
     assert status == {}

@@ -68,6 +68,29 @@ def test_job_template_renders_to_a_valid_gpu_job():
     assert (spec.volumes[0].name, spec.volumes[0].persistent_volume_claim.claim_name) == (mount.name, "tuneoff-checkpoints")
 
 
+def test_a_units_job_variables_reach_its_pod():
+    """The pool's template rendered as the worker renders it: its defaults, then the deployment's
+    variables (flows/deploy.py), then the flow run's (flows/hardware.py), each overriding per key."""
+    from prefect.utilities.templating import apply_values
+
+    from flows.hardware import job_variables
+    from tuneoff.core.params import read_params
+
+    data = read_params(ROOT / "params.yaml")
+    data["dispatch"]["hardware"]["full"].update(gpu="NVIDIA A100-SXM4-80GB", gpu_count=2, memory="200Gi",
+                                                node_selector={"cloud.google.com/gke-spot": "true"})
+    template = json.loads((INFRA / "k8s/gpu-pool-job-template.json").read_text())
+    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    values |= {"name": "bakeoff-unit-abc", "labels": {}, "env": {}, "command": "prefect flow-run execute"}
+    values |= job_variables("full", ["extraction"], data)
+    spec = k8s(apply_values(template["job_configuration"]["job_manifest"], values), "Job").spec.template.spec
+    assert spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "cloud.google.com/gke-spot": "true"}
+    resources = spec.containers[0].resources
+    assert resources.requests["nvidia.com/gpu"] == resources.limits["nvidia.com/gpu"] == "2"
+    assert resources.requests["memory"] == resources.limits["memory"] == "200Gi"
+    assert resources.requests["cpu"] == "8"  # what the unit does not set stays the pool's
+
+
 @pytest.mark.parametrize("name, kind", [("fsdp.yaml", "FSDP"), ("deepspeed-zero3.yaml", "DEEPSPEED")])
 def test_accelerate_configs_load(name, kind):
     from accelerate.commands.config.config_args import ClusterConfig

@@ -119,6 +119,11 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
     assert {(p["a"], p["b"]) for p in general["pairs"]} == {("full", "base"), ("lora", "base"), ("qlora", "base"),
                                                           ("lora", "full")}
     assert "| openbookqa_local | 4 | " in report and "| iso_codes (cross-task) | 4 | " in report
+    # where the time went: every record's stage, its process's whole wall time
+    seconds = comparison["stage_seconds"]
+    assert {"quantize", "extraction/lora train", "extraction/base evaluate", "extraction/qlora merge (NF4)",
+            "iso_codes/full benchmark"} <= set(seconds) and all(s > 1 for s in seconds.values())
+    assert "## Where the time went" in report and "| extraction/lora train | " in report
     decisions = json.loads((project / "registry/decision.json").read_text())
     stored = project / "registry/registry.json"
     registry = json.loads(stored.read_text())["models"] if stored.exists() else {}

@@ -8,6 +8,7 @@ the measured work. On a CPU it is the process's peak resident set (VmHWM), reset
 
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,19 @@ def resolve_precision(precision: str, dev: torch.device) -> str:
     if dev.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def process_seconds() -> float | None:
+    """Wall seconds since this process started, Python's start-up and imports included: what a stage
+    costs a run (each stage's record keeps it as timing.stage_seconds, the report adds them up).
+    From Linux's /proc; None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks after boot
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(uptime - started, 1)
 
 
 def _status_bytes(field: str) -> int | None:

@@ -279,11 +279,37 @@ class RetrainParams(Section):
         return self
 
 
+class UnitHardware(Section):
+    """What one unit's pod asks the GPU pool for (flows/hardware.py)."""
+
+    gpu: str  # one of dispatch.gpus; "" = the first of them the estimator's predicted peak fits
+    gpu_count: int = Field(ge=1)
+    memory: str = Field(pattern=r"^$|^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")  # host RAM, e.g. 64Gi; "" = the pool's
+    node_selector: dict[str, str]  # node labels besides the GPU's own (a node pool, spot); {} = none
+
+
+class UnitsHardware(Section):
+    base: UnitHardware
+    full: UnitHardware
+    lora: UnitHardware
+    qlora: UnitHardware
+
+
 class DispatchParams(Section):
-    """How long the bake-off flow waits for a unit it sent to a work pool (flows/bakeoff.py)."""
+    """How the bake-off flow sends a unit to a work pool (flows/bakeoff.py): on what hardware, and how
+    long it waits for it."""
 
     unit_timeout_minutes: float = Field(gt=0)  # unfinished after this: cancelled, then retried (twice) or failed
     pending_timeout_minutes: float = Field(gt=0)  # claimed by a worker but not started (PENDING) this long: the same
+    gpus: list[str] = Field(min_length=1)  # the GPUs the pool's nodes have, smallest first (names of estimate.devices)
+    hardware: UnitsHardware
+
+    @model_validator(mode="after")
+    def _known_gpus(self) -> "DispatchParams":
+        for unit, wanted in self.hardware:
+            if wanted.gpu and wanted.gpu not in self.gpus:
+                raise ValueError(f"hardware.{unit}.gpu = {wanted.gpu!r} is not one of gpus {self.gpus}")
+        return self
 
 
 class PublishParams(Section):

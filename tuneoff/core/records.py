@@ -89,6 +89,7 @@ class Timing(Record):
     eval_seconds: float
     wall_seconds: float
     tokens_per_second: float
+    stage_seconds: float | None = None  # the whole process, start-up and imports included (measure.process_seconds)
 
 
 class TrainRecord(Record):
@@ -110,6 +111,7 @@ class EvalTiming(Record):
     load_seconds: float
     generate_seconds: float
     examples_per_second: float
+    stage_seconds: float | None = None  # the whole process, start-up and imports included (measure.process_seconds)
 
 
 class EvalRecord(Record):

@@ -198,7 +198,44 @@ def _quantize_note(quantization: dict | None) -> str:
             f"on disk ({size['compression']:.1f}x smaller).")
 
 
-def markdown(comparisons: list[dict], decisions: dict | None = None, quantization: dict | None = None) -> str:
+# what each record under runs/<task>/<model>/ says the stage that wrote it did
+RECORD_STAGES = {"train.json": "train", "merge.json": "merge", "merge-nf4.json": "merge (NF4)",
+                 "eval.json": "evaluate", "benchmark.json": "benchmark"}
+
+
+def stage_seconds(runs: Path, quantization: dict | None = None) -> dict[str, float]:
+    """Each upstream stage's whole wall time, start-up and imports included (timing.stage_seconds in the
+    record it wrote), slowest first. A seed's stage trains and scores in one process: its eval.json has
+    both. prepare, import_base and this stage itself write no such record."""
+    found = {}
+    if quantization and (quantization.get("timing") or {}).get("stage_seconds") is not None:
+        found["quantize"] = quantization["timing"]["stage_seconds"]
+    for path in sorted(runs.glob("*/*/*.json")) + sorted(runs.glob("*/*/seeds/*/eval.json")):
+        seed = path.parent.name if path.parent.parent.name == "seeds" else None
+        if path.name not in RECORD_STAGES:
+            continue
+        task, model = (path.parents[3], path.parents[2]) if seed else (path.parents[1], path.parent)
+        seconds = (json.loads(path.read_text()).get("timing") or {}).get("stage_seconds")
+        if seconds is not None:
+            kind = f"seed {seed} (train + evaluate)" if seed else RECORD_STAGES[path.name]
+            found[f"{task.name}/{model.name} {kind}"] = seconds
+    return dict(sorted(found.items(), key=lambda kv: -kv[1]))
+
+
+def _stage_table(seconds: dict[str, float]) -> list[str]:
+    if not seconds:
+        return []
+    total = sum(seconds.values())
+    return ["## Where the time went", "",
+            f"{len(seconds)} stages, {total:.0f} s in all: each one's wall time from its process's start (Python "
+            "and imports included) to its record; `dvc repro`'s own time, prepare, import_base, report and "
+            "register not included. `tuneoff run` prints every stage it ran the same way.", "",
+            "| stage | seconds | share |", "|---|---:|---:|",
+            *(f"| {name} | {s:.1f} | {100 * s / total:.1f}% |" for name, s in seconds.items()), ""]
+
+
+def markdown(comparisons: list[dict], decisions: dict | None = None, quantization: dict | None = None,
+             stages: dict[str, float] | None = None) -> str:
     lines = ["# tuneoff bake-off report", ""]
     for c in comparisons:
         cond = c["conditions"]
@@ -243,6 +280,7 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
                       "|---|---|---|", *(f"| {x['claim']} | {x['status']} | {x['evidence']} |" for x in checked), ""]
         lines += [f"![{c['task']}]({c['task']}.png)", ""]
     lines += _predictions_table(comparisons)
+    lines += _stage_table(stages or {})
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ def chat_prompt(tokenizer, conversation: list[dict]) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict]], batch_size: int, max_new_tokens: int,
-             dev: torch.device, label: str) -> list[str]:
+             dev: torch.device, label: str, cache: str = "dynamic") -> list[str]:
     """The model's greedy reply to each conversation (its last assistant turn removed by the caller).
     Prompts are sorted by length so a batch pads little; replies come back in input order."""
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at the same column
@@ -29,7 +29,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], batch_size: int,
         idx = order[start : start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             cache_implementation=cache)
         for i, row in zip(idx, out[:, enc["input_ids"].shape[1] :]):
             replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return replies
