@@ -41,15 +41,15 @@ from tuneoff.evaluation.score import load_test
 from tuneoff.modeling.merge import deployment, load_shipped
 
 
-def load_deployed(task: str, model: str, dev: torch.device):
-    """The model as it would ship, computing in float32, and its tokenizer."""
+def load_deployed(task: str, model: str, dev: torch.device, dtype: torch.dtype):
+    """The model as it would ship, computing in `dtype` (evaluate's), and its tokenizer."""
     if model == BASE:
-        return load_shipped(FLOAT_BASE, None, dev)
+        return load_shipped(FLOAT_BASE, None, dev, dtype)
     shipped = deployment(task, model)  # for QLoRA's nf4 form, its adapter folder
     folder = shipped.path
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise TuneoffError(f"{folder} holds no model: run the stages before benchmark@{task}-{model}")
-    return load_shipped(folder, shipped.base, dev)
+    return load_shipped(folder, shipped.base, dev, dtype)
 
 
 def cross_task(net, tokenizer, other: str, limit: int, evaluate: EvaluateParams, dev: torch.device) -> dict:
@@ -75,7 +75,7 @@ def main(task: str, model: str) -> None:
     with stage_run("benchmark", {"benchmarks": params.model_dump()}, task=task, method=model, data=data) as tracker:
         dev = measure.device()
         start = time.perf_counter()
-        net, tokenizer = load_deployed(task, model, dev)
+        net, tokenizer = load_deployed(task, model, dev, measure.eval_dtype(evaluate.dtype, dev))
         general = (run_benchmarks(net, tokenizer, params.tasks, params.limit or None, params.batch_size)
                    if params.tasks else {})
         retained = ({o: cross_task(net, tokenizer, o, params.cross_task_limit, evaluate, dev) for o in others}

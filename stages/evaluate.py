@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneoff.core import measure
@@ -46,7 +45,7 @@ def main(task: str, model: str) -> None:
         dev = measure.device()
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(source)
-        net = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(dev).eval()
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=measure.eval_dtype(params.dtype, dev)).to(dev).eval()
         load_seconds = time.perf_counter() - start
         scored = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{model}")
         metrics = scored.metrics

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneoff.core import measure
@@ -64,7 +63,8 @@ def main(task: str, method: str) -> None:
             if form == "nf4":
                 net = load_adapter_model(where.base, where.path, dev)
             else:
-                net = AutoModelForCausalLM.from_pretrained(where.path, dtype=torch.float32).to(dev).eval()
+                net = AutoModelForCausalLM.from_pretrained(where.path, dtype=measure.eval_dtype(params.dtype, dev))
+                net = net.to(dev).eval()
             load_seconds[form] = time.perf_counter() - start
             scored[form] = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{method} {form}")
             del net

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 
 from tuneoff.core import measure
@@ -75,10 +76,10 @@ def main(task: str, method: str, form: str = "float-merged") -> None:
         extra = {"vs_trained_4bit": quantize.logit_error(trained, merged_logits)}
 
     with atomic_dir(deployed.path) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        merged.to(getattr(torch, params.save_dtype)).save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(deployed.base).save_pretrained(tmp)
     metrics = {
-        "task": task, "method": method, "merged_into": merged_into, "dtype": "float32",
+        "task": task, "method": method, "merged_into": merged_into, "dtype": params.save_dtype,
         "max_abs_logit_diff": diff, "tolerance": params.tolerance,
         "positions_checked": int(reference.shape[0]), **extra,
         "weights_bytes": measure.dir_bytes(deployed.path, "*.safetensors"),

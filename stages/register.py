@@ -51,7 +51,8 @@ def score_production(task: str, production: dict, params: EvaluateParams) -> lis
         raise TuneoffError(f"{folder}/ holds no model, but registry/registry.json names production v{production['version']}: "
                            "restore it (`dvc pull models/production`) so the new version can be scored beside it")
     dev = measure.device()
-    net, tokenizer = load_shipped(folder, Path(production["base"]) if "base" in production else None, dev)
+    net, tokenizer = load_shipped(folder, Path(production["base"]) if "base" in production else None, dev,
+                                  measure.eval_dtype(params.dtype, dev))
     scored = score_model(net, tokenizer, load_test(Path("data/prepared") / task), params, dev,
                          f"register {task}: production v{production['version']}")
     return [bool(r["correct"]) for r in scored.records]

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import train
@@ -34,10 +33,11 @@ def main(task: str, method: str, seed: int) -> None:
     spec, params = method_named(method), section(EvaluateParams, "evaluate", data=read_params())
     test, dev = load_test(Path("data/prepared") / task), measure.device()
     start = time.perf_counter()
+    dtype = measure.eval_dtype(params.dtype, dev)
     if spec.adapter:
-        net = load_adapter_model(spec.base, out / "model", dev)
+        net = load_adapter_model(spec.base, out / "model", dev, dtype)
     else:
-        net = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).to(dev).eval()
+        net = AutoModelForCausalLM.from_pretrained(out / "model", dtype=dtype).to(dev).eval()
     load_seconds = time.perf_counter() - start
     scored = score_model(net, AutoTokenizer.from_pretrained(out / "model"), test, params, dev,
                          f"score {task}/{method}-seed{seed}")

@@ -59,3 +59,14 @@ def test_merge_into_dequantized_nf4_computes_the_adapter_as_trained(tiny_nf4, tm
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
         assert not hasattr(reloaded.config, "quantization_config")
         torch.testing.assert_close(reloaded(input_ids=ids).logits, as_trained, atol=1e-4, rtol=1e-4)
+
+
+def test_models_are_scored_in_evaluate_dtype(tiny_base):
+    """evaluate.dtype: auto is float32 on a CPU (bf16 on a GPU that has it); a dtype named is what every
+    scoring stage loads the shipped model in."""
+    from tuneoff.core.measure import eval_dtype
+    from tuneoff.modeling.merge import load_shipped
+
+    assert eval_dtype("auto", CPU) == torch.float32 and eval_dtype("bfloat16", CPU) == torch.bfloat16
+    net, _ = load_shipped(tiny_base, None, CPU, eval_dtype("bfloat16", CPU))
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}

@@ -70,6 +70,15 @@ def process_seconds() -> float | None:
     return round(uptime - started, 1)
 
 
+def eval_dtype(setting: str, dev: torch.device) -> torch.dtype:
+    """What evaluation loads models in (params.yaml evaluate.dtype). `auto`: bf16 on a GPU that has it,
+    as a GPU run trains (an 8B model in float32 would take twice the memory and time); float32 on
+    a CPU, where bf16 matmuls need AMX to be fast and where the CPU results so far were scored."""
+    if setting == "auto":
+        return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, setting)
+
+
 def _status_bytes(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -147,6 +147,7 @@ class QuantizeParams(Section):
 class MergeParams(Section):
     tolerance: float = Field(gt=0)  # max |logit difference| allowed between adapter and merged model
     check_rows: int = Field(gt=0)  # held-out val rows the check runs on
+    save_dtype: Literal["float32", "bfloat16"]  # the merged model's weights on disk (merged and checked in float32)
 
 
 class EvaluateParams(Section):
@@ -154,6 +155,7 @@ class EvaluateParams(Section):
     max_new_tokens: int = Field(gt=0)
     bootstrap_samples: int = Field(ge=100)
     seed: int
+    dtype: Literal["auto", "float32", "bfloat16"]  # what models are scored in (measure.eval_dtype)
 
 
 class BenchmarkParams(Section):

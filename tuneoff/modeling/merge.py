@@ -107,21 +107,21 @@ def load_base(base_dir: Path, dev: torch.device, dtype: torch.dtype = torch.floa
     return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(dev)
 
 
-def load_adapter_model(base_dir: Path, adapter_dir: Path, dev: torch.device):
-    """The base in `base_dir` with the adapter attached, unmerged, computing in float32."""
+def load_adapter_model(base_dir: Path, adapter_dir: Path, dev: torch.device, dtype: torch.dtype = torch.float32):
+    """The base in `base_dir` with the adapter attached, unmerged, computing in `dtype`."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_base(base_dir, dev), adapter_dir).eval()
+    return PeftModel.from_pretrained(load_base(base_dir, dev, dtype), adapter_dir).eval()
 
 
-def load_shipped(folder: Path, base: Path | None, dev: torch.device):
-    """A model as it ships, computing in float32, and its tokenizer: a standalone model folder, or
-    (QLoRA's nf4 form) an adapter folder run on `base`."""
+def load_shipped(folder: Path, base: Path | None, dev: torch.device, dtype: torch.dtype = torch.float32):
+    """A model as it ships, computing in `dtype` (measure.eval_dtype), and its tokenizer: a standalone
+    model folder, or (QLoRA's nf4 form) an adapter folder run on `base`."""
     from transformers import AutoTokenizer
 
     if (folder / "adapter_config.json").is_file():
-        return load_adapter_model(base, folder, dev), AutoTokenizer.from_pretrained(base)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dev).eval(), \
+        return load_adapter_model(base, folder, dev, dtype), AutoTokenizer.from_pretrained(base)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(dev).eval(), \
         AutoTokenizer.from_pretrained(folder)
 
 
