@@ -45,7 +45,8 @@ def rows() -> list[dict]:
     def add(claim: str, label: str, model: str, **kw):
         kw = {"batch_size": 1, "seq_len": 2048, "precision": "bf16", "device": "cuda", "optimizer": "adamw",
               "gradient_checkpointing": False, "rank": 16, "target_modules": ("q_proj", "v_proj"), "dropout": 0.0,
-              "supervised_positions": None, "attention": "causal", "double_quant": True, "gpus": 1, **kw}
+              "supervised_positions": None, "attention": "causal", "double_quant": True, "gpus": 1, "accumulates": False,
+              **kw}
         setup = memory.Setup(**kw)
         est = memory.estimate(architectures.resolve(model), setup, overhead)
         counts = est.params

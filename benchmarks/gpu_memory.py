@@ -68,10 +68,11 @@ def build(shape_name: str, method: str, rank: int, targets: list[str], dev, prec
     from tuneoff.estimator.architectures import CATALOG
 
     config = AutoConfig.for_model(**CATALOG[shape_name])
-    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    compute = torch.bfloat16 if precision in ("bf16", "bf16-pure") else torch.float32
     m = METHODS[method]
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute if m.adapter else torch.float32)
+    with torch.device(dev):  # full: float32 master weights under autocast, bf16 ones with bf16-pure
+        model = AutoModelForCausalLM.from_config(config, dtype=compute if m.adapter or precision == "bf16-pure"
+                                                 else torch.float32)
     model.config.use_cache = False
     if m.quantized:
         quantize_in_place(model, compute)
@@ -80,7 +81,7 @@ def build(shape_name: str, method: str, rank: int, targets: list[str], dev, prec
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=targets,
-                                            task_type="CAUSAL_LM"))
+                                            task_type="CAUSAL_LM"), autocast_adapter_dtype=precision != "bf16-pure")
 
 
 def quantize_in_place(model, compute_dtype) -> None:
@@ -107,16 +108,15 @@ def quantize_in_place(model, compute_dtype) -> None:
 
 
 def make_optimizer(name: str, params):
-    import torch
+    """The loop's optimizer (tuneoff/training/loop.py make_optimizer); paged 32-bit AdamW, which the
+    estimator models but the loop does not offer, from bitsandbytes directly."""
+    from tuneoff.training import loop
 
-    decay = [p for p in params if p.ndim >= 2]
-    groups = [{"params": decay, "weight_decay": 0.0}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=1e-5)
+    if name != "paged-adamw":
+        return loop.make_optimizer(params, 0.0, 1e-5, name)
     import bitsandbytes as bnb
 
-    return {"adamw-8bit": bnb.optim.AdamW8bit, "paged-adamw": bnb.optim.PagedAdamW,
-            "paged-adamw-8bit": bnb.optim.PagedAdamW8bit}[name](groups, lr=1e-5)
+    return bnb.optim.PagedAdamW([{"params": params, "weight_decay": 0.0}], lr=1e-5)
 
 
 def worker(args) -> dict:
@@ -129,7 +129,7 @@ def worker(args) -> dict:
     from tuneoff.training.loop import batch_loss
 
     dev = torch.device(args.device)
-    precision = "bf16" if dev.type == "cuda" else "fp32"
+    precision = args.precision or ("bf16" if dev.type == "cuda" else "fp32")
     targets = list(memory.expand_targets(args.target_modules.split(",")))
     model = build(args.model, args.method, args.rank, targets, dev, precision)
     if args.gradient_checkpointing:
@@ -183,7 +183,8 @@ def predict(args, method: str, optimizer: str, positions: int, precision: str):
                          device="cuda" if args.device.startswith("cuda") else "cpu", optimizer=optimizer,
                          gradient_checkpointing=args.gradient_checkpointing, rank=args.rank,
                          target_modules=memory.expand_targets(args.target_modules.split(",")), dropout=0.05,
-                         supervised_positions=positions, attention="packed", double_quant=True, gpus=1)
+                         supervised_positions=positions, attention="packed", double_quant=True, gpus=1,
+                         accumulates=False)
     return setup, memory.estimate(resolve(args.model), setup, 0)
 
 
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_memory.json")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)  # a worker's (gpu_check.py's cases); default bf16 on CUDA
     args = parser.parse_args()
     if args.method:
         print(json.dumps(worker(args)))

@@ -70,8 +70,8 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
     with stage_run("train", sections, task=task, method=method, data=data) as tracker:
         dev = measure.device()
         precision = measure.resolve_precision(common.precision, dev)
-        if precision == "bf16" and dev.type == "cpu" and not measure.cpu_has_fast_bf16():
-            print("warning: precision bf16 on a CPU without AMX is slower than fp32 here", file=sys.stderr)
+        if precision in ("bf16", "bf16-pure") and dev.type == "cpu" and not measure.cpu_has_fast_bf16():
+            print(f"warning: precision {precision} on a CPU without AMX is slower than fp32 here", file=sys.stderr)
         torch.manual_seed(common.seed)
         peak = measure.PeakMemory(dev)
         stage_start = time.perf_counter()
@@ -115,7 +115,8 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
                               peak_reserved_bytes=train_memory.get("peak_reserved_bytes") if dev.type == "cuda" else None,
                               load_peak_memory_bytes=load_memory["peak_bytes"], allocator=allocator.in_use()),
                 setup=Setup(base=str(base), gradient_checkpointing=common.gradient_checkpointing,
-                            **step_shapes(train_rows, common), rank=lora.rank if lora else None,
+                            optimizer=common.optimizer, **step_shapes(train_rows, common),
+                            rank=lora.rank if lora else None,
                             target_modules=sorted(lora.target_modules) if lora else None,
                             dropout=lora.dropout if lora else None),
                 output=Output(path=str(out / "model"), kind=spec.kind,
@@ -147,7 +148,9 @@ def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: tor
     if dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory
         where += f" ({total / 2**30:.1f} GiB, peak {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB allocated)"
-    advice = [f"lower train.common.batch_size (now {common.batch_size} rows of {seq_len} tokens)"]
+    rows = min(common.micro_batch_size or common.batch_size, common.batch_size)  # rows per forward and backward
+    advice = [f"set train.common.micro_batch_size under {rows} (the same steps, run in parts)"] if rows > 1 else []
+    advice.append(f"lower train.common.batch_size (now {common.batch_size} rows of {seq_len} tokens)")
     if not common.gradient_checkpointing:
         advice.append("set train.common.gradient_checkpointing: true")
     if not method_named(method).quantized:

@@ -277,9 +277,10 @@ def test_out_of_memory_names_the_setting_to_change():
 
     common = section(CommonTrainParams, "train", "common", path=ROOT / "params.yaml")
     message = out_of_memory("full", common, 448, torch.device("cpu"))
-    assert message == ("out of memory training full on cpu: lower train.common.batch_size "
-                       "(now 3 rows of 448 tokens), or set train.common.gradient_checkpointing: true, or train qlora "
-                       "(4-bit base); `tuneoff estimate` compares the options before a run")
+    assert message == ("out of memory training full on cpu: set train.common.micro_batch_size under 3 (the same "
+                       "steps, run in parts), or lower train.common.batch_size (now 3 rows of 448 tokens), or set "
+                       "train.common.gradient_checkpointing: true, or train qlora (4-bit base); `tuneoff estimate` "
+                       "compares the options before a run")
 
 
 # -- the registry under concurrent writers ------------------------------------------------------

@@ -44,6 +44,8 @@ def test_shipped_params_are_valid():
     ("train__lora__rank", 0, "train.lora.rank = 0: Input should be greater than 0"),
     ("train__lora__rank", "sixteen", "train.lora.rank = 'sixteen'"),
     ("train__common__precision", "fp8", "train.common.precision = 'fp8'"),
+    ("train__common__optimizer", "sgd", "train.common.optimizer = 'sgd'"),
+    ("train__common__micro_batch_size", -1, "train.common.micro_batch_size = -1: Input should be greater than or equal to 0"),
     ("quantize__quant_type", "int3", "quantize.quant_type = 'int3'"),
     # strict: no bool as a number, no string as a number, no float cut to an int, only finite floats
     ("train__common__batch_size", True, "train.common.batch_size = True: Input should be a valid integer"),

@@ -25,7 +25,7 @@ TRAIN_KEYS = {
     "output": {"path", "kind", "weights_bytes", "folder_bytes"},
     "timing": {"resumed_from_step", "load_seconds", "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second"},
     "setup": {"base", "seq_len", "steps", "max_step_tokens", "max_supervised_positions", "gradient_checkpointing", "rank",
-              "target_modules", "dropout"},
+              "target_modules", "dropout", "micro_batch_rows", "optimizer"},
 }
 
 

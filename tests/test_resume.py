@@ -70,9 +70,13 @@ def kill_after_checkpoint(project: Path, method: str, min_step: int) -> int:
 
 
 # full (the whole model's weights and optimizer state) and qlora (an adapter on the NF4 base);
-# lora's checkpoint is qlora's without the quantized base, and is killed and restarted below
-@pytest.mark.parametrize("method", ["full", "qlora"])
-def test_killed_training_resumes_to_the_same_result(project, method):
+# lora's checkpoint is qlora's without the quantized base, and is killed and restarted below.
+# full again with bitsandbytes' 8-bit AdamW, whose state is uint8 codes and block scales
+@pytest.mark.parametrize("method,optimizer", [("full", "adamw"), ("qlora", "adamw"), ("full", "adamw-8bit")])
+def test_killed_training_resumes_to_the_same_result(project, method, optimizer):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["common"]["optimizer"] = optimizer  # each case sets its own
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # the reference run goes around DVC: from DVC's run cache the rerun below would be restored, not resumed
     run(["dvc", "repro", "--no-commit", *UPSTREAM[method]], project)
     run([sys.executable, "-m", "stages.train", "extraction", method], project, env={"WANDB_MODE": "disabled"})

@@ -49,7 +49,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, dev: torch.device) -> str:
-    """`auto` -> bf16 where the hardware runs it faster than fp32, else fp32."""
+    """`auto` -> bf16 where the hardware runs it faster than fp32, else fp32; never bf16-pure, which
+    changes what trains (bf16 weights and optimizer states), not only how fast: a user's explicit choice."""
     if precision != "auto":
         return precision
     if dev.type == "cuda":

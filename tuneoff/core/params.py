@@ -104,8 +104,13 @@ class CommonTrainParams(Section):
 
     seed: int
     batch_size: int = Field(gt=0)  # packed rows of prepare.seq_len tokens per optimizer step
+    # rows per forward and backward: a step's rows run in micro-batches of at most this many, their
+    # gradients summed (gradient accumulation, tuneoff/training/loop.py); 0 = the whole step at once
+    micro_batch_size: int = Field(ge=0)
     token_budget: int = Field(gt=0)  # real (non-padding) tokens each method trains on
-    precision: Literal["auto", "bf16", "fp32"]
+    # bf16 = autocast over float32 master weights; bf16-pure = weights, gradients and optimizer states in bf16
+    precision: Literal["auto", "bf16", "bf16-pure", "fp32"]
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"]  # torch's AdamW, or bitsandbytes' 8-bit one
     gradient_checkpointing: bool
     allocator: Literal["auto", "tcmalloc", "system"]  # the train process's malloc (tuneoff/training/allocator.py)
     warmup_fraction: float = Field(ge=0, lt=1)

@@ -64,12 +64,16 @@ class Setup(Record):
     base: str  # the folder of the base it trained on (its config.json)
     seq_len: int
     steps: int
-    max_step_tokens: int  # the most real tokens in one step (a CPU attends per example over them)
-    max_supervised_positions: int  # the most positions one step's output layer ran on
+    # one forward and backward pass: a step, or one of its micro-batches (train.common.micro_batch_size)
+    max_step_tokens: int  # the most real tokens in one pass (a CPU attends per example over them)
+    max_supervised_positions: int  # the most positions one pass's output layer ran on
     gradient_checkpointing: bool
     rank: int | None  # adapters only
     target_modules: list[str] | None
     dropout: float | None
+    # the defaults are what a train.json written before these keys trained with
+    micro_batch_rows: int | None = None  # the most rows in one pass; None: a whole step's (tokens.batch_rows)
+    optimizer: str = "adamw"  # train.common.optimizer
 
 
 class Output(Record):

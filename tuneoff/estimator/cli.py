@@ -53,12 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser, plan: bool) -> None:
                       help="measured runs that calibrate the utilisation (default: runs/)")
     setup = parser.add_argument_group("training setup (default: params.yaml)")
     setup.add_argument("--batch-size", type=int, help="rows per step (train.common.batch_size)")
+    setup.add_argument("--micro-batch-size", type=int,
+                       help="rows per forward and backward, gradients accumulated over the step; 0 = the whole step "
+                            "(train.common.micro_batch_size)")
     setup.add_argument("--seq-len", type=int, help="tokens per row (prepare.seq_len)")
     setup.add_argument("--precision", choices=memory.PRECISIONS,
                        help="bf16 = autocast over float32 master weights (tuneoff's); bf16-pure = weights and "
                             "optimizer states in bf16 (torchtune's); default: train.common.precision")
-    setup.add_argument("--optimizer", choices=memory.OPTIMIZERS, default="adamw",
-                       help="adamw is what tuneoff trains with; the others are bitsandbytes' (CUDA)")
+    setup.add_argument("--optimizer", choices=memory.OPTIMIZERS,
+                       help="adamw is torch's; the others are bitsandbytes' (paged: CUDA unified memory, ordinary "
+                            "memory on a CPU); default: train.common.optimizer")
     setup.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction)
     setup.add_argument("--rank", type=int, help="LoRA rank (train.lora.rank / train.qlora.rank)")
     setup.add_argument("--target-modules", help="comma-separated, or all-linear (train.<method>.target_modules)")
@@ -105,15 +109,19 @@ class Context:
         if not 0 < fraction <= 1:
             raise TuneoffError(f"--supervised-fraction {fraction}: must be in (0, 1]")
         batch = a.batch_size or self.common.batch_size
+        micro = self.common.micro_batch_size if a.micro_batch_size is None else a.micro_batch_size
+        if micro < 0:
+            raise TuneoffError(f"--micro-batch-size {micro}: must be at least 0")
+        rows = min(micro or batch, batch)  # what one forward and backward pass holds activations for
         targets = a.target_modules.split(",") if a.target_modules else (lora.target_modules if lora else ["q_proj"])
         return memory.Setup(
-            method=method, batch_size=batch, seq_len=self.seq_len, precision=precision, device=self.kind,
-            optimizer=a.optimizer,
+            method=method, batch_size=rows, seq_len=self.seq_len, precision=precision, device=self.kind,
+            optimizer=a.optimizer or self.common.optimizer,
             gradient_checkpointing=(self.common.gradient_checkpointing if a.gradient_checkpointing is None
                                     else a.gradient_checkpointing),
             rank=a.rank or (lora.rank if lora else 16), target_modules=memory.expand_targets(targets),
-            dropout=lora.dropout if lora else 0.0, supervised_positions=max(1, round(fraction * batch * self.seq_len)),
-            attention=a.attention, double_quant=self.double_quant, gpus=a.gpus)
+            dropout=lora.dropout if lora else 0.0, supervised_positions=max(1, round(fraction * rows * self.seq_len)),
+            attention=a.attention, double_quant=self.double_quant, gpus=a.gpus, accumulates=rows < batch)
 
     def positions(self) -> float | None:
         """Token positions to train on (padding included), from --tokens or --dataset, times --epochs."""
@@ -219,10 +227,12 @@ def render_estimate(ctx: Context, out: dict) -> str:
     first = next(iter(out["methods"].values()))["setup"]
     shape = ctx.shape
     lines = [f"{shape.name}: {shape.parameter_count():,} parameters ({shape.layers} layers, hidden {shape.hidden}, "
-             f"vocabulary {shape.vocab:,}); batch {first['batch_size']} x {first['seq_len']} tokens, "
+             f"vocabulary {shape.vocab:,}); batch {first['batch_size']} x {first['seq_len']} tokens"
+             f"{' per micro-batch, gradients accumulated' if first['accumulates'] else ''}, "
              f"{first['precision']}, {first['optimizer']}, gradient checkpointing "
              f"{'on' if first['gradient_checkpointing'] else 'off'}, {first['attention']} attention, output layer on "
-             f"{first['supervised_positions']:,} positions per step, {ctx.kind}"
+             f"{first['supervised_positions']:,} positions per {'micro-batch' if first['accumulates'] else 'step'}, "
+             f"{ctx.kind}"
              + (f", FSDP over {first['gpus']} GPUs (per GPU)" if first["gpus"] > 1 else ""), ""]
     mem = {m: out["methods"][m]["memory"] for m in methods}
     unit = "GiB" if max(mem[m]["peak_tensor_bytes"] for m in methods) >= GIB / 4 else "MiB"
@@ -236,7 +246,9 @@ def render_estimate(ctx: Context, out: dict) -> str:
              ["peak, tensors", *(size(mem[m]["peak_tensor_bytes"]) for m in methods)],
              ["framework overhead", *(size(mem[m]["overhead_bytes"]) for m in methods)],
              ["peak", *(size(mem[m]["peak_bytes"]) for m in methods)]]
-    lines += [_table(rows), "(gradients and activations are not both held at the peak; --json itemizes what is)", ""]
+    held = ("gradients are held through each micro-batch's activations" if first["accumulates"]
+            else "gradients and activations are not both held at the peak")
+    lines += [_table(rows), f"({held}; --json itemizes what is)", ""]
     tokens = out["tokens"]
     header = "peak vs memory" + (f"; train time and cost for {tokens:,.0f} token positions" if tokens else "")
     rows = [[header, *methods]]

@@ -80,23 +80,31 @@ def time_and_cost(shape: Shape, setup: memory.Setup, positions: float, device: D
             "train_hours": hours, "usd": usd, "usd_per_hour": device.usd_per_hour}
 
 
-def setup_for_run(method: str, lora, batch_rows: int, gradient_checkpointing: bool, precision: str, device_kind: str,
-                  seq_len: int, supervised_positions: int, base_config: dict) -> memory.Setup:
-    """The Setup tuneoff's own train stage runs: its loop, AdamW, packed rows (attended per example on a
-    CPU). `lora` has the adapter's rank, target_modules and dropout (train.<method>, or a train.json's
-    setup); None for full fine-tuning."""
+def setup_for_run(method: str, lora, batch_rows: int, gradient_checkpointing: bool, precision: str, optimizer: str,
+                  device_kind: str, seq_len: int, supervised_positions: int, base_config: dict) -> memory.Setup:
+    """The Setup tuneoff's own train stage runs: its loop, its precision and optimizer, packed rows (attended
+    per example on a CPU). `lora` has the adapter's rank, target_modules and dropout (train.<method>, or a
+    train.json's setup); None for full fine-tuning."""
     quant = base_config.get("quantization_config") or {}
     return memory.Setup(method=method, batch_size=batch_rows, seq_len=seq_len, precision=precision,
-                        device=device_kind, optimizer="adamw", gradient_checkpointing=gradient_checkpointing,
+                        device=device_kind, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
                         rank=lora.rank if lora else 16,
                         target_modules=memory.expand_targets(lora.target_modules) if lora else ("q_proj", "v_proj"),
                         dropout=lora.dropout if lora else 0.0, supervised_positions=supervised_positions,
-                        attention="per-example" if device_kind == "cpu" else "packed", double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), gpus=1)
+                        attention="per-example" if device_kind == "cpu" else "packed",
+                        double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), gpus=1, accumulates=False)
+
+
+def one_pass(setup: memory.Setup, pass_rows: int) -> memory.Setup:
+    """The rows one forward and backward pass runs: a step's, or with gradient accumulation
+    (train.common.micro_batch_size) one micro-batch's, `pass_rows` being the most any pass has. Activations
+    are held for one pass at a time, and its supervised positions (what train.json records) are its own."""
+    return replace(setup, batch_size=min(pass_rows, setup.batch_size), accumulates=pass_rows < setup.batch_size)
 
 
 def joined_rows(setup: memory.Setup, step_tokens: int) -> memory.Setup:
-    """The shape a step's activations take: with per-example attention (a CPU), train.batch_loss joins
-    the step's rows into one row of their real tokens; `step_tokens` is the most any step has."""
+    """The shape a pass's activations take: with per-example attention (a CPU), train.batch_loss joins
+    the pass's rows into one row of their real tokens; `step_tokens` is the most any pass has."""
     return replace(setup, batch_size=1, seq_len=step_tokens) if setup.attention == "per-example" else setup
 
 
@@ -108,10 +116,10 @@ def for_train_stage(method: str, params, common, precision: str, dev_type: str, 
     config = json.loads((Path(base) / "config.json").read_text())
     shapes = step_shapes(train_rows, common)
     setup = setup_for_run(method, params if METHODS[method].adapter else None, common.batch_size,
-                          common.gradient_checkpointing, precision, dev_type, shapes["seq_len"],
+                          common.gradient_checkpointing, precision, common.optimizer, dev_type, shapes["seq_len"],
                           shapes["max_supervised_positions"], config)
-    return predict(from_config(config, str(base)), setup, shapes["steps"], shapes["max_step_tokens"], device_name,
-                   estimate_params, prices)
+    return predict(from_config(config, str(base)), setup, shapes["steps"], shapes["micro_batch_rows"],
+                   shapes["max_step_tokens"], device_name, estimate_params, prices)
 
 
 def for_record(record: TrainRecord, estimate_params: EstimateParams, prices: dict[str, float],
@@ -120,8 +128,9 @@ def for_record(record: TrainRecord, estimate_params: EstimateParams, prices: dic
     a function of the config and data alone) and "timing" (seconds at params.yaml's utilisation prior,
     on the device the run used). Computed where it is reported, so a price edit retrains nothing."""
     shape, setup = record_setup(record, root)
-    return predict(shape, setup, record.setup.steps, record.setup.max_step_tokens, record.device, estimate_params,
-                   prices)
+    s = record.setup
+    return predict(shape, setup, s.steps, s.micro_batch_rows or record.tokens.batch_rows, s.max_step_tokens,
+                   record.device, estimate_params, prices)
 
 
 def record_setup(record: TrainRecord, root: Path = Path(".")) -> tuple[Shape, memory.Setup]:
@@ -129,8 +138,8 @@ def record_setup(record: TrainRecord, root: Path = Path(".")) -> tuple[Shape, me
     s = record.setup
     config = json.loads((root / s.base / "config.json").read_text())
     setup = setup_for_run(record.method, s if s.rank is not None else None, record.tokens.batch_rows,
-                          s.gradient_checkpointing, record.precision, "cpu" if record.device == "cpu" else "cuda",
-                          s.seq_len, s.max_supervised_positions, config)
+                          s.gradient_checkpointing, record.precision, s.optimizer,
+                          "cpu" if record.device == "cpu" else "cuda", s.seq_len, s.max_supervised_positions, config)
     return from_config(config, s.base), setup
 
 
@@ -144,19 +153,22 @@ def measured_runs(runs_dir: Path) -> list[throughput.Measured]:
             shape, setup = record_setup(record, Path(runs_dir).resolve().parent)
         except (TuneoffError, OSError):
             continue
-        flops = record.setup.steps * setup.tokens * throughput.flops_per_position(shape, setup)
+        per_pass = one_pass(setup, record.setup.micro_batch_rows or record.tokens.batch_rows)
+        flops = record.setup.steps * setup.tokens * throughput.flops_per_position(shape, per_pass)
         out.append(throughput.Measured(record.method, record.device, record.precision, flops,
                                        record.timing.train_seconds, str(path.parent)))
     return out
 
 
-def predict(shape: Shape, setup: memory.Setup, steps: int, step_tokens: int, device_name: str,
+def predict(shape: Shape, setup: memory.Setup, steps: int, pass_rows: int, pass_tokens: int, device_name: str,
             estimate_params: EstimateParams, prices: dict[str, float]) -> tuple[dict, dict]:
-    """Peak memory and FLOPs of `steps` steps of `setup` (the most real tokens in one being `step_tokens`),
-    and their seconds on `device_name` when params.yaml's catalog has it."""
-    memory_setup = joined_rows(setup, step_tokens)
+    """Peak memory and FLOPs of `steps` steps of `setup` (the most rows and real tokens in one forward and
+    backward pass being `pass_rows` and `pass_tokens`), and their seconds on `device_name` when params.yaml's
+    catalog has it."""
+    per_pass = one_pass(setup, pass_rows)
+    memory_setup = joined_rows(per_pass, pass_tokens)
     est = memory.estimate(shape, memory_setup, overhead_bytes(estimate_params, setup.device))
-    flops = throughput.flops_per_position(shape, setup)
+    flops = throughput.flops_per_position(shape, per_pass)  # setup.positions is a pass's: so is the supervised share
     estimate = {
         "measure": "cpu_peak_rss" if setup.device == "cpu" else "cuda_max_memory_allocated",
         # comparable to memory.peak_memory_bytes: a CPU's resident set includes the process, CUDA's allocator does not
@@ -165,7 +177,7 @@ def predict(shape: Shape, setup: memory.Setup, steps: int, step_tokens: int, dev
         "at_peak": est.at_peak, "params": est.params,
         "setup": {"batch_rows": memory_setup.batch_size, "seq_len": memory_setup.seq_len,
                   "supervised_positions": setup.positions, "precision": setup.precision,
-                  "gradient_checkpointing": setup.gradient_checkpointing},
+                  "optimizer": setup.optimizer, "gradient_checkpointing": setup.gradient_checkpointing},
         "flops_per_position": round(flops), "train_flops": round(steps * setup.tokens * flops),
     }
     catalog = {d.name: d for d in devices(estimate_params, prices)}

@@ -23,9 +23,10 @@ positions only: `logits_to_keep`), c bytes of the compute dtype (4 fp32, 2 bf16)
   per float32 parameter); bitsandbytes 8-bit AdamW keeps two uint8 states plus a float32 absmax
   per 256-value block (2 + 8/256 bytes), and 32-bit state for tensors under 4,096 values;
   paged variants allocate the same states in CUDA unified memory, which the driver pages to CPU
-  RAM when the GPU fills, so they are reported apart and not counted against the GPU (nor in
-  torch.cuda.max_memory_allocated). Source: torch.optim.AdamW; Dettmers et al. 2022 (8-bit
-  optimizers); bitsandbytes `Optimizer2State`.
+  RAM when the GPU fills, so on a GPU they are reported apart and not counted against it (nor in
+  torch.cuda.max_memory_allocated). On a CPU there is no paging (bitsandbytes falls back to the
+  unpaged optimizer): the states are ordinary memory, counted. Source: torch.optim.AdamW;
+  Dettmers et al. 2022 (8-bit optimizers); bitsandbytes `Optimizer2State`.
 - activations: every tensor autograd saves for backward, derived op by op from the HF Llama
   forward (see `_decoder_layer`); with gradient checkpointing, each layer's input (T x h) plus
   one layer's activations, recomputed during its backward. The two terms that usual formulas
@@ -39,7 +40,11 @@ positions only: `logits_to_keep`), c bytes of the compute dtype (4 fp32, 2 bf16)
   logits (log-softmax output, its gradient and the logits' gradient: 3 x K x V x 4 bytes), the
   output layer's weight gradient, a dequantized 4-bit weight (QLoRA), a decoder layer's backward,
   and the optimizer step (CPU AdamW: two temporaries of the largest parameter; CUDA's foreach
-  AdamW: one temporary the size of all exp_avg_sq).
+  AdamW: one temporary the size of all exp_avg_sq; bitsandbytes on CUDA: none, its kernels are
+  fused; bitsandbytes on a CPU, plain torch ops on one tensor at a time: float32 copies of the
+  largest one, 5 for an 8-bit update (both dequantized states, the gradient, the denominator and
+  its square root), 3 for a 32-bit one, and one more of the weight when it is not float32:
+  measured with torch's profiler, bitsandbytes 0.50).
 - framework overhead: memory a training process holds outside its tensors. On a CPU the peak
   resident set also counts the Python process with torch, transformers and peft loaded
   (`estimate.overhead_gib.cpu`, measured); on a GPU the CUDA context and library handles are
@@ -48,6 +53,9 @@ positions only: `logits_to_keep`), c bytes of the compute dtype (4 fp32, 2 bf16)
 The peak is the largest of three moments of a step: the start of backward (weights + optimizer
 states + all activations + the loss buffers), the end of backward (weights + states + all
 gradients), and the optimizer step (weights + states + gradients + the step's temporaries).
+With gradient accumulation (`accumulates`: a step's rows run forward and backward in micro-batches)
+the activations are one micro-batch's, and from the step's second micro-batch on the gradients the
+earlier ones left are held through the whole pass, so they count at every moment.
 """
 
 from __future__ import annotations
@@ -76,7 +84,7 @@ class Setup:
     has a default: the CLI and the train stage fill them from params.yaml (estimate.setup_for_run)."""
 
     method: Method
-    batch_size: int  # rows per optimizer step
+    batch_size: int  # rows per forward and backward pass: an optimizer step's, or with `accumulates` a micro-batch's
     seq_len: int  # tokens per row
     precision: Precision  # fp32; bf16 = autocast (tuneoff's bf16); bf16-pure = weights and states in bf16
     device: Literal["cpu", "cuda"]
@@ -91,6 +99,7 @@ class Setup:
     attention: Attention
     double_quant: bool  # QLoRA's quantization constants
     gpus: int  # >1: FSDP full sharding of weights, gradients and optimizer states
+    accumulates: bool  # gradient accumulation: a step is several passes of batch_size rows, its gradients held between them
 
     def __post_init__(self):
         for key, value, allowed in (("precision", self.precision, PRECISIONS), ("optimizer", self.optimizer, OPTIMIZERS),
@@ -100,8 +109,6 @@ class Setup:
                 raise TuneoffError(f"{key} {value!r}: allowed: {list(allowed)}")
         if min(self.batch_size, self.seq_len, self.rank, self.gpus) < 1:
             raise TuneoffError("batch size, sequence length, rank and gpus must be at least 1")
-        if self.optimizer != "adamw" and self.device != "cuda":
-            raise TuneoffError(f"optimizer {self.optimizer!r} needs bitsandbytes' CUDA kernels: use --device cuda")
         unknown = [m for m in self.target_modules if m not in (*LAYER_LINEARS, "lm_head")]
         if self.adapter and (unknown or not self.target_modules):
             raise TuneoffError(f"target modules {unknown or '[]'}: allowed: {[*LAYER_LINEARS, 'lm_head']} (or all-linear)")
@@ -406,7 +413,7 @@ def estimate(shape: Shape, setup: Setup, overhead_bytes: int) -> Estimate:
     lora = 0 if full else lora_parameters(shape, setup) * adapter
     grads = sum(tensors) * param_bytes
     states = _optimizer_bytes(tensors, setup, param_bytes)
-    paged = states if setup.optimizer.startswith("paged") else 0
+    paged = states if setup.optimizer.startswith("paged") and setup.device == "cuda" else 0  # no paging on a CPU
     states -= paged
     if n > 1:  # FSDP full shard: each GPU keeps 1/n of these, and gathers one layer at a time (2 in flight)
         weights, constants, lora, grads, states, paged = (math.ceil(x / n) for x in (weights, constants, lora, grads,
@@ -432,16 +439,21 @@ def estimate(shape: Shape, setup: Setup, overhead_bytes: int) -> Estimate:
                if setup.quantized else 0)  # bitsandbytes dequantizes one weight per matmul
     embedding_grad = V * h * param_bytes if full and shape.tied_embeddings else 0  # dense, then added to the tied grad
     largest = max(tensors)
-    if setup.optimizer != "adamw":
+    if setup.optimizer != "adamw" and setup.device == "cuda":
         step_temp = 0  # bitsandbytes updates in fused kernels
+    elif setup.optimizer != "adamw":  # bitsandbytes' CPU ops: float32 copies of one tensor's states, grad, ...
+        copies = 5 if setup.optimizer.endswith("8bit") and largest >= BNB_MIN_8BIT_SIZE else 3
+        step_temp = (copies + (param_bytes != 4)) * 4 * largest
     elif setup.device == "cuda":
         step_temp = math.ceil(sum(tensors) * param_bytes / n)  # foreach: sqrt(exp_avg_sq) for every tensor at once
     else:
         step_temp = 2 * largest * param_bytes  # for-loop AdamW: sqrt and the division of one tensor
     layer_grads = V * h * param_bytes if full else grads  # full: the output layer's gradient is there already
+    held = grads if setup.accumulates else 0  # the gradients of the step's earlier micro-batches
     moments = {
-        "loss backward": {"activations": act_bytes, "transient": max(loss_backward, head_grad)},
-        "last layer backward": {"activations": act_bytes - head_acts, "gradients": math.ceil(layer_grads / n),
+        "loss backward": {"activations": act_bytes, "gradients": held, "transient": max(loss_backward, head_grad)},
+        "last layer backward": {"activations": act_bytes - head_acts,
+                                "gradients": held or math.ceil(layer_grads / n),
                                 "transient": layer_backward + dequant},
         "end of backward": {"gradients": grads, "transient": embedding_grad + T * h * residual},
         "optimizer step": {"gradients": grads, "transient": step_temp},

@@ -1,7 +1,9 @@
 """How each method builds its model; everything after this is one shared training loop.
 
-- full:  every weight trains, float32 master weights (bf16 autocast when precision is bf16).
-- lora:  PEFT LoRA adapters on a frozen base held in the compute dtype.
+- full:  every weight trains, float32 master weights (bf16 autocast when precision is bf16), or
+         bf16 weights with precision bf16-pure.
+- lora:  PEFT LoRA adapters on a frozen base held in the compute dtype; the adapters are float32,
+         or bf16 with precision bf16-pure.
 - qlora: the same adapters on a frozen 4-bit (NF4, double-quantized) bitsandbytes base,
          quantized once by the quantize stage (tuneoff/modeling/quantize.py).
 """
@@ -22,7 +24,7 @@ from tuneoff.core.params import FullParams, LoraParams, QloraParams
 from tuneoff.modeling import quantize
 
 PARAMS_BY_METHOD = {FULL.name: FullParams, LORA.name: LoraParams, QLORA.name: QloraParams}
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp32": torch.float32}
 
 
 def linear_module_names(base_dir: Path) -> set[str]:
@@ -48,8 +50,9 @@ def validate(method: str, params, base_dir: Path) -> None:
 def build(method: str, params, base_dir: Path, precision: str, dev: torch.device, gradient_checkpointing: bool):
     """The trainable model for `method`, on `dev`, from `base_dir` (the 4-bit copy for qlora: Method.base)."""
     m, compute_dtype = method_named(method), DTYPES[precision]
-    if not m.adapter:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(dev)
+    if not m.adapter:  # float32 master weights under autocast; bf16-pure trains the bf16 weights themselves
+        dtype = compute_dtype if precision == "bf16-pure" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(dev)
     elif not m.quantized:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=compute_dtype).to(dev)
     else:
@@ -66,8 +69,9 @@ def build(method: str, params, base_dir: Path, precision: str, dev: torch.device
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
     lora = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
                       target_modules=list(params.target_modules), task_type="CAUSAL_LM")
-    # adapters stay float32 (PEFT's autocast_adapter_dtype) while the frozen base is bf16 or 4-bit
-    return get_peft_model(model, lora)
+    # adapters stay float32 (PEFT's autocast_adapter_dtype) while the frozen base is bf16 or 4-bit;
+    # bf16-pure keeps them in the base's bf16
+    return get_peft_model(model, lora, autocast_adapter_dtype=precision != "bf16-pure")
 
 
 def trainable_and_total(model) -> tuple[int, int]:

@@ -4,6 +4,12 @@ Batches are packed rows (see packing.py). The loss is the mean cross-entropy ove
 tokens, and the output layer only runs on those positions (`logits_to_keep` with a boolean
 mask): SmolLM2's 49,152 x 576 vocabulary projection is about a fifth of its FLOPs per token,
 and prompt positions carry no loss.
+
+With `train.common.micro_batch_size`, a step's rows run forward and backward in micro-batches and
+their gradients add up (gradient accumulation): each micro-batch's summed loss is divided by the
+whole step's count of loss tokens, so the sum of their gradients is the gradient of the step's mean
+loss, as if the rows had run at once (up to float summation order). Activations are then held for
+one micro-batch at a time; the steps, their rows, the token budget and the seed are unchanged.
 """
 
 from __future__ import annotations
@@ -51,16 +57,36 @@ def plan_steps(real_tokens: torch.Tensor, batch_size: int, token_budget: int, se
     return steps
 
 
+def micro_batches(idx: torch.Tensor, micro_batch_size: int) -> tuple[torch.Tensor, ...]:
+    """A step's rows in the groups that each run one forward and backward: at most
+    `micro_batch_size` rows each, or all of them at once with 0."""
+    return idx.split(micro_batch_size) if micro_batch_size else (idx,)
+
+
 def step_shapes(rows: dict[str, torch.Tensor], common: CommonTrainParams) -> dict[str, int]:
     """The shapes the steps of a run take (train.json `setup`, what the estimator predicts from):
-    row length, step count, and the most real tokens and supervised positions of any one step."""
+    row length, step count, and the most rows, real tokens and supervised positions of any one
+    forward and backward pass (a step, or with micro-batches one micro-batch: activations are held
+    for one at a time)."""
     steps = plan_steps(rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
+    passes = [micro for idx in steps for micro in micro_batches(idx, common.micro_batch_size)]
     return {"seq_len": rows["input_ids"].shape[1], "steps": len(steps),
-            "max_step_tokens": max(int(rows["real_tokens"][idx].sum()) for idx in steps),
-            "max_supervised_positions": max(int((rows["targets"][idx] != IGNORE).sum()) for idx in steps)}
+            "micro_batch_rows": max(len(idx) for idx in passes),
+            "max_step_tokens": max(int(rows["real_tokens"][idx].sum()) for idx in passes),
+            "max_supervised_positions": max(int((rows["targets"][idx] != IGNORE).sum()) for idx in passes)}
 
 
 def autocast(dev: torch.device, precision: str):
+    """bf16 autocasts matmuls over float32 master weights. fp32 and bf16-pure run as the weights are:
+    bf16-pure's weights, gradients and optimizer states are bf16 themselves (methods.build), as
+    torchtune trains a full fine-tune on one GPU.
+
+    How a bf16-pure update keeps its precision: fused torch AdamW (and bitsandbytes' 8-bit AdamW)
+    computes each update in float32 from the bf16 weight, gradient and states, and rounds the new
+    values to the nearest bf16 once per step (on a CPU, bit for bit a float64 step rounded once). An
+    update under half a bf16 step of its weight (1/512 to 1/256 of the weight) is lost; there is no
+    stochastic rounding or compensated summation to carry it over. tests/test_loop_options.py measures instead that
+    bf16-pure's train losses stay close to bf16 autocast's on the tiny model."""
     if precision == "bf16":
         return torch.autocast(dev.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -125,14 +151,35 @@ def example_losses(model, rows: dict[str, torch.Tensor], batch_size: int, dev,
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan), counts
 
 
-def make_optimizer(params: list[torch.Tensor], weight_decay: float, lr: float, fused: bool = True):
-    """AdamW with weight decay on matrices only (norms and biases are not decayed). Fused (one kernel
-    per parameter, each state read once) on a CPU as on a GPU, as transformers' Trainer defaults to:
-    a step over SmolLM2-135M's parameters took 93 ms fused against 420 ms per tensor, PyTorch's CPU
-    default (`benchmarks/adamw_step.py`); that was a tenth of a full fine-tune's train step here."""
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's AdamW defaults, given to bitsandbytes' too
+
+
+def make_optimizer(params: list[torch.Tensor], weight_decay: float, lr: float, optimizer: str = "adamw",
+                   fused: bool = True):
+    """AdamW with weight decay on matrices only (norms and biases are not decayed).
+
+    adamw: torch's, fused (one kernel per parameter, each state read once) on a CPU as on a GPU, as
+    transformers' Trainer defaults to: a step over SmolLM2-135M's parameters took 93 ms fused against
+    420 ms per tensor, PyTorch's CPU default (`benchmarks/adamw_step.py`); that was a tenth of a full
+    fine-tune's train step here. Its states have the parameters' dtype.
+
+    adamw-8bit, paged-adamw-8bit: bitsandbytes' AdamW8bit / PagedAdamW8bit with the same groups, lr,
+    betas and eps: each state is uint8 codes plus a float32 absmax per 256 values, 2 bytes a parameter
+    instead of 8 (tensors under 4,096 values keep float32 states). bitsandbytes runs them on a CPU too,
+    in plain torch ops on float32 copies of one tensor's states at a time. Paging (unified memory the
+    driver moves to host RAM when the GPU fills) exists on CUDA only: on a CPU the paged one is adamw-8bit.
+    """
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise TuneoffError(f"params.yaml: train.common.optimizer {optimizer} needs bitsandbytes: "
+                           f"pip install 'bitsandbytes>=0.48'") from None
+    kind = bnb.optim.PagedAdamW8bit if optimizer == "paged-adamw-8bit" else bnb.optim.AdamW8bit
+    return kind(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
 
 
 @contextlib.contextmanager
@@ -192,7 +239,9 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     resume from its checkpoint if there is one and save one every `every_steps` steps."""
     steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, common.weight_decay, lr)
+    optimizer = make_optimizer(params, common.weight_decay, lr, common.optimizer)
+    # val loss in micro-batches too: run on a whole step's rows, its logits could outgrow a training pass
+    eval_rows = min(common.micro_batch_size or common.batch_size, common.batch_size)
     scheduler = cosine_with_warmup(optimizer, math.ceil(common.warmup_fraction * len(steps)), len(steps))
 
     # everything the loop carries from step to step, so a checkpoint can restore it
@@ -210,7 +259,7 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
             print(f"{label}: resuming from the checkpoint at step {state['step']} of {len(steps)}", file=sys.stderr)
         else:
             t = time.perf_counter()
-            state["val_before"] = eval_loss(model, val_rows, common.batch_size, dev, precision)
+            state["val_before"] = eval_loss(model, val_rows, eval_rows, dev, precision)
             state["eval_seconds"] += time.perf_counter() - t
             state["val_rows"].append([0, round(state["val_before"], 6)])
 
@@ -220,8 +269,11 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
         start = time.perf_counter()
         for step in range(state["step"] + 1, len(steps) + 1):
             idx = steps[step - 1]
-            loss_sum, n = batch_loss(model, train_rows, idx, dev, precision)
-            (loss_sum / n).backward()
+            n = int((train_rows["targets"][idx] != IGNORE).sum())  # the whole step's loss tokens, on the host
+            for micro in micro_batches(idx, common.micro_batch_size):
+                loss_sum, _ = batch_loss(model, train_rows, micro, dev, precision)
+                (loss_sum / n).backward()  # over the step's count: the micro-batches' gradients sum to the mean's
+                window_loss += loss_sum.detach()
             torch.nn.utils.clip_grad_norm_(params, common.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -231,7 +283,6 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
             state["step"] = step
             state["real_tokens"] += int(train_rows["real_tokens"][idx].sum())
             state["loss_tokens"] += n
-            window_loss += loss_sum.detach()
             state["window_tokens"] += n
             bar.update()
             if step % common.log_every == 0 or step == len(steps):
@@ -252,7 +303,7 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
             if common.eval_every and step % common.eval_every == 0 and step != len(steps):
                 state["train_seconds"] += time.perf_counter() - start
                 t = time.perf_counter()
-                val = eval_loss(model, val_rows, common.batch_size, dev, precision)
+                val = eval_loss(model, val_rows, eval_rows, dev, precision)
                 state["val_rows"].append([step, round(val, 6)])
                 tracker.log({"val/loss": val}, step=step)
                 state["eval_seconds"] += time.perf_counter() - t
@@ -267,7 +318,7 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
         bar.close()
 
         t = time.perf_counter()
-        val_after = eval_loss(model, val_rows, common.batch_size, dev, precision)
+        val_after = eval_loss(model, val_rows, eval_rows, dev, precision)
         state["eval_seconds"] += time.perf_counter() - t
         state["val_rows"].append([len(steps), round(val_after, 6)])
         tracker.log({"val/loss": val_after}, step=len(steps))
