@@ -30,7 +30,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], batch_size: int,
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             cache_implementation=cache)
+                             **({} if cache == "dynamic" else {"cache_implementation": cache}))
         for i, row in zip(idx, out[:, enc["input_ids"].shape[1] :]):
             replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return replies
