@@ -183,7 +183,7 @@ def predict(args, method: str, optimizer: str, positions: int, precision: str):
                          device="cuda" if args.device.startswith("cuda") else "cpu", optimizer=optimizer,
                          gradient_checkpointing=args.gradient_checkpointing, rank=args.rank,
                          target_modules=memory.expand_targets(args.target_modules.split(",")), dropout=0.05,
-                         supervised_positions=positions, attention="packed", double_quant=True, gpus=1,
+                         supervised_positions=positions, attention="packed", double_quant=True, gpus=1, sharded=True,
                          accumulates=False)
     return setup, memory.estimate(resolve(args.model), setup, 0)
 

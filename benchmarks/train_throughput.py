@@ -176,7 +176,7 @@ def useful_flops_per_token(project: Path, method: str, params, plan_data: dict, 
                          rank=params.rank if lora else 16,
                          target_modules=memory.expand_targets(params.target_modules) if lora else ("q_proj", "v_proj"),
                          dropout=params.dropout if lora else 0.0, supervised_positions=max(1, round(mean_supervised)),
-                         attention="causal", double_quant=True, gpus=1, accumulates=False)
+                         attention="causal", double_quant=True, gpus=1, sharded=True, accumulates=False)
     return throughput.flops_per_position(from_config(config, "base"), setup)
 
 

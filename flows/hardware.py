@@ -4,8 +4,9 @@ and `memory_request` of infra/k8s/gpu-pool-job-template.json, from params.yaml `
 A unit that names no GPU gets the first of `dispatch.gpus` (smallest first) that holds the peak the
 estimator predicts for its train stage (tuneoff/estimator/estimate.py for_train_stage, the same
 prediction train.json records) with `estimate.tight_fraction` of the card to spare, as `tuneoff
-estimate` calls a fit that is not tight. The train stage is one process on one device, so that peak
-must fit one GPU whatever gpu_count is.
+estimate` calls a fit that is not tight. That peak is per GPU: with `train.common.devices` above 1 the
+train stage runs one process on each of that many GPUs (FSDP shards a full fine-tune between them), so
+a unit that trains asks for at least that many.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def job_variables(unit: str, tasks: list[str], data: dict) -> dict:
     dispatch = section(DispatchParams, "dispatch", data=data)
     wanted = getattr(dispatch.hardware, unit)
     estimate_params = section(EstimateParams, "estimate", data=data)
+    devices = section(CommonTrainParams, "train", "common", data=data).devices
+    if unit != BASE and wanted.gpu_count < devices:
+        raise TuneoffError(f"params.yaml: dispatch.hardware.{unit}.gpu_count {wanted.gpu_count} is less than "
+                           f"train.common.devices {devices}: the train stage runs one process per GPU")
     gpu = wanted.gpu or choose_gpu(unit, peak_gib(unit, tasks, data), dispatch.gpus, estimate_params)
     variables = {"gpu_count": wanted.gpu_count,
                  "node_selector": {GPU_LABEL: gpu.replace(" ", "-"), **wanted.node_selector}}

@@ -7,6 +7,7 @@ TrainRecord; dollars and predictions are the report's) and loss.csv / val_loss.c
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,9 @@ from tuneoff.core.records import (
     Tokens,
     TrainRecord,
 )
-from tuneoff.core.tracking import flat, stage_run
+from tuneoff.core.tracking import NoTracker, flat, stage_run
 from tuneoff.modeling import methods
-from tuneoff.training import allocator
+from tuneoff.training import allocator, distributed
 from tuneoff.training.checkpoint import Checkpointer, fingerprint
 from tuneoff.training.loop import load_rows, step_shapes, train
 
@@ -66,9 +67,17 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
         raise TuneoffError(f"{base}/ has no model: run `dvc repro {'quantize' if spec.quantized else 'import_base'}` first")
     methods.validate(method, params, base)
 
+    # one of train.common.devices processes (tuneoff/training/distributed.py): the main one tracks and writes
+    acc = distributed.accelerator()
+    if common.devices > 1 and acc is None:
+        raise TuneoffError(f"params.yaml: train.common.devices is {common.devices}: run the stage through its "
+                           f"launcher, python -m tuneoff.training.launch stages.train {task} {method} (as dvc.yaml does)")
+    main_process = acc is None or acc.is_main_process
     sections = {"train.common": common.model_dump(), f"train.{method}": params.model_dump()}
-    with stage_run("train", sections, task=task, method=method, data=data) as tracker:
-        dev = measure.device()
+    tracking = (stage_run("train", sections, task=task, method=method, data=data) if main_process
+                else contextlib.nullcontext(NoTracker()))
+    with tracking as tracker:
+        dev = acc.device if acc else measure.device()
         precision = measure.resolve_precision(common.precision, dev)
         if precision in ("bf16", "bf16-pure") and dev.type == "cpu" and not measure.cpu_has_fast_bf16():
             print(f"warning: precision {precision} on a CPU without AMX is slower than fp32 here", file=sys.stderr)
@@ -78,6 +87,8 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
 
         peak.reset()
         model = methods.build(method, params, base, precision, dev, common.gradient_checkpointing)
+        if acc:  # the same initial weights everywhere (above); each process's own dropout draws from here on
+            torch.manual_seed(common.seed + acc.process_index)
         load_seconds = time.perf_counter() - stage_start
         load_memory = peak.read()
         trainable, total = methods.trainable_and_total(model)
@@ -90,18 +101,23 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
         run_id = fingerprint({"train.common": common.model_dump(), f"train.{method}": params.model_dump(),
                               "precision": precision, "device": measure.device_name(dev)},
                              prepared, base, Path(tuneoff.__file__).parent, Path(__file__))
-        checkpointer = Checkpointer(Path(checkpoint.dir) / task / label.split("/")[1], run_id, checkpoint.every_steps)
-        with atomic_dir(out / "model") as model_dir:
+        checkpointer = Checkpointer(Path(checkpoint.dir) / task / label.split("/")[1], run_id, checkpoint.every_steps,
+                                    acc)
+        with atomic_dir(out / "model") if main_process else contextlib.nullcontext() as model_dir:
             peak.reset()  # training peak: weights + gradients + optimizer state + activations
             try:
                 result = train(model, train_rows, val_rows, common, params.lr, dev, precision, out, label,
-                               tracker, checkpointer)
+                               tracker, checkpointer, acc)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                     raise
                 raise TuneoffError(out_of_memory(method, common, train_rows["input_ids"].shape[1], dev)) from None
-            train_memory = peak.read()
-            methods.save(model, method, model_dir)
+            train_memory = peak.read()  # with several processes: the main one's (each holds its device's share)
+            # sharded weights (FSDP, DeepSpeed) are gathered whole: every process takes part, the main one saves
+            state_dict = acc.get_state_dict(model) if checkpointer.sharded else None
+            if not main_process:
+                return out
+            methods.save(model, method, model_dir, state_dict)
             AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
             lora = params if spec.adapter else None
             record = TrainRecord(
@@ -115,7 +131,10 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
                               peak_reserved_bytes=train_memory.get("peak_reserved_bytes") if dev.type == "cuda" else None,
                               load_peak_memory_bytes=load_memory["peak_bytes"], allocator=allocator.in_use()),
                 setup=Setup(base=str(base), gradient_checkpointing=common.gradient_checkpointing,
-                            optimizer=common.optimizer, **step_shapes(train_rows, common),
+                            optimizer=common.optimizer, devices=common.devices,
+                            distributed=(distributed.strategy(common, method, dev.type == "cuda")
+                                         if common.devices > 1 else None),
+                            **step_shapes(train_rows, common),
                             rank=lora.rank if lora else None,
                             target_modules=sorted(lora.target_modules) if lora else None,
                             dropout=lora.dropout if lora else None),

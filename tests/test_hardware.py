@@ -88,3 +88,16 @@ def test_a_gpu_the_estimator_does_not_know_is_named(tmp_path, monkeypatch):
     with pytest.raises(TuneoffError, match=r"dispatch.gpus: \['NVIDIA A100-PCIE-40GB'\] not in estimate.devices"):
         job_variables("lora", ["t"], data)
 
+
+
+def test_several_devices_shard_a_full_fine_tune_and_need_as_many_gpus(tmp_path, monkeypatch):
+    """train.common.devices: 4 on GPUs is FSDP for full: the 8B's ~150 GiB, sharded four ways, fits an 80 GB
+    card; a unit asking for fewer GPUs than the train stage starts processes is a one-line error."""
+    workspace(tmp_path, "llama-3-8b")
+    monkeypatch.chdir(tmp_path)
+    data = params(full={"gpu_count": 4})
+    data["train"]["common"].update(devices=4, batch_size=4)
+    assert job_variables("full", ["t"], data) == {"gpu_count": 4, "node_selector": {GPU_LABEL: "NVIDIA-A100-SXM4-80GB"}}
+    with pytest.raises(TuneoffError, match=r"^params.yaml: dispatch.hardware.lora.gpu_count 1 is less than "
+                                           r"train.common.devices 4: the train stage runs one process per GPU$"):
+        job_variables("lora", ["t"], data)

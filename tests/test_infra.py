@@ -91,7 +91,7 @@ def test_a_units_job_variables_reach_its_pod():
     assert resources.requests["cpu"] == "8"  # what the unit does not set stays the pool's
 
 
-@pytest.mark.parametrize("name, kind", [("fsdp.yaml", "FSDP"), ("deepspeed-zero3.yaml", "DEEPSPEED")])
+@pytest.mark.parametrize("name, kind", [("fsdp.yaml", "FSDP"), ("deepspeed-zero3.yaml", "DEEPSPEED"), ("ddp.yaml", "MULTI_GPU")])
 def test_accelerate_configs_load(name, kind):
     from accelerate.commands.config.config_args import ClusterConfig
 

@@ -44,7 +44,7 @@ def rows_for(tokenizer, n=12, seq_len=256):
 def setup(method="lora", **kw) -> memory.Setup:
     base = dict(method=method, batch_size=2, seq_len=256, precision="fp32", device="cpu", optimizer="adamw",
                 gradient_checkpointing=False, rank=4, target_modules=("q_proj", "v_proj"), dropout=0.05,
-                supervised_positions=None, attention="packed", double_quant=True, gpus=1, accumulates=False)
+                supervised_positions=None, attention="packed", double_quant=True, gpus=1, sharded=True, accumulates=False)
     return memory.Setup(**{**base, **kw})
 
 
@@ -189,7 +189,7 @@ def test_peak_within_10_percent_of_measured(tiny_base, tokenizer, request, metho
     rows = rows_for(tokenizer, 24)
     common = CommonTrainParams(seed=0, batch_size=2, micro_batch_size=micro_batch_size, token_budget=3 * 2 * 200,
                                precision=precision, optimizer=optimizer, gradient_checkpointing=checkpointing,
-                               allocator="system", warmup_fraction=0.0, weight_decay=0.0, max_grad_norm=1.0, eval_every=0,
+                               allocator="system", devices=1, distributed="auto", warmup_fraction=0.0, weight_decay=0.0, max_grad_norm=1.0, eval_every=0,
                                log_every=1)
     params = FullParams(lr=1e-4) if method == "full" else LoraParams(lr=1e-3, rank=4, alpha=8, dropout=0.05,
                                                                       target_modules=["q_proj", "v_proj"])
@@ -242,6 +242,8 @@ def test_fsdp_divides_the_sharded_terms():
     two = memory.estimate(shape, cuda(seq_len=1024, gpus=2), 0)
     assert two.terms["weights"] == pytest.approx(one.terms["weights"] / 2, abs=1)
     assert two.terms["activations"] == one.terms["activations"]
+    replicated = memory.estimate(shape, cuda(seq_len=1024, gpus=2, sharded=False), 0)  # DDP: each holds it all
+    assert replicated.terms["weights"] == one.terms["weights"] and replicated.peak_bytes == one.peak_bytes
 
 
 # --- devices, time, cost -----------------------------------------------------------------------------
@@ -293,7 +295,7 @@ def test_find_device():
 def test_train_stage_estimate(tiny_base, tokenizer):
     rows = rows_for(tokenizer, 40)
     common = CommonTrainParams(seed=0, batch_size=2, micro_batch_size=0, token_budget=1500, precision="fp32",
-                               optimizer="adamw", gradient_checkpointing=False, allocator="system", warmup_fraction=0.0,
+                               optimizer="adamw", gradient_checkpointing=False, allocator="system", devices=1, distributed="auto", warmup_fraction=0.0,
                                weight_decay=0.0, max_grad_norm=1.0, eval_every=0, log_every=1)
     from tuneoff.core.params import CostParams, EstimateParams, section
 

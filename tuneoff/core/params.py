@@ -113,6 +113,10 @@ class CommonTrainParams(Section):
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"]  # torch's AdamW, or bitsandbytes' 8-bit one
     gradient_checkpointing: bool
     allocator: Literal["auto", "tcmalloc", "system"]  # the train process's malloc (tuneoff/training/allocator.py)
+    # processes training one method, one per device, through accelerate (tuneoff/training/distributed.py);
+    # batch_size rows per step in all, split between them
+    devices: int = Field(gt=0)
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"]  # auto = fsdp for full on GPUs, else ddp
     warmup_fraction: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
     max_grad_norm: float = Field(gt=0)

@@ -74,6 +74,8 @@ class Setup(Record):
     # the defaults are what a train.json written before these keys trained with
     micro_batch_rows: int | None = None  # the most rows in one pass; None: a whole step's (tokens.batch_rows)
     optimizer: str = "adamw"  # train.common.optimizer
+    devices: int = 1  # train.common.devices: the processes (devices) that trained it, each on its share of a step's rows
+    distributed: str | None = None  # with devices > 1: ddp, fsdp or deepspeed (tuneoff/training/distributed.py)
 
 
 class Output(Record):

@@ -121,7 +121,7 @@ class Context:
                                     else a.gradient_checkpointing),
             rank=a.rank or (lora.rank if lora else 16), target_modules=memory.expand_targets(targets),
             dropout=lora.dropout if lora else 0.0, supervised_positions=max(1, round(fraction * rows * self.seq_len)),
-            attention=a.attention, double_quant=self.double_quant, gpus=a.gpus, accumulates=rows < batch)
+            attention=a.attention, double_quant=self.double_quant, gpus=a.gpus, sharded=True, accumulates=rows < batch)
 
     def positions(self) -> float | None:
         """Token positions to train on (padding included), from --tokens or --dataset, times --epochs."""

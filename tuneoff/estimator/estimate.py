@@ -81,10 +81,12 @@ def time_and_cost(shape: Shape, setup: memory.Setup, positions: float, device: D
 
 
 def setup_for_run(method: str, lora, batch_rows: int, gradient_checkpointing: bool, precision: str, optimizer: str,
-                  device_kind: str, seq_len: int, supervised_positions: int, base_config: dict) -> memory.Setup:
+                  device_kind: str, seq_len: int, supervised_positions: int, base_config: dict, devices: int = 1,
+                  strategy: str | None = None) -> memory.Setup:
     """The Setup tuneoff's own train stage runs: its loop, its precision and optimizer, packed rows (attended
     per example on a CPU). `lora` has the adapter's rank, target_modules and dropout (train.<method>, or a
-    train.json's setup); None for full fine-tuning."""
+    train.json's setup); None for full fine-tuning. `devices` processes with `strategy` ddp, fsdp or
+    deepspeed (tuneoff/training/distributed.py): FSDP and ZeRO-3 shard the weights and states."""
     quant = base_config.get("quantization_config") or {}
     return memory.Setup(method=method, batch_size=batch_rows, seq_len=seq_len, precision=precision,
                         device=device_kind, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
@@ -92,7 +94,8 @@ def setup_for_run(method: str, lora, batch_rows: int, gradient_checkpointing: bo
                         target_modules=memory.expand_targets(lora.target_modules) if lora else ("q_proj", "v_proj"),
                         dropout=lora.dropout if lora else 0.0, supervised_positions=supervised_positions,
                         attention="per-example" if device_kind == "cpu" else "packed",
-                        double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), gpus=1, accumulates=False)
+                        double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), gpus=devices,
+                        sharded=strategy in ("fsdp", "deepspeed"), accumulates=False)
 
 
 def one_pass(setup: memory.Setup, pass_rows: int) -> memory.Setup:
@@ -111,13 +114,15 @@ def joined_rows(setup: memory.Setup, step_tokens: int) -> memory.Setup:
 def for_train_stage(method: str, params, common, precision: str, dev_type: str, device_name: str, base: Path,
                     train_rows: dict, estimate_params: EstimateParams, prices: dict[str, float]) -> tuple[dict, dict]:
     """What the estimator predicts for a train stage before it runs, from its params and prepared rows."""
+    from tuneoff.training.distributed import strategy
     from tuneoff.training.loop import step_shapes
 
     config = json.loads((Path(base) / "config.json").read_text())
     shapes = step_shapes(train_rows, common)
     setup = setup_for_run(method, params if METHODS[method].adapter else None, common.batch_size,
                           common.gradient_checkpointing, precision, common.optimizer, dev_type, shapes["seq_len"],
-                          shapes["max_supervised_positions"], config)
+                          shapes["max_supervised_positions"], config, common.devices,
+                          strategy(common, method, dev_type == "cuda") if common.devices > 1 else None)
     return predict(from_config(config, str(base)), setup, shapes["steps"], shapes["micro_batch_rows"],
                    shapes["max_step_tokens"], device_name, estimate_params, prices)
 
@@ -139,7 +144,8 @@ def record_setup(record: TrainRecord, root: Path = Path(".")) -> tuple[Shape, me
     config = json.loads((root / s.base / "config.json").read_text())
     setup = setup_for_run(record.method, s if s.rank is not None else None, record.tokens.batch_rows,
                           s.gradient_checkpointing, record.precision, s.optimizer,
-                          "cpu" if record.device == "cpu" else "cuda", s.seq_len, s.max_supervised_positions, config)
+                          "cpu" if record.device == "cpu" else "cuda", s.seq_len, s.max_supervised_positions, config,
+                          s.devices, s.distributed)
     return from_config(config, s.base), setup
 
 
@@ -154,7 +160,8 @@ def measured_runs(runs_dir: Path) -> list[throughput.Measured]:
         except (TuneoffError, OSError):
             continue
         per_pass = one_pass(setup, record.setup.micro_batch_rows or record.tokens.batch_rows)
-        flops = record.setup.steps * setup.tokens * throughput.flops_per_position(shape, per_pass)
+        # per device: each of `gpus` trained its share of the steps' positions in train_seconds
+        flops = record.setup.steps * setup.tokens * throughput.flops_per_position(shape, per_pass) / setup.gpus
         out.append(throughput.Measured(record.method, record.device, record.precision, flops,
                                        record.timing.train_seconds, str(path.parent)))
     return out

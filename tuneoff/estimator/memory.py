@@ -98,7 +98,8 @@ class Setup:
     # example's span of a packed row (tuneoff on a CPU, attention.py); causal: SDPA's is_causal on whole rows
     attention: Attention
     double_quant: bool  # QLoRA's quantization constants
-    gpus: int  # >1: FSDP full sharding of weights, gradients and optimizer states
+    gpus: int  # devices training together, each on its share of a step's rows (time divides by them)
+    sharded: bool  # with gpus > 1: FSDP full sharding of weights, gradients and optimizer states; False = DDP (replicated)
     accumulates: bool  # gradient accumulation: a step is several passes of batch_size rows, its gradients held between them
 
     def __post_init__(self):
@@ -415,7 +416,7 @@ def estimate(shape: Shape, setup: Setup, overhead_bytes: int) -> Estimate:
     states = _optimizer_bytes(tensors, setup, param_bytes)
     paged = states if setup.optimizer.startswith("paged") and setup.device == "cuda" else 0  # no paging on a CPU
     states -= paged
-    if n > 1:  # FSDP full shard: each GPU keeps 1/n of these, and gathers one layer at a time (2 in flight)
+    if n > 1 and setup.sharded:  # FSDP full shard: each GPU keeps 1/n of these, and gathers one layer at a time (2 in flight)
         weights, constants, lora, grads, states, paged = (math.ceil(x / n) for x in (weights, constants, lora, grads,
                                                                                       states, paged))
         gather = 2 * (shape.layer_linear_params + shape.layer_norm_params) * (compute if not full else param_bytes)

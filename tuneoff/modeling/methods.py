@@ -84,9 +84,10 @@ def trainable_and_total(model) -> tuple[int, int]:
     return trainable, total
 
 
-def save(model, method: str, out_dir: Path) -> None:
-    """Full weights (full) or the adapter only (lora, qlora), as safetensors."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save(model, method: str, out_dir: Path, state_dict: dict | None = None) -> None:
+    """Full weights (full) or the adapter only (lora, qlora), as safetensors; `state_dict`: the
+    model's whole state gathered from its shards (FSDP), for a model that holds only its shard."""
+    model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     config = Path(out_dir) / "adapter_config.json"
     if config.is_file():  # PEFT writes target_modules from a set, in an order that changes run to run
         data = json.loads(config.read_text())

@@ -35,7 +35,7 @@ from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import CommonTrainParams
 from tuneoff.core.tracking import NoTracker
 from tuneoff.data.packing import IGNORE
-from tuneoff.training import allocator, attention, dropout
+from tuneoff.training import allocator, attention, distributed, dropout
 from tuneoff.training.checkpoint import Checkpointer
 
 
@@ -66,10 +66,11 @@ def micro_batches(idx: torch.Tensor, micro_batch_size: int) -> tuple[torch.Tenso
 def step_shapes(rows: dict[str, torch.Tensor], common: CommonTrainParams) -> dict[str, int]:
     """The shapes the steps of a run take (train.json `setup`, what the estimator predicts from):
     row length, step count, and the most rows, real tokens and supervised positions of any one
-    forward and backward pass (a step, or with micro-batches one micro-batch: activations are held
-    for one at a time)."""
+    forward and backward pass on one device (a step, or its share on one of `devices`, or with
+    micro-batches one micro-batch of that: activations are held for one at a time)."""
     steps = plan_steps(rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
-    passes = [micro for idx in steps for micro in micro_batches(idx, common.micro_batch_size)]
+    passes = [micro for idx in steps for rank in range(common.devices)
+              for micro in micro_batches(distributed.share(idx, rank, common.devices), common.micro_batch_size)]
     return {"seq_len": rows["input_ids"].shape[1], "steps": len(steps),
             "micro_batch_rows": max(len(idx) for idx in passes),
             "max_step_tokens": max(int(rows["real_tokens"][idx].sum()) for idx in passes),
@@ -100,7 +101,7 @@ def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision,
     ids, pos, targets = (rows[k][idx] for k in ("input_ids", "position_ids", "targets"))
     n = int((targets != IGNORE).sum())  # counted on the host: no device sync
     extra = {}
-    if model.config._attn_implementation == attention.NAME:
+    if unwrap(model).config._attn_implementation == attention.NAME:
         # attention per example (attention.py, the loop on a CPU) needs no row boundaries: the batch
         # becomes one row of its real tokens, so no compute goes to the rows' trailing padding
         real = torch.arange(ids.shape[1]) < rows["real_tokens"][idx, None]
@@ -114,6 +115,11 @@ def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision,
         logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **extra).logits
     loss = F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
     return loss, n
+
+
+def unwrap(model):
+    """The model inside DDP's wrapper (FSDP shards a model in place: no wrapper)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 @torch.no_grad()
@@ -233,16 +239,27 @@ def cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_sch
 
 
 def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev: torch.device, precision: str,
-          log_dir: Path, label: str, tracker: NoTracker = NoTracker(), checkpointer: Checkpointer | None = None) -> TrainResult:
+          log_dir: Path, label: str, tracker: NoTracker = NoTracker(), checkpointer: Checkpointer | None = None,
+          acc=None) -> TrainResult:
     """Train `model` on `common.token_budget` real tokens; log loss to log_dir/{loss,val_loss}.csv
     and to `tracker` (train/loss, train/lr, tokens/s, memory, val/loss). With a `checkpointer`,
-    resume from its checkpoint if there is one and save one every `every_steps` steps."""
+    resume from its checkpoint if there is one and save one every `every_steps` steps.
+
+    With `acc` (accelerate's Accelerator, one of `common.devices` processes: distributed.py), this
+    process trains on its share of each step's rows, the model and optimizer wrapped by accelerate
+    (DDP, FSDP or DeepSpeed); the logs are the main process's to write, the losses the whole step's."""
     steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
+    rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, common.weight_decay, lr, common.optimizer)
+    if acc:  # FSDP2 shards the model in place and swaps the optimizer's parameters: both in one prepare
+        model, optimizer = acc.prepare(model, optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
     # val loss in micro-batches too: run on a whole step's rows, its logits could outgrow a training pass
     eval_rows = min(common.micro_batch_size or common.batch_size, common.batch_size)
     scheduler = cosine_with_warmup(optimizer, math.ceil(common.warmup_fraction * len(steps)), len(steps))
+    if acc:
+        acc.register_for_checkpointing(scheduler)  # saved by acc.save_state with sharded checkpoints
 
     # everything the loop carries from step to step, so a checkpoint can restore it
     state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
@@ -250,13 +267,15 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     window_loss = torch.zeros((), device=dev)
     four_bit = any(p.dtype == torch.uint8 for p in model.parameters())  # bitsandbytes stores 4-bit weights as uint8
     trim_heap = dev.type == "cpu" and four_bit and allocator.in_use() == "system"
-    with cpu_paths(model, dev):
+    with cpu_paths(unwrap(model), dev):
         resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
         resumed_from_step = resumed[0]["step"] if resumed else 0
         if resumed:
             state, tensors = resumed
-            window_loss = tensors["window_loss"].to(dev)
-            print(f"{label}: resuming from the checkpoint at step {state['step']} of {len(steps)}", file=sys.stderr)
+            # the window's losses so far were saved on the main process (see the save below)
+            window_loss = tensors["window_loss"].to(dev) if not acc or acc.is_main_process else window_loss
+            if not acc or acc.is_main_process:
+                print(f"{label}: resuming from the checkpoint at step {state['step']} of {len(steps)}", file=sys.stderr)
         else:
             t = time.perf_counter()
             state["val_before"] = eval_loss(model, val_rows, eval_rows, dev, precision)
@@ -265,16 +284,24 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
 
         model.train()
         bar = tqdm(total=len(steps), initial=state["step"], desc=label, unit="step", file=sys.stderr,
-                   mininterval=1 if sys.stderr.isatty() else 15)
+                   mininterval=1 if sys.stderr.isatty() else 15, disable=bool(acc) and not acc.is_main_process)
         start = time.perf_counter()
         for step in range(state["step"] + 1, len(steps) + 1):
             idx = steps[step - 1]
             n = int((train_rows["targets"][idx] != IGNORE).sum())  # the whole step's loss tokens, on the host
-            for micro in micro_batches(idx, common.micro_batch_size):
-                loss_sum, _ = batch_loss(model, train_rows, micro, dev, precision)
-                (loss_sum / n).backward()  # over the step's count: the micro-batches' gradients sum to the mean's
+            micros = micro_batches(distributed.share(idx, rank, world), common.micro_batch_size)
+            for i, micro in enumerate(micros):
+                # DDP averages the processes' gradients once, at the last micro-batch
+                with acc.no_sync(model) if acc and i < len(micros) - 1 else contextlib.nullcontext():
+                    loss_sum, _ = batch_loss(model, train_rows, micro, dev, precision)
+                    # over the step's count (times the processes, whose gradients are averaged): the
+                    # micro-batches' gradients, summed over every process, are the step's mean loss's
+                    (loss_sum * (world / n)).backward() if acc else (loss_sum / n).backward()
                 window_loss += loss_sum.detach()
-            torch.nn.utils.clip_grad_norm_(params, common.max_grad_norm)
+            if acc:
+                acc.clip_grad_norm_(model.parameters(), common.max_grad_norm)  # FSDP: over every shard
+            else:
+                torch.nn.utils.clip_grad_norm_(params, common.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -286,7 +313,8 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
             state["window_tokens"] += n
             bar.update()
             if step % common.log_every == 0 or step == len(steps):
-                mean = float(window_loss) / state["window_tokens"]  # the only host sync, once per log window
+                window_sum = acc.reduce(window_loss, "sum") if acc else window_loss  # every process's rows
+                mean = float(window_sum) / state["window_tokens"]  # the only host sync, once per log window
                 if not math.isfinite(mean):
                     first = step - (step - 1) % common.log_every
                     raise TuneoffError(f"{label}: the train loss became {mean} within steps {first}-{step} of "
@@ -310,6 +338,9 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
                 start = time.perf_counter()
             if checkpointer and checkpointer.due(step, len(steps)):
                 state["train_seconds"] += time.perf_counter() - start
+                if acc:  # the window's losses so far, all on the main process: what the checkpoint keeps
+                    total = acc.reduce(window_loss, "sum")
+                    window_loss = total if acc.is_main_process else torch.zeros_like(total)
                 checkpointer.save(model, optimizer, scheduler, {"window_loss": window_loss.cpu()}, state)
                 start = time.perf_counter()
         if dev.type == "cuda":
@@ -322,8 +353,9 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
         state["eval_seconds"] += time.perf_counter() - t
         state["val_rows"].append([len(steps), round(val_after, 6)])
         tracker.log({"val/loss": val_after}, step=len(steps))
-    write_csv(log_dir / "loss.csv", ["step", "tokens", "train_loss", "lr"], state["loss_rows"])
-    write_csv(log_dir / "val_loss.csv", ["step", "val_loss"], state["val_rows"])
+    if not acc or acc.is_main_process:
+        write_csv(log_dir / "loss.csv", ["step", "tokens", "train_loss", "lr"], state["loss_rows"])
+        write_csv(log_dir / "val_loss.csv", ["step", "val_loss"], state["val_rows"])
     recent = state["recent"]
     last = recent[-max(1, len(recent) // 10):]  # the log windows of about the last 10% of steps
     return TrainResult(len(steps), state["real_tokens"], state["loss_tokens"], state["train_seconds"],
