@@ -86,7 +86,10 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
         stage_start = time.perf_counter()
 
         peak.reset()
-        model = methods.build(method, params, base, precision, dev, common.gradient_checkpointing)
+        # FSDP and ZeRO-3 take the model from host memory and move only each device's shard onto it
+        sharded = acc is not None and acc.distributed_type.value in ("FSDP", "DEEPSPEED")
+        model = methods.build(method, params, base, precision, torch.device("cpu") if sharded else dev,
+                              common.gradient_checkpointing)
         if acc:  # the same initial weights everywhere (above); each process's own dropout draws from here on
             torch.manual_seed(common.seed + acc.process_index)
         load_seconds = time.perf_counter() - stage_start
@@ -114,7 +117,7 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
                 raise TuneoffError(out_of_memory(method, common, train_rows["input_ids"].shape[1], dev)) from None
             train_memory = peak.read()  # with several processes: the main one's (each holds its device's share)
             # sharded weights (FSDP, DeepSpeed) are gathered whole: every process takes part, the main one saves
-            state_dict = acc.get_state_dict(model) if checkpointer.sharded else None
+            state_dict = acc.get_state_dict(model) if sharded else None
             if not main_process:
                 return out
             methods.save(model, method, model_dir, state_dict)

@@ -34,7 +34,7 @@ def project(tmp_path_factory, tiny_base):
     params["train"]["full"]["lr"] = 1e-3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "commit", "-qam", "distributed test params"], project)
-    run(["dvc", "repro", "--no-commit", "prepare@extraction", "import_base"], project)
+    run(["dvc", "repro", "--no-commit", "prepare@extraction", "import_base", "quantize"], project)
     return project
 
 
@@ -62,18 +62,25 @@ def train(project: Path, method: str, devices: int, **changes) -> dict:
             "wandb_runs": set(project.glob("wandb/offline-run-*")) - runs_before}
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_two_processes_train_as_one(project, method):
     """Every logged train and val loss within 1e-5 (relative; measured 2e-7: float summation order), the
     final weights within 1e-4 of one update; one W&B run and one record, which says 2 devices and 1
-    row per pass (each process's share of a 2-row step). LoRA without dropout: its draws differ by process."""
+    row per pass (each process's share of a 2-row step). The adapters without dropout: its draws differ by
+    process.
+
+    QLoRA (its 4-bit base replicated like LoRA's): losses within 1e-3 (measured 4.3e-4), weights not
+    compared. On this CPU bitsandbytes' 4-bit layers make QLoRA's training depend on how a step's rows are
+    grouped: one process running the same step in micro-batches of 1 row ends as far from its whole-batch
+    run (adapter weights 0.004-0.010 apart, of at most 0.13) as two processes do."""
     one = train(project, method, 1, lora__dropout=0.0)
     two = train(project, method, 2, lora__dropout=0.0)
     assert len(two["train_loss"]) == 15 and two["train_loss"][-1] < 0.99 * two["train_loss"][0]  # it trains
-    torch.testing.assert_close(two["train_loss"], one["train_loss"], rtol=1e-5, atol=0)
-    torch.testing.assert_close(two["val_loss"], one["val_loss"], rtol=1e-5, atol=0)
+    rtol = 1e-3 if method == "qlora" else 1e-5
+    torch.testing.assert_close(two["train_loss"], one["train_loss"], rtol=rtol, atol=0)
+    torch.testing.assert_close(two["val_loss"], one["val_loss"], rtol=rtol, atol=0)
     assert two["weights"].keys() == one["weights"].keys()
-    for name, weight in one["weights"].items():
+    for name, weight in one["weights"].items() if method != "qlora" else ():
         torch.testing.assert_close(two["weights"][name], weight, rtol=1e-4, atol=1e-6, msg=name)
     assert len(two["wandb_runs"]) == 1
     setup = two["record"]["setup"]
