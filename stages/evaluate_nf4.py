@@ -1,10 +1,12 @@
 """DVC stage `evaluate_nf4@<task>-<method>`: score QLoRA in each form it could be deployed in.
 
-A QLoRA adapter learned the NF4 weights, so merging it into the float base changes answers. Each
-form in tuneoff/modeling/merge.py FORMS is scored on the whole test set: nf4 (the adapter on
-models/base-nf4, as trained), nf4-merged (merge_nf4's standalone float32 model of that
-function) and float-merged (merge's model on the float base). The best main metric is the
-deployed form (a tie goes to the form that computes what trained, merge.deployed_form).
+A QLoRA adapter learned the NF4 weights, so merging it into the float base changes answers. Two
+forms (tuneoff/modeling/merge.py SCORED_FORMS) are scored on the whole test set: nf4-merged
+(merge_nf4's standalone float32 model of the function that trained, which merge_nf4 checked
+against the adapter on models/base-nf4) and float-merged (merge's model on the float base). The
+adapter on the 4-bit base (form nf4) computes nf4-merged's function, so it is not generated from
+again: on a CPU its 4-bit layers made it the slowest of the three to score. The best main metric
+is the deployed form (a tie goes to the form that computes what trained, merge.deployed_form).
 
 Writes runs/<task>/<method>/eval.json: `forms` (each form's n, main, CI, test loss and speed),
 `deployed_form`, and the deployed form's `metrics`, `test_loss` and `timing` where evaluate
@@ -30,13 +32,12 @@ from tuneoff.core.records import EvalRecord, EvalTiming
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.evaluation.score import RECORD_COLUMNS, load_test, score_model
 from tuneoff.modeling.merge import (
-    FORMS,
+    SCORED_FORMS,
     deployed_form,
     form_deployment,
-    load_adapter_model,
 )
 
-STAGE_OF_FORM = {"nf4": "train_nf4", "nf4-merged": "merge_nf4", "float-merged": "merge"}  # what writes each form
+STAGE_OF_FORM = {"nf4-merged": "merge_nf4", "float-merged": "merge"}  # what writes each scored form
 
 
 @user_errors
@@ -48,9 +49,9 @@ def main(task: str, method: str) -> None:
     check_task(task, data)
     params = section(EvaluateParams, "evaluate", data=data)
     test = load_test(Path("data/prepared") / task)
-    forms = {form: form_deployment(task, method, form) for form in FORMS}
+    forms = {form: form_deployment(task, method, form) for form in SCORED_FORMS}
     for form, where in forms.items():
-        needed = where.path / ("adapter_config.json" if form == "nf4" else "config.json")
+        needed = where.path / "config.json"
         if not needed.is_file():
             raise TuneoffError(f"{needed} not found: run `dvc repro {STAGE_OF_FORM[form]}@{task}-{method}` first")
 
@@ -60,11 +61,8 @@ def main(task: str, method: str) -> None:
         scored, load_seconds = {}, {}
         for form, where in forms.items():  # one model in memory at a time
             start = time.perf_counter()
-            if form == "nf4":
-                net = load_adapter_model(where.base, where.path, dev)
-            else:
-                net = AutoModelForCausalLM.from_pretrained(where.path, dtype=measure.eval_dtype(params.dtype, dev))
-                net = net.to(dev).eval()
+            net = AutoModelForCausalLM.from_pretrained(where.path, dtype=measure.eval_dtype(params.dtype, dev))
+            net = net.to(dev).eval()
             load_seconds[form] = time.perf_counter() - start
             scored[form] = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{method} {form}")
             del net

@@ -12,7 +12,7 @@ import yaml
 from conftest import API_KEY, make_project, run
 from huggingface_hub import ModelCard
 
-from tuneoff.modeling.merge import FORMS
+from tuneoff.modeling.merge import SCORED_FORMS
 from tuneoff.training import allocator
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
         merge_nf4 = json.loads((qlora / "merge-nf4.json").read_text())
         assert merge_nf4["max_abs_logit_diff"] <= merge_nf4["tolerance"] and merge_nf4["positions_checked"] > 0
         ev = json.loads((qlora / "eval.json").read_text())
-        assert set(ev["forms"]) == set(FORMS) and ev["deployed_form"] in FORMS
+        assert set(ev["forms"]) == set(SCORED_FORMS) and ev["deployed_form"] in SCORED_FORMS
         for form, scores in ev["forms"].items():
             assert scores["n"] == meta["examples"]["test"] and scores["test_loss"] > 0
             assert len((qlora / f"predictions-{form}.jsonl").read_text().splitlines()) == scores["n"]
@@ -212,7 +212,7 @@ def test_wandb_offline_runs_hold_each_stage(project):
     assert evaluate.summary["eval/main"] == ev["metrics"]["main"] and evaluate.summary["eval/ci_low"] == ev["metrics"]["ci_low"]
     assert evaluate.summary["eval/predictions/nrows"] == ev["metrics"]["n"]
     assert evaluate.summary["eval/deployed_form"] == ev["deployed_form"]
-    assert all(evaluate.summary[f"eval/forms/{form}/main"] == ev["forms"][form]["main"] for form in FORMS)
+    assert all(evaluate.summary[f"eval/forms/{form}/main"] == ev["forms"][form]["main"] for form in SCORED_FORMS)
     assert runs["merge_nf4@extraction-qlora"].artifacts[0]["name"] == "extraction-qlora-merged-nf4"
 
     report = runs["report"]

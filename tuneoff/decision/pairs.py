@@ -53,10 +53,11 @@ def pair_over_seeds(a: str, b: str, runs: dict[str, list[list[dict]]], bootstrap
 
 def seed_runs(task_runs: Path, methods: list[str], more_seeds: list[int]) -> dict[str, list[list[dict]]]:
     """Every training seed's test records of each method, the first seed first, each scored as trained
-    (QLoRA: its adapter on the NF4 base, the form its other seeds are scored in). Empty without more seeds."""
+    (QLoRA: the function that trained, nf4-merged for the first seed and the adapter on the NF4 base for
+    the others, which merge_nf4 checks compute the same). Empty without more seeds."""
     if not more_seeds:
         return {}
-    first = {m: "predictions-nf4.jsonl" if METHODS[m].quantized else "predictions.jsonl" for m in methods}
+    first = {m: "predictions-nf4-merged.jsonl" if METHODS[m].quantized else "predictions.jsonl" for m in methods}
     return {m: [read_items(task_runs / m / first[m]),
                 *(read_items(task_runs / m / "seeds" / str(s) / "predictions.jsonl") for s in more_seeds)]
             for m in methods}

@@ -111,9 +111,9 @@ def _forms_note(c: dict) -> str:
         return ""
     forms = "; ".join(f"{name} {100 * f['main']:.1f}% [{100 * f['ci_low']:.1f}, {100 * f['ci_high']:.1f}]"
                       for name, f in row["forms"].items())
-    return (f" {row['method']} was scored on the whole test set in each form it could be deployed in: {forms}. "
-            f"Deployed: {row['deployed_form']} (the best score; ties go to the function that trained: nf4-merged, "
-            "then nf4).")
+    return (f" {row['method']} was scored on the whole test set as the function that trained and merged into the "
+            f"float base: {forms} (its adapter on the 4-bit base computes nf4-merged's function: merge-nf4.json). "
+            f"Deployed: {row['deployed_form']} (the best score; a tie goes to nf4-merged).")
 
 
 def _pairs_table(pairs: list[dict], metric: str) -> list[str]:

@@ -1,11 +1,13 @@
 """Merge a LoRA adapter into a base, prove the merge is right, and name what would be deployed.
 
 A LoRA adapter merges into the float base it trained on. A QLoRA adapter trained on the NF4
-base, so it has three deployable forms (FORMS), each scored on the whole test set by
-evaluate_nf4: `nf4` (the adapter on the 4-bit base, as trained), `nf4-merged` (merged into the
-dequantized NF4 weights, in float32: the function that trained, as a standalone model that needs
-neither peft nor bitsandbytes) and `float-merged` (merged into the float base: it differs from what
-trained by the quantization error, which changes answers). The best main metric ships.
+base, so it has three deployable forms (FORMS): `nf4` (the adapter on the 4-bit base, as trained),
+`nf4-merged` (merged into the dequantized NF4 weights, in float32: the function that trained, as a
+standalone model that needs neither peft nor bitsandbytes) and `float-merged` (merged into the
+float base: it differs from what trained by the quantization error, which changes answers).
+evaluate_nf4 scores SCORED_FORMS on the whole test set: `nf4` is not scored again, since merge_nf4
+has checked that nf4-merged computes its function (logits within merge.tolerance). The best main
+metric ships.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tuneoff.modeling import quantize
 # QLoRA's deployable forms, in the order a tie goes: the function that trained first (nf4-merged
 # also serves without bitsandbytes), the float merge last
 FORMS = ("nf4-merged", "nf4", "float-merged")
+SCORED_FORMS = ("nf4-merged", "float-merged")  # nf4 computes nf4-merged's function, which is scored
 
 
 @dataclass(frozen=True)
