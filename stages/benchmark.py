@@ -35,7 +35,7 @@ from tuneoff.core.params import (
 )
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.evaluation.general import run_benchmarks
-from tuneoff.evaluation.generate import generate
+from tuneoff.evaluation.generate import generate, reply_limit
 from tuneoff.evaluation.metrics import score
 from tuneoff.evaluation.score import load_test
 from tuneoff.modeling.merge import deployment, load_shipped
@@ -56,8 +56,8 @@ def cross_task(net, tokenizer, other: str, limit: int, evaluate: EvaluateParams,
     """The model on the first `limit` test items of another bake-off task, scored as evaluate does."""
     test = load_test(Path("data/prepared") / other)
     n = min(limit, len(test.conversations))
-    produced = generate(net, tokenizer, test.conversations[:n], evaluate.batch_size, evaluate.max_new_tokens, dev,
-                        f"cross-task {other}")
+    produced = generate(net, tokenizer, test.conversations[:n], evaluate.batch_size,
+                        reply_limit(tokenizer, test.references[:n], evaluate.max_new_tokens), dev, f"cross-task {other}")
     metrics, per_item = score(test.scorer, produced, test.references[:n], test.labels, evaluate.bootstrap_samples,
                               evaluate.seed)
     return {"main_metric": metrics["main_metric"], "main": metrics["main"], "n": n,

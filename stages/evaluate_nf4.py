@@ -80,6 +80,7 @@ def main(task: str, method: str) -> None:
         record = EvalRecord(
             task=task, model=method, evaluated=str(forms[chosen].path), scorer=test.scorer, deployed_form=chosen,
             metrics=deployed.metrics, test_loss=round(deployed.test_loss, 6), forms=summary,
+            max_new_tokens=deployed.max_new_tokens,
             timing=EvalTiming(load_seconds=round(load_seconds[chosen], 3), generate_seconds=round(deployed.generate_seconds, 3),
                               examples_per_second=round(deployed.examples_per_second, 3),
                               stage_seconds=measure.process_seconds()))

@@ -44,7 +44,7 @@ def main(task: str, method: str, seed: int) -> None:
     write_jsonl(out / "predictions.jsonl", scored.records)
     write_json(out / "eval.json", EvalRecord(
         task=task, model=method, evaluated=str(out / "model"), scorer=test.scorer, metrics=scored.metrics,
-        test_loss=round(scored.test_loss, 6),
+        test_loss=round(scored.test_loss, 6), max_new_tokens=scored.max_new_tokens,
         timing=EvalTiming(load_seconds=round(load_seconds, 3), generate_seconds=round(scored.generate_seconds, 3),
                           examples_per_second=round(scored.examples_per_second, 3),
                           stage_seconds=measure.process_seconds())).model_dump(exclude_none=True))

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from tuneoff.evaluation.generate import reply_limit
 from tuneoff.evaluation.metrics import bootstrap_ci, macro_f1, score
 
 RECORD = {"name": "Maria Garcia", "order_id": "ORD-12345", "product": "blender", "issue": "refund", "urgency": "high"}
@@ -42,3 +43,18 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
     assert lo_s < 0.5 < hi_s and lo_l < 0.5 < hi_l
     assert hi_l - lo_l < (hi_s - lo_s) / 3
     assert bootstrap_ci(small, 1000, 0) == (lo_s, hi_s)  # seeded
+
+
+def test_the_reply_limit_leaves_room_for_any_reply_that_can_score(tokenizer):
+    """Generation stops at twice the longest reference plus 8 tokens (evaluate.max_new_tokens at most):
+    room for a reply that scores in another layout, such as a pretty-printed JSON record."""
+    record = {"name": "Ada Lovelace", "city": "Paris", "order": "A-1234", "issue": "refund", "urgent": True}
+    references = ["USD", json.dumps(record)]
+    tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
+    assert reply_limit(tokenizer, references, 10_000) == 2 * max(tokens) + 8
+    assert reply_limit(tokenizer, references, 5) == 5
+    assert reply_limit(tokenizer, ["USD"], 10_000) == 2 * tokens[0] + 8
+    pretty = json.dumps(record, indent=2)
+    assert len(tokenizer(pretty, add_special_tokens=False)["input_ids"]) <= reply_limit(tokenizer, references, 10_000)
+    metrics, _ = score("json_fields", [pretty], [references[1]], [], 10, 0)
+    assert metrics["main"] == 1.0

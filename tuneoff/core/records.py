@@ -131,6 +131,7 @@ class EvalRecord(Record):
     metrics: dict  # n, main_metric, main, ci_low, ci_high and the scorer's own metrics
     test_loss: float | None
     timing: EvalTiming
+    max_new_tokens: int | None = None  # the reply limit generation used (tuneoff/evaluation/generate.py reply_limit)
     forms: dict[str, dict] | None = None  # form -> n, main, ci_low, ci_high, test_loss, examples_per_second
     deployed_form: str | None = None
 

@@ -14,6 +14,16 @@ def chat_prompt(tokenizer, conversation: list[dict]) -> str:
     return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
 
+def reply_limit(tokenizer, references: list[str], cap: int) -> int:
+    """How many tokens a reply may take: twice the longest reference's, plus 8, and at most `cap`
+    (evaluate.max_new_tokens). Every scorer compares the whole stripped reply with its reference (the
+    text, the parsed JSON record, the label), so a reply that long cannot score, and a batch stops
+    generating when its last reply ends: on short-answer tasks an untuned base that never stops had
+    made every batch run to `cap`."""
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return min(cap, 2 * longest + 8)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict]], batch_size: int, max_new_tokens: int,
              dev: torch.device, label: str, cache: str = "dynamic") -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import EvaluateParams
 from tuneoff.core.records import read_jsonl
-from tuneoff.evaluation.generate import generate
+from tuneoff.evaluation.generate import generate, reply_limit
 from tuneoff.evaluation.metrics import score
 from tuneoff.training.loop import example_losses, load_rows
 
@@ -51,6 +51,7 @@ class Scored:
     records: list[dict]  # per item, in test.jsonl order: RECORD_COLUMNS (+ the scorer's per-item fields)
     test_loss: float  # mean loss over every reference token (token-weighted, as train's eval_loss)
     generate_seconds: float
+    max_new_tokens: int  # the reply limit generation used (generate.reply_limit)
 
     @property
     def examples_per_second(self) -> float:
@@ -60,7 +61,8 @@ class Scored:
 def score_model(model, tokenizer, test: TestSet, params: EvaluateParams, dev: torch.device, label: str) -> Scored:
     """Generate, score and compute each reference's loss; the loss runs in float32, as the model loads."""
     start = time.perf_counter()
-    predictions = generate(model, tokenizer, test.conversations, params.batch_size, params.max_new_tokens, dev, label)
+    limit = reply_limit(tokenizer, test.references, params.max_new_tokens)
+    predictions = generate(model, tokenizer, test.conversations, params.batch_size, limit, dev, label)
     generate_seconds = time.perf_counter() - start
     means, counts = example_losses(model, test.rows, params.batch_size, dev, "fp32")
     metrics, per_item = score(test.scorer, predictions, test.references, test.labels, params.bootstrap_samples,
@@ -71,4 +73,4 @@ def score_model(model, tokenizer, test: TestSet, params: EvaluateParams, dev: to
     records = [{"input": conv[-1]["content"], "expected": ref, "produced": pred, "correct": row["correct"],
                 "loss": loss, **row} for conv, ref, pred, row, loss in items]  # then the scorer's own fields
     test_loss = float(means.nan_to_num().mul(counts).sum() / counts.sum())
-    return Scored(metrics, records, test_loss, generate_seconds)
+    return Scored(metrics, records, test_loss, generate_seconds, limit)
