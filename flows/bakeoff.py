@@ -3,11 +3,12 @@
 CPU stages (import_base, prepare, quantize, then report, register) run where the flow runs. The
 per-model GPU stages are grouped into units, one per method plus the untuned base's evaluation:
 
-    base:  evaluate_base@<task>, benchmark_base@<task>
-    full:  train@<task>-full, evaluate_full@<task>, benchmark_full@<task>
-    lora:  train@<task>-lora, merge@<task>-lora, evaluate@<task>-lora, benchmark@<task>-lora
-    qlora: train_nf4@<task>-qlora, merge@<task>-qlora, merge_nf4@<task>-qlora, evaluate_nf4@<task>-qlora,
-           benchmark_nf4@<task>-qlora
+    base:  evaluate_base@<task>
+    full:  train@<task>-full, evaluate_full@<task>
+    lora:  train@<task>-lora, merge@<task>-lora, evaluate@<task>-lora
+    qlora: train_nf4@<task>-qlora, merge@<task>-qlora, merge_nf4@<task>-qlora, evaluate_nf4@<task>-qlora
+
+(each evaluate stage also scores its model's general ability)
 
 Without a pool each unit is `dvc repro` here, one after another (DVC locks the workspace).
 With `gpu_pool`, each unit becomes a run of the `bakeoff-unit` deployment in that work pool, and

@@ -1,4 +1,5 @@
-"""DVC stage `evaluate@<task>-<model>`: score a model on the task's held-out test split.
+"""DVC stage `evaluate@<task>-<model>`: score a model on the task's held-out test split, and its
+general ability.
 
 <model> is `base` (the untuned base, always a row), `full`, or an adapter method trained on the
 float base, for which the merged model is evaluated: that is what would be deployed (the merge
@@ -6,7 +7,10 @@ stage has already proved it computes what the adapter does). QLoRA has its own s
 evaluate_nf4, which scores each of its deployable forms. Writes runs/<task>/<model>/eval.json
 and predictions.jsonl: per test item, in test.jsonl order, input, expected, produced, correct
 and `loss` (the reference answer's mean per-token loss; null for an item with no loss token),
-so a person can read the failures and a paired comparison can line the items up.
+so a person can read the failures and a paired comparison can line the items up. The same loaded
+model is then scored on the general benchmarks and the other tasks (tuneoff/evaluation/general.py):
+runs/<task>/<model>/benchmark.json and benchmark-items.json. One process does both, so the model
+loads once and the stage's start-up (imports, W&B, DVC) is paid once.
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ from tuneoff.core import measure
 from tuneoff.core.atomic import write_json, write_jsonl
 from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.methods import BASE, FLOAT_BASE, METHODS
-from tuneoff.core.params import EvaluateParams, check_task, read_params, section
+from tuneoff.core.params import (
+    BakeoffParams,
+    BenchmarkParams,
+    EvaluateParams,
+    check_task,
+    read_params,
+    section,
+)
 from tuneoff.core.records import EvalRecord, EvalTiming
 from tuneoff.core.tracking import flat, stage_run
+from tuneoff.evaluation.general import ability_line, general_ability
 from tuneoff.evaluation.score import RECORD_COLUMNS, load_test, score_model
 from tuneoff.modeling.merge import deployable_dir
 
@@ -36,12 +48,15 @@ def main(task: str, model: str) -> None:
     data = read_params()
     check_task(task, data)
     params = section(EvaluateParams, "evaluate", data=data)
+    benchmarks = section(BenchmarkParams, "benchmarks", data=data)
+    others = [t for t in section(BakeoffParams, "bakeoff", data=data).tasks if t != task]
     test = load_test(Path("data/prepared") / task)
     source = FLOAT_BASE if model == BASE else deployable_dir(task, model)
     if not (source / "config.json").is_file():
         raise TuneoffError(f"{source}/config.json not found: run the stages before evaluate@{task}-{model}")
 
-    with stage_run("evaluate", {"evaluate": params.model_dump()}, task=task, method=model, data=data) as tracker:
+    config = {"evaluate": params.model_dump(), "benchmarks": benchmarks.model_dump()}
+    with stage_run("evaluate", config, task=task, method=model, data=data) as tracker:
         dev = measure.device()
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -49,9 +64,12 @@ def main(task: str, model: str) -> None:
         load_seconds = time.perf_counter() - start
         scored = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{model}")
         metrics = scored.metrics
+        ability, items = general_ability(net, tokenizer, model, others, benchmarks, params, dev)
 
         out = Path("runs") / task / model
         write_jsonl(out / "predictions.jsonl", scored.records)
+        write_json(out / "benchmark-items.json", items)
+        write_json(out / "benchmark.json", ability)
         record = EvalRecord(
             task=task, model=model, evaluated=str(source), scorer=test.scorer, metrics=metrics,
             test_loss=round(scored.test_loss, 6), max_new_tokens=scored.max_new_tokens,
@@ -61,10 +79,12 @@ def main(task: str, model: str) -> None:
         write_json(out / "eval.json", record.model_dump(exclude_none=True))
         tracker.summary(flat({"eval": {k: v for k, v in metrics.items() if k != "confusions"}
                                        | {"test_loss": scored.test_loss}}))
+        tracker.summary(flat({"benchmark": ability}))
         tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in scored.records])
     print(f"evaluate@{task}-{model}: {metrics['main_metric']} {metrics['main']:.3f} "
           f"[{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] on {metrics['n']} test examples, "
           f"test loss {scored.test_loss:.3f} -> {out}/eval.json")
+    print(f"evaluate@{task}-{model}: general ability {ability_line(ability)} -> {out}/benchmark.json")
 
 
 if __name__ == "__main__":

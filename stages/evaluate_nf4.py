@@ -11,7 +11,9 @@ is the deployed form (a tie goes to the form that computes what trained, merge.d
 Writes runs/<task>/<method>/eval.json: `forms` (each form's n, main, CI, test loss and speed),
 `deployed_form`, and the deployed form's `metrics`, `test_loss` and `timing` where evaluate
 writes them for the other models; predictions-<form>.jsonl for each form, and predictions.jsonl
-= the deployed form's (records as in stages/evaluate.py, with each reference's `loss`).
+= the deployed form's (records as in stages/evaluate.py, with each reference's `loss`). The
+deployed form is then scored on the general benchmarks and the other tasks, as stages/evaluate.py
+scores the other models: benchmark.json and benchmark-items.json.
 """
 
 from __future__ import annotations
@@ -27,9 +29,17 @@ from tuneoff.core import measure
 from tuneoff.core.atomic import write_json, write_jsonl
 from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.methods import METHODS, NF4_BASE
-from tuneoff.core.params import EvaluateParams, check_task, read_params, section
+from tuneoff.core.params import (
+    BakeoffParams,
+    BenchmarkParams,
+    EvaluateParams,
+    check_task,
+    read_params,
+    section,
+)
 from tuneoff.core.records import EvalRecord, EvalTiming
 from tuneoff.core.tracking import flat, stage_run
+from tuneoff.evaluation.general import ability_line, general_ability
 from tuneoff.evaluation.score import RECORD_COLUMNS, load_test, score_model
 from tuneoff.modeling.merge import (
     SCORED_FORMS,
@@ -48,6 +58,8 @@ def main(task: str, method: str) -> None:
     data = read_params()
     check_task(task, data)
     params = section(EvaluateParams, "evaluate", data=data)
+    benchmarks = section(BenchmarkParams, "benchmarks", data=data)
+    others = [t for t in section(BakeoffParams, "bakeoff", data=data).tasks if t != task]
     test = load_test(Path("data/prepared") / task)
     forms = {form: form_deployment(task, method, form) for form in SCORED_FORMS}
     for form, where in forms.items():
@@ -55,25 +67,37 @@ def main(task: str, method: str) -> None:
         if not needed.is_file():
             raise TuneoffError(f"{needed} not found: run `dvc repro {STAGE_OF_FORM[form]}@{task}-{method}` first")
 
-    with stage_run("evaluate_nf4", {"evaluate": params.model_dump()}, task=task, method=method, data=data) as tracker:
+    config = {"evaluate": params.model_dump(), "benchmarks": benchmarks.model_dump()}
+    with stage_run("evaluate_nf4", config, task=task, method=method, data=data) as tracker:
         dev = measure.device()
         tokenizer = AutoTokenizer.from_pretrained(NF4_BASE)
         scored, load_seconds = {}, {}
-        for form, where in forms.items():  # one model in memory at a time
+        def load(form: str):
             start = time.perf_counter()
-            net = AutoModelForCausalLM.from_pretrained(where.path, dtype=measure.eval_dtype(params.dtype, dev))
-            net = net.to(dev).eval()
+            net = AutoModelForCausalLM.from_pretrained(forms[form].path, dtype=measure.eval_dtype(params.dtype, dev))
             load_seconds[form] = time.perf_counter() - start
+            return net.to(dev).eval()
+
+        for form in forms:  # one model in memory at a time
+            net = load(form)
             scored[form] = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{method} {form}")
+            if form != SCORED_FORMS[-1]:
+                del net
+                gc.collect()
+        chosen = deployed_form({form: s.metrics["main"] for form, s in scored.items()})
+        if chosen != SCORED_FORMS[-1]:  # the last form scored is still loaded
             del net
             gc.collect()
-        chosen = deployed_form({form: s.metrics["main"] for form, s in scored.items()})
+            net = load(chosen)
+        ability, items = general_ability(net, tokenizer, method, others, benchmarks, params, dev)
 
         out = Path("runs") / task / method
         deployed = scored[chosen]
         for form, s in scored.items():
             write_jsonl(out / f"predictions-{form}.jsonl", s.records)
         write_jsonl(out / "predictions.jsonl", deployed.records)
+        write_json(out / "benchmark-items.json", items)
+        write_json(out / "benchmark.json", ability)
         summary = {form: {"n": s.metrics["n"], "main": s.metrics["main"], "ci_low": s.metrics["ci_low"],
                           "ci_high": s.metrics["ci_high"], "test_loss": round(s.test_loss, 6),
                           "examples_per_second": round(s.examples_per_second, 3)} for form, s in scored.items()}
@@ -87,12 +111,14 @@ def main(task: str, method: str) -> None:
         write_json(out / "eval.json", record.model_dump(exclude_none=True))
         tracker.summary(flat({"eval": {k: v for k, v in deployed.metrics.items() if k != "confusions"}
                                        | {"test_loss": deployed.test_loss, "deployed_form": chosen, "forms": summary}}))
+        tracker.summary(flat({"benchmark": ability}))
         tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in deployed.records])
     for form, s in summary.items():
         print(f"evaluate_nf4@{task}-{method}: {form:<12} {deployed.metrics['main_metric']} {s['main']:.3f} "
               f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}], test loss {s['test_loss']:.3f}"
               + ("  <- deployed" if form == chosen else ""))
     print(f"evaluate_nf4@{task}-{method}: {summary[chosen]['n']} test examples per form -> {out}/eval.json")
+    print(f"evaluate_nf4@{task}-{method}: general ability of {chosen} {ability_line(ability)} -> {out}/benchmark.json")
 
 
 if __name__ == "__main__":

@@ -270,7 +270,7 @@ def test_stage_seconds_come_from_each_record_and_a_seed_counts_once(tmp_path):
     """The report's time breakdown: each record's timing.stage_seconds, named by task, model and stage;
     a seed's train.json is inside its eval.json's process, so only the latter counts."""
     records = {"t/lora/train.json": 30.0, "t/lora/eval.json": 12.5, "t/lora/merge.json": 4.0,
-               "t/base/benchmark.json": 8.0, "t/lora/seeds/1/train.json": 20.0, "t/lora/seeds/1/eval.json": 26.0,
+               "t/base/eval.json": 8.0, "t/lora/seeds/1/train.json": 20.0, "t/lora/seeds/1/eval.json": 26.0,
                "t/lora/predictions.json": 99.0}
     for name, seconds in records.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +279,7 @@ def test_stage_seconds_come_from_each_record_and_a_seed_counts_once(tmp_path):
     (tmp_path / "t/full/train.json").write_text(json.dumps({"timing": {"train_seconds": 3}}))  # an older record
     seconds = stage_seconds(tmp_path, {"timing": {"seconds": 5.0, "stage_seconds": 9.0}})
     assert seconds == {"t/lora train": 30.0, "t/lora seed 1 (train + evaluate)": 26.0, "t/lora evaluate": 12.5,
-                       "quantize": 9.0, "t/base benchmark": 8.0, "t/lora merge": 4.0}
+                       "quantize": 9.0, "t/base evaluate": 8.0, "t/lora merge": 4.0}
     table = markdown([], stages=seconds)
     assert "6 stages, 90 s in all" in table and "| t/lora train | 30.0 | 33.5% |" in table
     assert "Where the time went" not in markdown([], stages={})

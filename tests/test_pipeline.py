@@ -41,8 +41,6 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
                   + [f"train@{t}-{m}" for t in tasks for m in ("full", "lora")] + [f"train_nf4@{t}-qlora" for t in tasks]
                   + [f"merge@{t}-{m}" for t in tasks for m in ("lora", "qlora")] + [f"evaluate@{t}-lora" for t in tasks]
                   + [f"{s}@{t}-qlora" for s in ("merge_nf4", "evaluate_nf4") for t in tasks]
-                  + [f"{s}@{t}" for s in ("benchmark_base", "benchmark_full") for t in tasks]
-                  + [f"benchmark@{t}-lora" for t in tasks] + [f"benchmark_nf4@{t}-qlora" for t in tasks]
                   + ["report", "register"]):
         assert f"Running stage '{stage}'" in out
     for task in ("extraction", "iso_codes"):
@@ -122,7 +120,7 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
     # where the time went: every record's stage, its process's whole wall time
     seconds = comparison["stage_seconds"]
     assert {"quantize", "extraction/lora train", "extraction/base evaluate", "extraction/qlora merge (NF4)",
-            "iso_codes/full benchmark"} <= set(seconds) and all(s > 1 for s in seconds.values())
+            "iso_codes/full evaluate"} <= set(seconds) and all(s > 1 for s in seconds.values())
     assert "## Where the time went" in report and "| extraction/lora train | " in report
     decisions = json.loads((project / "registry/decision.json").read_text())
     stored = project / "registry/registry.json"
@@ -173,9 +171,8 @@ def test_forced_rerun_gives_identical_results(project):
             "merge_nf4@extraction-qlora"} <= {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     # what changed are the measured times the report prices, so only it and register follow
     out = run(["dvc", "repro"], project)
-    # (and QLoRA's benchmark, which reads the form evaluate_nf4 chose from its eval.json)
     assert sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")) == [
-        "benchmark_nf4@extraction-qlora", "register", "report"]
+        "register", "report"]
     second = deterministic_outputs(project)
     assert second.keys() == first.keys()
     for name in first:
@@ -272,7 +269,7 @@ def test_second_repro_does_nothing_and_rank_reruns_only_lora(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], project)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == sorted([f"{s}@{t}-lora" for s in ("train", "merge", "evaluate", "benchmark")
+    assert ran == sorted([f"{s}@{t}-lora" for s in ("train", "merge", "evaluate")
                           for t in ("extraction", "iso_codes")] + ["register", "report"])
 
 
@@ -302,7 +299,7 @@ def test_quantize_params_rerun_only_qlora(project):
     out = run(["dvc", "repro"], project)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == sorted(["quantize", "register", "report"] + [f"train_nf4@{t}-qlora" for t in ("extraction", "iso_codes")]
-                         + [f"{s}@{t}-qlora" for s in ("merge", "merge_nf4", "evaluate_nf4", "benchmark_nf4")
+                         + [f"{s}@{t}-qlora" for s in ("merge", "merge_nf4", "evaluate_nf4")
                             for t in ("extraction", "iso_codes")])
     assert json.loads((project / "models/quantize.json").read_text())["double_quant"] is False
 

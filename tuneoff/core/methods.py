@@ -1,12 +1,12 @@
 """The methods a bake-off compares, as data: every module asks this table instead of comparing names.
 
     name   trains                           base it trains on   its DVC stages per task
-    full   every weight                     models/base         train, evaluate_full, benchmark_full
-    lora   a PEFT adapter, frozen base      models/base         train, merge, evaluate, benchmark
-    qlora  a PEFT adapter, frozen 4-bit     models/base-nf4     train_nf4, merge, merge_nf4, evaluate_nf4,
-                                                                benchmark_nf4
+    full   every weight                     models/base         train, evaluate_full
+    lora   a PEFT adapter, frozen base      models/base         train, merge, evaluate
+    qlora  a PEFT adapter, frozen 4-bit     models/base-nf4     train_nf4, merge, merge_nf4, evaluate_nf4
 
-and with bakeoff.more_seeds, train_seed (train_seed_nf4 for qlora) once per extra seed.
+(each evaluate stage also scores the model's general ability), and with bakeoff.more_seeds,
+train_seed (train_seed_nf4 for qlora) once per extra seed.
 
 What ships: full ships its weights; lora its adapter merged into the float base; qlora the best
 of its deployable forms on the test set (tuneoff/modeling/merge.py FORMS).
@@ -45,12 +45,11 @@ class Method:
         train_seed stage (training and scoring) per seed."""
         again = [f"{'train_seed_nf4' if self.quantized else 'train_seed'}@{task}-{self.name}-{s}" for s in more_seeds]
         if not self.adapter:
-            return [f"train@{task}-{self.name}", f"evaluate_full@{task}", f"benchmark_full@{task}", *again]
+            return [f"train@{task}-{self.name}", f"evaluate_full@{task}", *again]
         if self.quantized:
             return [f"train_nf4@{task}-{self.name}", f"merge@{task}-{self.name}", f"merge_nf4@{task}-{self.name}",
-                    f"evaluate_nf4@{task}-{self.name}", f"benchmark_nf4@{task}-{self.name}", *again]
-        return [f"train@{task}-{self.name}", f"merge@{task}-{self.name}", f"evaluate@{task}-{self.name}",
-                f"benchmark@{task}-{self.name}", *again]
+                    f"evaluate_nf4@{task}-{self.name}", *again]
+        return [f"train@{task}-{self.name}", f"merge@{task}-{self.name}", f"evaluate@{task}-{self.name}", *again]
 
     def train_stage(self, task: str) -> str:
         return self.stages(task)[0]
@@ -78,5 +77,5 @@ def method(name: str) -> Method:
 def unit_stages(unit: str, tasks: list[str], more_seeds: list[int] | tuple[int, ...] = ()) -> list[str]:
     """The stages of one unit of the bake-off (a method, or the base) over every task."""
     if unit == BASE:
-        return [s for t in tasks for s in (f"evaluate_base@{t}", f"benchmark_base@{t}")]
+        return [f"evaluate_base@{t}" for t in tasks]
     return [s for t in tasks for s in method(unit).stages(t, more_seeds)]

@@ -168,7 +168,7 @@ class EvaluateParams(Section):
 
 
 class BenchmarkParams(Section):
-    """General ability (stages/benchmark.py): lm-eval benchmarks and the bake-off's other tasks."""
+    """General ability (tuneoff/evaluation/general.py, run by the evaluate stages): lm-eval benchmarks and the bake-off's other tasks."""
 
     tasks: list[str]  # lm-eval task names; the *_local ones run offline on data/general/; [] = none
     limit: int = Field(ge=0)  # the first this many items of each benchmark, the same for every model; 0 = all

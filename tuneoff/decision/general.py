@@ -1,6 +1,6 @@
 """What tuning on one task cost in general ability: each model against the untuned base on the
-lm-eval benchmarks and on the bake-off's other tasks, paired on the same items (stages/benchmark.py
-wrote each model's items, runs/<task>/<model>/benchmark-items.json).
+lm-eval benchmarks and on the bake-off's other tasks, paired on the same items (the evaluate stages
+wrote each model's items, runs/<task>/<model>/benchmark-items.json; tuneoff/evaluation/general.py).
 
 The seed article: "on standard benchmarks like MMLU, TruthfulQA, and HellaSwag, LoRA-tuned models
 typically land within 1-3% of fully fine-tuned equivalents"; the claims check tests that per

@@ -200,7 +200,7 @@ def _quantize_note(quantization: dict | None) -> str:
 
 # what each record under runs/<task>/<model>/ says the stage that wrote it did
 RECORD_STAGES = {"train.json": "train", "merge.json": "merge", "merge-nf4.json": "merge (NF4)",
-                 "eval.json": "evaluate", "benchmark.json": "benchmark"}
+                 "eval.json": "evaluate"}
 
 
 def stage_seconds(runs: Path, quantization: dict | None = None) -> dict[str, float]:

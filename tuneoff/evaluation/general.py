@@ -1,16 +1,34 @@
-"""General-ability benchmarks through EleutherAI's lm-eval, on the task YAMLs and question files
-shipped in data/general/, so they run offline. Each task's per-document record is kept: the
-comparison pairs the same documents across models."""
+"""General ability: what fine-tuning on a task cost the model, scored by the stage that evaluates it
+(evaluate, evaluate_nf4) on the model it already loaded, as that model would be deployed (the base,
+full's weights, LoRA merged, QLoRA in the form its evaluation chose):
+
+- the general benchmarks in `benchmarks.tasks`, with EleutherAI's lm-evaluation-harness, on the task
+  YAMLs and question files shipped in data/general/ (offline), the same first `benchmarks.limit`
+  items for every model;
+- the bake-off's other tasks (a model tuned on extraction, scored on iso_codes): the first
+  `benchmarks.cross_task_limit` test items, as evaluate scores them. The base needs no such run: its
+  evaluation on the other task already scored those items.
+
+Each item's right or wrong is kept (runs/<task>/<model>/benchmark-items.json): the report pairs the
+same items across models.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from tuneoff.core.errors import TuneoffError
+from tuneoff.core.methods import BASE
+from tuneoff.core.params import BenchmarkParams, EvaluateParams
+from tuneoff.evaluation.generate import generate, reply_limit
+from tuneoff.evaluation.metrics import score
+from tuneoff.evaluation.score import load_test
 
 TASKS_DIR = Path("data/general")  # relative to the project root, as are the YAMLs' data_files
 
@@ -48,3 +66,39 @@ def run_benchmarks(model, tokenizer, tasks: list[str], limit: int | None, batch_
         scores[name] = {"acc": metrics["acc,none"], "acc_norm": metrics.get("acc_norm,none"), "n": len(samples),
                         "correct": [s["acc"] == 1.0 for s in samples]}
     return scores
+
+
+def cross_task(net, tokenizer, other: str, limit: int, evaluate: EvaluateParams, dev: torch.device) -> dict:
+    """The model on the first `limit` test items of another bake-off task, scored as evaluate does."""
+    test = load_test(Path("data/prepared") / other)
+    n = min(limit, len(test.conversations))
+    produced = generate(net, tokenizer, test.conversations[:n], evaluate.batch_size,
+                        reply_limit(tokenizer, test.references[:n], evaluate.max_new_tokens), dev, f"cross-task {other}")
+    metrics, per_item = score(test.scorer, produced, test.references[:n], test.labels, evaluate.bootstrap_samples,
+                              evaluate.seed)
+    return {"main_metric": metrics["main_metric"], "main": metrics["main"], "n": n,
+            "correct": [bool(row["correct"]) for row in per_item]}
+
+
+def general_ability(net, tokenizer, model: str, others: list[str], params: BenchmarkParams,
+                    evaluate: EvaluateParams, dev: torch.device) -> tuple[dict, dict]:
+    """The loaded model's benchmark.json (scores, and the seconds they took) and benchmark-items.json
+    (each item right or wrong, in item order); `others` are the bake-off's other tasks."""
+    start = time.perf_counter()
+    general = (run_benchmarks(net, tokenizer, params.tasks, params.limit or None, params.batch_size)
+               if params.tasks else {})
+    retained = ({o: cross_task(net, tokenizer, o, params.cross_task_limit, evaluate, dev) for o in others}
+                if model != BASE and params.cross_task_limit else {})
+    items = {"benchmarks": {b: s["correct"] for b, s in general.items()},
+             "cross_task": {o: s["correct"] for o, s in retained.items()}}
+    scores = {"benchmarks": {b: {k: v for k, v in s.items() if k != "correct"} for b, s in general.items()},
+              "cross_task": {o: {k: v for k, v in s.items() if k != "correct"} for o, s in retained.items()},
+              "timing": {"seconds": round(time.perf_counter() - start, 1)}}
+    return scores, items
+
+
+def ability_line(scores: dict) -> str:
+    """benchmark.json in one line, as the stage prints it."""
+    shown = [f"{b} {100 * s['acc']:.1f}%" for b, s in scores["benchmarks"].items()]
+    shown += [f"{o} (cross-task) {100 * s['main']:.1f}%" for o, s in scores["cross_task"].items()]
+    return f"{', '.join(shown) or 'no general benchmark (benchmarks.tasks is empty)'} ({scores['timing']['seconds']:.0f} s)"
