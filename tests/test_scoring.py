@@ -58,3 +58,41 @@ def test_the_reply_limit_leaves_room_for_any_reply_that_can_score(tokenizer):
     assert len(tokenizer(pretty, add_special_tokens=False)["input_ids"]) <= reply_limit(tokenizer, references, 10_000)
     metrics, _ = score("json_fields", [pretty], [references[1]], [], 10, 0)
     assert metrics["main"] == 1.0
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_answers_and_losses_from_one_prompt_pass_match_generate_and_each_item_alone(tiny_base, tokenizer, adapter):
+    """Scoring reads each prompt once (its KV cache feeds both the reference's loss and generation):
+    the replies are generate()'s, item for item, and each reference's loss is the item's loss computed
+    alone, over the same tokens prepare trains on; an earlier assistant turn's loss counts too. The same
+    through a PEFT adapter (register scores QLoRA's nf4 form as one)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from tuneoff.data.packing import tokenize_chat
+    from tuneoff.data.tasks import extraction
+    from tuneoff.evaluation.generate import generate
+    from tuneoff.evaluation.score import TestSet, answer_and_losses
+
+    chats = [ex["messages"] for ex in extraction.generate(7, 3)]
+    chats.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                  {"role": "user", "content": "Order ORD-12345 is late."}, {"role": "assistant", "content": "{}"}])
+    test = TestSet("exact", [], [c[:-1] for c in chats], [c[-1]["content"] for c in chats])
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    if adapter:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    cpu = torch.device("cpu")
+    replies, sums, counts = answer_and_losses(model, tokenizer, test, 3, 12, cpu, "test")
+    assert replies == generate(model, tokenizer, test.conversations, 3, 12, cpu, "test")
+    with torch.no_grad():
+        for chat, total, n in zip(chats, sums, counts):
+            ids, trainable = tokenize_chat(tokenizer, chat)
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            keep = torch.tensor(trainable[1:])  # position t predicts token t+1
+            assert n == int(keep.sum())  # every assistant turn: the two-turn item's first one too
+            alone = float(F.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep], reduction="sum"))
+            assert total == pytest.approx(alone, rel=1e-4)

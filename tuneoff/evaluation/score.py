@@ -1,22 +1,32 @@
 """Score one model on a task's test split: its greedy answer to each item, scored, and the loss
 of each item's reference answer under the model. The per-item records are what a paired
-comparison between methods reads (predictions.jsonl)."""
+comparison between methods reads (predictions.jsonl).
+
+Both come from one pass over each batch's prompts: the prompt's keys and values are computed once,
+then the reference is read on a copy of them (its loss) and the answer generated from them. Scoring
+the reference on its own packed rows, as the train loop does, would compute every prompt a second
+time: on extraction the prompt is ~70% of an item's tokens.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import EvaluateParams
 from tuneoff.core.records import read_jsonl
-from tuneoff.evaluation.generate import generate, reply_limit
+from tuneoff.data.packing import IGNORE, tokenize_chat
+from tuneoff.evaluation.generate import reply_limit
 from tuneoff.evaluation.metrics import score
-from tuneoff.training.loop import example_losses, load_rows
 
 RECORD_COLUMNS = ["input", "expected", "produced", "correct", "loss"]  # the first keys of each record
 
@@ -27,22 +37,17 @@ class TestSet:
     labels: list[str]
     conversations: list[list[dict]]  # each test item without its reference answer, in test.jsonl order
     references: list[str]
-    rows: dict[str, torch.Tensor]  # the split packed by prepare; rows["example"] indexes test.jsonl
 
 
 def load_test(prepared: Path) -> TestSet:
-    """data/prepared/<task>/'s test split: the chat examples and their packed rows."""
-    for name in ("meta.json", "test.jsonl", "test.safetensors"):
+    """data/prepared/<task>/'s test split: the chat examples, each ending with its reference answer."""
+    for name in ("meta.json", "test.jsonl"):
         if not (prepared / name).is_file():
             raise TuneoffError(f"{prepared / name} not found: run `dvc repro prepare@{prepared.name}` first")
     meta = json.loads((prepared / "meta.json").read_text())
     examples = read_jsonl(prepared / "test.jsonl")
-    rows = load_rows(prepared / "test.safetensors")
-    if "example" not in rows:
-        raise TuneoffError(f"{prepared}/test.safetensors predates per-example losses: "
-                           f"rerun `dvc repro prepare@{prepared.name}`")
     return TestSet(meta["scorer"], meta["labels"], [ex["messages"][:-1] for ex in examples],
-                   [ex["messages"][-1]["content"] for ex in examples], rows)
+                   [ex["messages"][-1]["content"] for ex in examples])
 
 
 @dataclass
@@ -58,19 +63,98 @@ class Scored:
         return len(self.records) / self.generate_seconds
 
 
+def split_item(tokenizer, conversation: list[dict], reference: str) -> tuple[list[int], list[int], int]:
+    """One test item as the model reads it (packing.tokenize_chat, as prepare tokenizes): its token ids
+    through the reference's last assistant token, each position's target (the next token where that is
+    assistant output, else IGNORE) and the prompt's length (the tokens before the reference)."""
+    ids, trainable = tokenize_chat(tokenizer, [*conversation, {"role": "assistant", "content": reference}])
+    end = max(i for i, t in enumerate(trainable) if t) + 1 if any(trainable) else len(ids)
+    start = end
+    while start > 0 and trainable[start - 1]:
+        start -= 1
+    if start == 0:
+        raise TuneoffError("the chat template put no prompt token before the reference answer")
+    targets = [ids[t + 1] if trainable[t + 1] else IGNORE for t in range(end - 1)]
+    return ids[:end], targets, start
+
+
+def _padded(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
+
+
+@torch.no_grad()
+def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_tokens: int, dev: torch.device,
+                      label: str) -> tuple[list[str], list[float], list[int]]:
+    """Each item's greedy reply, and its reference's summed loss and loss-token count, in test order.
+
+    Per batch of prompts (sorted by length, left-padded as generate() pads them): the prompt less its
+    last token runs once into a KV cache; the last prompt token and the reference run on a copy of it
+    (teacher-forced: the reference's loss); generate() then continues from the cache, so it computes
+    only the last prompt token before it decodes. Loss positions inside the prompt (an earlier assistant
+    turn) are scored in the first pass. The loss is computed in float32 from the model's logits."""
+    items = [split_item(tokenizer, c, r) for c, r in zip(test.conversations, test.references)]
+    order = sorted(range(len(items)), key=lambda i: items[i][2])
+    replies, sums, counts = [""] * len(items), [0.0] * len(items), [0] * len(items)
+    pad = tokenizer.pad_token_id
+    model.eval()
+    for first in tqdm(range(0, len(order), batch_size), desc=label, unit="batch", file=sys.stderr,
+                      mininterval=1 if sys.stderr.isatty() else 15):
+        idx = order[first : first + batch_size]
+        ids, targets, starts = zip(*(items[i] for i in idx))
+        # the prompts less their last token, left-padded; positions count each row's real tokens
+        head = _padded([x[: s - 1] for x, s in zip(ids, starts)], pad, left=True)
+        head_mask = _padded([[1] * (s - 1) for s in starts], 0, left=True)
+        head_targets = _padded([list(t[: s - 1]) for t, s in zip(targets, starts)], IGNORE, left=True)
+        head_pos = (head_mask.cumsum(1) - 1).clamp(min=0)
+        # the last prompt token and the reference, right-padded, positions continuing
+        tail = _padded([x[s - 1 :] for x, s in zip(ids, starts)], pad, left=False)
+        tail_mask = _padded([[1] * (len(x) - s + 1) for x, s in zip(ids, starts)], 0, left=False)
+        tail_targets = _padded([list(t[s - 1 :]) + [IGNORE] for t, s in zip(targets, starts)], IGNORE, left=False)
+        tail_pos = torch.tensor(starts)[:, None] - 1 + torch.arange(tail.shape[1])
+        head, head_mask, head_pos, tail, tail_mask, tail_pos = (
+            t.to(dev) for t in (head, head_mask, head_pos, tail, tail_mask, tail_pos))
+
+        keep = head_targets != IGNORE
+        out = model(input_ids=head, attention_mask=head_mask, position_ids=head_pos, use_cache=True,
+                    logits_to_keep=keep.to(dev) if keep.any() else 1)
+        cache, losses = out.cache, [(keep, out.logits if keep.any() else None)]
+        keep = tail_targets != IGNORE
+        out = model(input_ids=tail, attention_mask=torch.cat([head_mask, tail_mask], 1), position_ids=tail_pos,
+                    cache=copy.deepcopy(cache), use_cache=True, logits_to_keep=keep.to(dev))
+        losses.append((keep, out.logits))
+        for (keep, logits), wanted in zip(losses, (head_targets, tail_targets)):
+            if logits is None:
+                continue
+            per_position = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), wanted[keep].to(dev),
+                                           reduction="none").cpu()
+            rows = keep.nonzero()[:, 0]  # row-major, the order the kept logits come in
+            for row, loss in zip(rows.tolist(), per_position.tolist()):
+                sums[idx[row]] += loss
+                counts[idx[row]] += 1
+
+        prompt = torch.cat([head, tail[:, :1]], 1)
+        generated = model.generate(input_ids=prompt, attention_mask=torch.cat([head_mask, tail_mask[:, :1]], 1),
+                                   cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                                   temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                                   eos_token_id=tokenizer.eos_token_id)
+        for i, row in zip(idx, generated[:, prompt.shape[1] :]):
+            replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return replies, sums, counts
+
+
 def score_model(model, tokenizer, test: TestSet, params: EvaluateParams, dev: torch.device, label: str) -> Scored:
-    """Generate, score and compute each reference's loss; the loss runs in float32, as the model loads."""
+    """Generate, score and compute each reference's loss (answer_and_losses)."""
     start = time.perf_counter()
     limit = reply_limit(tokenizer, test.references, params.max_new_tokens)
-    predictions = generate(model, tokenizer, test.conversations, params.batch_size, limit, dev, label)
+    predictions, sums, counts = answer_and_losses(model, tokenizer, test, params.batch_size, limit, dev, label)
     generate_seconds = time.perf_counter() - start
-    means, counts = example_losses(model, test.rows, params.batch_size, dev, "fp32")
     metrics, per_item = score(test.scorer, predictions, test.references, test.labels, params.bootstrap_samples,
                               params.seed)
-    # an item packing dropped (no reference token within prepare.seq_len) has no loss: null
-    losses = [round(float(means[i]), 6) if i < len(counts) and counts[i] else None for i in range(len(predictions))]
+    # an item with no reference token (an empty answer) has no loss: null
+    losses = [round(total / n, 6) if n else None for total, n in zip(sums, counts)]
     items = zip(test.conversations, test.references, predictions, per_item, losses)
     records = [{"input": conv[-1]["content"], "expected": ref, "produced": pred, "correct": row["correct"],
                 "loss": loss, **row} for conv, ref, pred, row, loss in items]  # then the scorer's own fields
-    test_loss = float(means.nan_to_num().mul(counts).sum() / counts.sum())
+    test_loss = sum(sums) / max(sum(counts), 1)
     return Scored(metrics, records, test_loss, generate_seconds, limit)

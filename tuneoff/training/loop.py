@@ -135,28 +135,6 @@ def eval_loss(model, rows: dict[str, torch.Tensor], batch_size: int, dev, precis
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def example_losses(model, rows: dict[str, torch.Tensor], batch_size: int, dev,
-                   precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss over each source example's loss tokens, and how many it has, indexed by
-    rows["example"] (packing.py); NaN for an index that owns no loss token. The token-weighted
-    mean of the means is eval_loss's number."""
-    was_training = model.training
-    model.eval()
-    owners = torch.where(rows["targets"] != IGNORE, rows["example"], -1)
-    examples = int(owners.max()) + 1
-    sums = torch.zeros(examples, dtype=torch.float64)  # float64: test_loss then sums every example's sum again
-    counts = torch.zeros(examples, dtype=torch.long)
-    for start in range(0, len(rows["input_ids"]), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(rows["input_ids"])))
-        losses, _ = batch_loss(model, rows, idx, dev, precision, reduction="none")
-        owner = owners[idx][owners[idx] >= 0]  # row-major, the order batch_loss returns them in
-        sums.index_add_(0, owner, losses.double().cpu())
-        counts.index_add_(0, owner, torch.ones_like(owner))
-    model.train(was_training)
-    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan), counts
-
-
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's AdamW defaults, given to bitsandbytes' too
 
 
