@@ -128,8 +128,7 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
                 params=ParamCounts(trainable=trainable, total=total, trainable_percent=round(100 * trainable / total, 4)),
                 tokens=Tokens(budget=common.token_budget, real=result.real_tokens, supervised=result.loss_tokens,
                               steps=result.steps, batch_rows=common.batch_size),
-                loss=Loss(train_final=round(result.final_train_loss, 6), val_before=round(result.val_loss_before, 6),
-                          val=round(result.val_loss, 6)),
+                loss=Loss(train_final=round(result.final_train_loss, 6), val=round(result.val_loss, 6)),
                 memory=Memory(peak_memory_bytes=train_memory["peak_bytes"], measure=train_memory["measure"],
                               peak_reserved_bytes=train_memory.get("peak_reserved_bytes") if dev.type == "cuda" else None,
                               load_peak_memory_bytes=load_memory["peak_bytes"], allocator=allocator.in_use()),
@@ -158,7 +157,7 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
             "base": str(base), "metrics": metrics})
     gib = train_memory["peak_bytes"] / 2**30
     print(f"train {label}: {result.steps} steps, {result.real_tokens:,} tokens in {result.train_seconds:.0f} s "
-          f"({record.timing.tokens_per_second:.0f} tok/s), val loss {result.val_loss_before:.3f} -> "
+          f"({record.timing.tokens_per_second:.0f} tok/s), val loss "
           f"{result.val_loss:.3f}, peak {gib:.2f} GiB ({train_memory['measure']}) -> {out}/")
     return out
 

@@ -20,7 +20,7 @@ MEASURED = {"timing", "memory", "cost", "examples_per_second"}  # the keys of a 
 TRAIN_KEYS = {
     "params": {"trainable", "total", "trainable_percent"},
     "tokens": {"budget", "real", "supervised", "steps", "batch_rows"},
-    "loss": {"train_final", "val_before", "val"},
+    "loss": {"train_final", "val"},
     "memory": {"peak_memory_bytes", "measure", "load_peak_memory_bytes", "allocator"},
     "output": {"path", "kind", "weights_bytes", "folder_bytes"},
     "timing": {"resumed_from_step", "load_seconds", "train_seconds", "eval_seconds", "wall_seconds", "tokens_per_second"},
@@ -64,7 +64,10 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
         for m in ("lora", "qlora"):
             assert (project / "runs" / task / m / "model/adapter_model.safetensors").is_file()
             assert runs[m]["output"]["weights_bytes"] < runs["full"]["output"]["weights_bytes"] / 5
-        assert runs["lora"]["loss"]["val"] < runs["lora"]["loss"]["val_before"]
+        # the base's val loss before training: quantize measured it once per task, float and NF4
+        base_val = json.loads((project / "models/quantize.json").read_text())["error"][task]
+        assert runs["lora"]["loss"]["val"] < base_val["val_loss_float"]
+        assert runs["qlora"]["loss"]["val"] < base_val["val_loss_quantized"]
         for model in ("base", "full", "lora", "qlora"):
             ev = json.loads((project / "runs" / task / model / "eval.json").read_text())
             m = ev["metrics"]
@@ -247,6 +250,9 @@ def test_results_table_lists_every_run(project):
     lora = next(r for r in found["runs"] if (r["task"], r["method"]) == ("extraction", "lora"))
     row = next(r for r in comparison["tasks"][0]["rows"] if r["method"] == "lora")
     assert (lora["main"], lora["ci"]) == (row["main"], [row["ci_low"], row["ci_high"]])
+    base_val = json.loads((project / "models/quantize.json").read_text())["error"]["extraction"]
+    qlora = next(r for r in found["runs"] if (r["task"], r["method"]) == ("extraction", "qlora"))
+    assert (lora["val_loss_before"], qlora["val_loss_before"]) == (base_val["val_loss_float"], base_val["val_loss_quantized"])
     for task, decision in comparison["decisions"].items():
         assert found["verdicts"][task]["verdict"] == decision["verdict"]
         assert f"verdict {task}: {decision['verdict']}" in out

@@ -46,8 +46,7 @@ class Tokens(Record):
 
 class Loss(Record):
     train_final: float
-    val_before: float
-    val: float
+    val: float  # after training; before it, the base's val loss is quantize.json's (models/quantize.json)
 
 
 class Memory(Record):

@@ -4,9 +4,11 @@ edit retrains nothing."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
+from tuneoff.core.methods import METHODS
 from tuneoff.core.params import CostParams, EstimateParams, section
 from tuneoff.core.records import Comparison, RunCosts, TaskComparison, TrainRecord, read
 from tuneoff.estimator.estimate import cost, for_record
@@ -85,11 +87,15 @@ def _predictions_table(comparisons: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def results(runs: Path = Path("runs"), comparison_file: Path = Path("reports/comparison.json")) -> dict:
+def results(runs: Path = Path("runs"), comparison_file: Path = Path("reports/comparison.json"),
+            quantize_file: Path = Path("models/quantize.json")) -> dict:
     """Each (task, method)'s run from runs/<task>/<method>/train.json, in dollars at params.yaml's
-    prices, with its score and 95% interval and each task's verdict from the report, if it ran."""
+    prices, with its score and 95% interval and each task's verdict from the report, if it ran. The
+    val loss before training is the base's (float, or NF4 for a method trained on it), as the
+    quantize stage measured it on the same val rows."""
     prices = section(CostParams, "cost").price_per_hour
     report = read(Comparison, comparison_file) if comparison_file.is_file() else {"tasks": [], "decisions": {}}
+    base_val = json.loads(quantize_file.read_text())["error"] if quantize_file.is_file() else {}
     scores = {(c["task"], r["method"]): r for c in report["tasks"] for r in c["rows"]}
     rows = []
     for path in sorted(runs.glob("*/*/train.json")):
@@ -98,7 +104,9 @@ def results(runs: Path = Path("runs"), comparison_file: Path = Path("reports/com
         rows.append({"task": m.task, "method": m.method, "device": m.device, "precision": m.precision,
                      "trainable_percent": m.params.trainable_percent, "peak_memory_bytes": m.memory.peak_memory_bytes,
                      "memory_measure": m.memory.measure, "train_seconds": m.timing.train_seconds,
-                     "tokens_per_second": m.timing.tokens_per_second, "val_loss_before": m.loss.val_before,
+                     "tokens_per_second": m.timing.tokens_per_second,
+                     "val_loss_before": base_val.get(m.task, {}).get(
+                         "val_loss_quantized" if m.method in METHODS and METHODS[m.method].quantized else "val_loss_float"),
                      "val_loss": m.loss.val, "weights_bytes": m.output.weights_bytes,
                      "usd": cost(m.timing.wall_seconds, m.device, prices)["usd"],
                      "main": score.get("main"), "ci": [score.get("ci_low"), score.get("ci_high")]})
@@ -114,7 +122,8 @@ def results_table(runs: Path = Path("runs"), comparison_file: Path = Path("repor
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
     rows = [[r["task"], r["method"], r["device"], r["precision"], f"{r['trainable_percent']:.2f}%",
              f"{r['peak_memory_bytes'] / 2**30:.2f}", f"{r['train_seconds']:.0f}", f"{r['tokens_per_second']:.0f}",
-             f"{r['val_loss_before']:.3f} -> {r['val_loss']:.3f}", f"{r['weights_bytes'] / 2**20:.1f}",
+             ("" if r["val_loss_before"] is None else f"{r['val_loss_before']:.3f} -> ") + f"{r['val_loss']:.3f}",
+             f"{r['weights_bytes'] / 2**20:.1f}",
              "n/a" if r["usd"] is None else f"{r['usd']:.4f}",
              "n/a" if r["main"] is None else f"{pct(r['main'])} [{pct(r['ci'][0])}, {pct(r['ci'][1])}]"]
             for r in found["runs"]]

@@ -200,7 +200,6 @@ class TrainResult:
     train_seconds: float
     eval_seconds: float
     final_train_loss: float
-    val_loss_before: float
     val_loss: float
     resumed_from_step: int  # 0 = trained from the start
 
@@ -254,11 +253,8 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
             window_loss = tensors["window_loss"].to(dev) if not acc or acc.is_main_process else window_loss
             if not acc or acc.is_main_process:
                 print(f"{label}: resuming from the checkpoint at step {state['step']} of {len(steps)}", file=sys.stderr)
-        else:
-            t = time.perf_counter()
-            state["val_before"] = eval_loss(model, val_rows, eval_rows, dev, precision)
-            state["eval_seconds"] += time.perf_counter() - t
-            state["val_rows"].append([0, round(state["val_before"], 6)])
+        # no val pass before the first step: that is the base model's val loss, the same for every
+        # method on the base, which the quantize stage measures once per task (float and NF4)
 
         model.train()
         bar = tqdm(total=len(steps), initial=state["step"], desc=label, unit="step", file=sys.stderr,
@@ -337,7 +333,7 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     recent = state["recent"]
     last = recent[-max(1, len(recent) // 10):]  # the log windows of about the last 10% of steps
     return TrainResult(len(steps), state["real_tokens"], state["loss_tokens"], state["train_seconds"],
-                       state["eval_seconds"], sum(last) / len(last), state["val_before"], val_after,
+                       state["eval_seconds"], sum(last) / len(last), val_after,
                        resumed_from_step)
 
 
