@@ -72,7 +72,8 @@ def main(task: str, method: str) -> None:
         dev = measure.device()
         tokenizer = AutoTokenizer.from_pretrained(NF4_BASE)
         scored, load_seconds = {}, {}
-        def load(form: str):
+
+        def load(form: str):  # one form's model, timed
             start = time.perf_counter()
             net = AutoModelForCausalLM.from_pretrained(forms[form].path, dtype=measure.eval_dtype(params.dtype, dev))
             load_seconds[form] = time.perf_counter() - start
