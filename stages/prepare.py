@@ -46,10 +46,11 @@ def main(task: str) -> None:
     with atomic_dir(out) as tmp:
         for name, examples in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", examples)
-        for name in SPLITS:  # packed test rows give evaluate its test loss
+        for name in SPLITS:  # train and val rows feed the loop; test is packed only for its counts
             packed = pack([tokenize_chat(tokenizer, ex["messages"]) for ex in splits[name]],
                           prep.seq_len, tokenizer.pad_token_id)
-            save_file(packed.tensors(), tmp / f"{name}.safetensors")
+            if name != "test":
+                save_file(packed.tensors(), tmp / f"{name}.safetensors")
             slots = packed.input_ids.numel()
             meta[name] = {"rows": len(packed.input_ids), "real_tokens": int(packed.real_tokens.sum()),
                           "loss_tokens": int((packed.targets != -100).sum()),

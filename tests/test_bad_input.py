@@ -64,8 +64,6 @@ def test_a_json_string_may_hold_unicode_line_separators(tmp_path):
 
 
 def test_files_the_project_writes_read_back_whole_with_unicode_line_separators(tmp_path):
-    from safetensors.torch import save_file
-
     from tuneoff.core.atomic import write_json, write_jsonl
     from tuneoff.core.records import read_jsonl
     from tuneoff.decision.pairs import read_items
@@ -75,7 +73,6 @@ def test_files_the_project_writes_read_back_whole_with_unicode_line_separators(t
     examples = [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]}] * 2
     write_jsonl(tmp_path / "test.jsonl", examples)
     write_json(tmp_path / "meta.json", {"scorer": "exact", "labels": []})
-    save_file({"example": torch.zeros(1, 4, dtype=torch.int32)}, tmp_path / "test.safetensors")
     test = load_test(tmp_path)
     assert test.references == [text, text] and test.conversations == [ex["messages"][:1] for ex in examples]
     records = [{"input": text, "correct": True}, {"input": "x", "correct": False}]
