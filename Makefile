@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# The CPU build of torch here; GPU machines: see README ("GPU install").
+# The CPU build of torch here; GPU machines: see docs/gpu.md.
 TORCH  ?= torch==2.13.0
 EXTRAS ?= dev
 

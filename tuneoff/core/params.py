@@ -7,7 +7,7 @@ the key, the value given and what is allowed (every missing key at once).
 The one exception is a task entry for a team's own data (`tasks.<name>` of kind jsonl, csv or
 hf_disk): its optional keys default here, on the fields, because a user writes that entry from
 scratch. params.yaml's commented template under `tasks:` shows each kind with these defaults
-(tests/test_params.py checks that it agrees), and so does the README's table.
+(tests/test_params.py checks that it agrees), and so does the table in docs/your-data.md.
 """
 
 from __future__ import annotations
