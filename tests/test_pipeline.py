@@ -46,6 +46,8 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
     for task in ("extraction", "iso_codes"):
         meta = json.loads((project / "data/prepared" / task / "meta.json").read_text())
         assert meta["train"]["loss_tokens"] > 0 and all(meta["examples"][s] > 0 for s in ("train", "val", "test"))
+        packed = sorted(p.name for p in (project / "data/prepared" / task).glob("*.safetensors"))
+        assert packed == ["train.safetensors", "val.safetensors"]  # test is scored from its jsonl, never packed to disk
         runs = {m: json.loads((project / "runs" / task / m / "train.json").read_text()) for m in ("full", "lora", "qlora")}
         for method, metrics in runs.items():
             for group, keys in TRAIN_KEYS.items():
