@@ -73,7 +73,7 @@ def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
         else:
             reasons.append(f"{name} is not shown to beat the untuned base ({interval(vs_base)})")
             unclear.append(r)
-    excluded = (" Excluded: " + "; ".join(reasons) + ".") if reasons else ""
+    excluded = listed(reasons)
     if not eligible:
         if unclear:
             return verdict(None, "inconclusive", f"No method is shown to beat the untuned base yet: {'; '.join(reasons)}.",
@@ -82,13 +82,22 @@ def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
                                      "data before spending more.", numbers)
 
     cost = lambda r: (r["train"]["cost_usd"] or 0.0, r["train"]["peak_memory_bytes"])  # noqa: E731
-    full = rows.get(FULL.name) if any(r["method"] == FULL.name for r in eligible) else None
+    full = rows.get(FULL.name)
     adapters = sorted((r for r in eligible if r["method"] != FULL.name), key=cost)
-    if full is None:  # the margin is then measured from the best adapter that beats the base
+    if full is not None and full.get("failed"):  # missing evidence never decides: the adapters cannot be weighed
+        return verdict(None, "inconclusive", f"Full fine-tuning failed ({full['failed']}), so no adapter can be "
+                       "weighed against it." + excluded, numbers,
+                       settle=f"Fix full fine-tuning (runs/{comparison['task']}/full/failed.json) and rerun it: "
+                              "`tuneoff run --methods full`.")
+    full_unclear = full is not None and full in unclear
+    if full_unclear:  # full is the reference below, not excluded
+        excluded = listed([x for x in reasons if not x.startswith(f"{FULL.name} is not shown")])
+    if full is None or (full not in eligible and not full_unclear):
+        # full is out on evidence (worse than the base, over the memory budget, or losing general ability)
         return among_adapters(comparison, adapters, rules.max_gap_points, excluded, numbers)
     # an adapter not shown to beat the base is still weighed against full: it may yet be good enough
     candidates = sorted(adapters + [r for r in unclear if r["method"] != FULL.name], key=cost)
-    if not candidates:
+    if not candidates and not full_unclear:
         return verdict(FULL.name, "decided", "full fine-tuning: the only method shown to beat the untuned base "
                        f"({interval(pair(comparison, FULL.name, BASE))})." + excluded, numbers)
 
@@ -96,6 +105,10 @@ def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
     judged = {r["method"]: (stats.non_inferiority(pair(comparison, r["method"], FULL.name)["ci_points"], margin),
                             pair(comparison, r["method"], FULL.name)) for r in candidates}
     good = [r for r in adapters if judged[r["method"]][0] == "non-inferior"]
+    # an adapter shown to be more than the margin behind another good one is not a pick
+    behind = {r["method"]: o["method"] for r in good for o in good if o is not r and stats.non_inferiority(
+        oriented(comparison, r["method"], o["method"])["ci_points"], margin) == "inferior"}
+    good = [r for r in good if r["method"] not in behind]
     if good:
         pick = good[0]
         p = judged[pick["method"]][1]
@@ -104,48 +117,69 @@ def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
                f"-{margin:g}-point margin, so it is non-inferior, at {100 * share:.0f}% of full's cost and "
                f"{pick['train']['peak_memory_bytes'] / GIB:.2f} GiB peak memory vs "
                f"{full['train']['peak_memory_bytes'] / GIB:.2f}.")
-        cheaper = [r["method"] for r in candidates if cost(r) < cost(pick)]
+        if full_unclear:
+            why += (f" Full fine-tuning itself is not shown to beat the untuned base "
+                    f"({interval(pair(comparison, FULL.name, BASE))}); {pick['method']} is "
+                    f"({interval(pair(comparison, pick['method'], BASE))}).")
+        unsized = [f"{o['method']} - {pick['method']} {interval(oriented(comparison, o['method'], pick['method']))}"
+                   for o in good[1:]]
+        if unsized:
+            why += (f" Also within the margin of full, and not shown to be within {margin:g} points of "
+                    f"{pick['method']} or beyond: {'; '.join(unsized)}.")
+        cheaper = [r["method"] for r in candidates if cost(r) < cost(pick) and r["method"] not in behind]
         if cheaper:
             why += f" {', '.join(cheaper)} would be cheaper still, but this run cannot tell whether it is good enough."
+        why += "".join(f" {m} is shown to be more than {margin:g} points behind {better}." for m, better in behind.items())
         return verdict(pick["method"], "decided", why + excluded, numbers)
-    if all(status == "inferior" for status, _ in judged.values()):
+    if candidates and all(status == "inferior" for status, _ in judged.values()) and not full_unclear:
         best = max(candidates, key=lambda r: r["main"])
         return verdict(FULL.name, "decided", f"full fine-tuning: every adapter is shown to be more than {margin:g} "
                        f"points behind it (best: {best['method']}, {interval(judged[best['method']][1])}). Before "
                        "paying for full fine-tuning in production, try LoRA at rank 64 on all linear layers." + excluded,
                        numbers)
-    # what is left open: an adapter whose interval straddles the margin, or one within the margin that is
-    # not shown to beat the base
+    # what is left open: an adapter whose interval straddles the margin, one within the margin that is not
+    # shown to beat the base, or full itself not shown to beat the base
     straddle = [m for m, (status, _) in judged.items() if status == "inconclusive"]
     near_base = [r["method"] for r in unclear if judged.get(r["method"], ("",))[0] == "non-inferior"]
     parts = [f"{m} - full {interval(judged[m][1])} holds both a gap within the {margin:g}-point margin and one "
              "beyond it" for m in straddle]
     parts += [f"{m} is within the margin of full ({interval(judged[m][1])}) but not shown to beat the base"
               for m in near_base]
+    if full_unclear:
+        parts.append(f"full fine-tuning is not shown to beat the untuned base ({interval(pair(comparison, FULL.name, BASE))})"
+                     + (", and no adapter is shown to be within the margin of it" if adapters else ""))
     needs = ([settle_margin(comparison, straddle, margin)] if straddle else []) + (
-        [settle_base(comparison, near_base)] if near_base else [])
+        [settle_base(comparison, near_base + [FULL.name] * full_unclear)] if near_base or full_unclear else [])
     return verdict(None, "inconclusive", f"Inconclusive on {metric}: {'; '.join(parts)}. This run cannot tell whether "
                    "an adapter is good enough; nothing is promoted." + excluded, numbers, settle=settle(comparison, *needs))
 
 
+def listed(reasons: list[str]) -> str:
+    return (" Excluded: " + "; ".join(reasons) + ".") if reasons else ""
+
+
 def among_adapters(comparison: TaskComparison, adapters: list, margin: float, excluded: str, numbers: dict) -> Decision:
-    """Full fine-tuning not in the running: the cheapest adapter within the margin of the best one that
-    beats the base (by its paired interval against it); the best itself when no cheaper one is shown
-    to be within the margin."""
-    best = max(adapters, key=lambda r: r["main"])
-    vs_best = {r["method"]: oriented(comparison, r["method"], best["method"]) for r in adapters if r is not best}
-    good = [r for r in adapters if r is best or stats.non_inferiority(vs_best[r["method"]]["ci_points"], margin)
-            == "non-inferior"]  # adapters are sorted cheapest first
+    """Full fine-tuning out on evidence: the cheapest adapter that beats the base and is non-inferior to
+    every other one that does (within the margin by its paired interval); when none is, adapters that
+    cannot be told apart are inconclusive, whatever their point estimates say."""
+    if not adapters:
+        return verdict(None, "none", "No method qualifies." + excluded, numbers)
+    vs = {(r["method"], o["method"]): oriented(comparison, r["method"], o["method"])
+          for r in adapters for o in adapters if o is not r}
+    good = [r for r in adapters if all(stats.non_inferiority(vs[r["method"], o["method"]]["ci_points"], margin)
+                                       == "non-inferior" for o in adapters if o is not r)]  # cheapest first
+    if not good:
+        open_pairs = [f"{a} - {b} {interval(p)}" for (a, b), p in vs.items() if a < b]
+        return verdict(None, "inconclusive", f"Full fine-tuning is not in the running, and no adapter is shown to be "
+                       f"within {margin:g} points of the others: {'; '.join(open_pairs)}. Nothing is promoted." + excluded,
+                       numbers, settle=settle(comparison, items_needed(
+                           comparison, [(f"{a} - {b}", p) for (a, b), p in vs.items() if a < b], margin)))
     pick = good[0]
     why = (f"{pick['method']}: shown to beat the untuned base ({interval(pair(comparison, pick['method'], BASE))}); "
            "full fine-tuning is not in the running.")
-    if pick is not best:
-        why += (f" Against {best['method']}, the best that beats the base, {interval(vs_best[pick['method']])}: within "
-                f"the {margin:g}-point margin, and cheaper.")
-    passed = [f"{r['method']} - {best['method']} {interval(vs_best[r['method']])}"
-              for r in adapters[:adapters.index(pick)]]  # cheaper than the pick, and not within the margin
-    if passed:
-        why += f" Cheaper, but not shown to be within {margin:g} points of {best['method']}: {'; '.join(passed)}."
+    others = [f"{o['method']}: {interval(vs[pick['method'], o['method']])}" for o in adapters if o is not pick]
+    if others:
+        why += f" Against each other adapter that beats the base, within the {margin:g}-point margin: {'; '.join(others)}."
     return verdict(pick["method"], "decided", why + excluded, numbers)
 
 
@@ -155,7 +189,7 @@ def oriented(comparison: TaskComparison, a: str, b: str) -> Pair:
     if found:
         return found
     p = pair(comparison, b, a)
-    return {**p, "a": a, "b": b, "diff_points": -p["diff_points"], "ci_points": [-p["ci_points"][1], -p["ci_points"][0]]}
+    return {**p, "a": a, "b": b, "diff_points": 0.0 - p["diff_points"], "ci_points": [-p["ci_points"][1], -p["ci_points"][0]]}
 
 
 def replaces_champion(challenger: list[bool], champion: list[bool], margin: float) -> tuple[bool, str]:
@@ -179,24 +213,40 @@ def verdict(method, kind: str, rationale: str, numbers: dict, settle: str | None
 
 
 def settle_margin(comparison: dict, adapters: list[str], margin: float) -> tuple[list[str], int]:
-    """How many test items would decide each open adapter-vs-full comparison at the spread observed."""
-    return items_needed(comparison, [(m, pair(comparison, m, FULL.name)) for m in adapters], margin,
-                        "its difference sits on the margin, so no test set size would decide it")
+    """How many test items would decide each open adapter-vs-full comparison."""
+    return items_needed(comparison, [(m, pair(comparison, m, FULL.name)) for m in adapters], margin)
 
 
 def settle_base(comparison: dict, methods: list[str]) -> tuple[list[str], int]:
-    """How many test items would show each method above the base at the spread observed."""
-    return items_needed(comparison, [(m, pair(comparison, m, BASE)) for m in methods], 0.0,
-                        "it scored exactly like the base, so no test set size would show a difference")
+    """How many test items would show each method above the base."""
+    return items_needed(comparison, [(m, pair(comparison, m, BASE)) for m in methods], 0.0)
 
 
-def items_needed(comparison: dict, pairs: list[tuple[str, dict]], margin: float, on_the_line: str) -> tuple[list[str], int]:
+def items_needed(comparison: dict, pairs: list[tuple[str, dict]], margin: float) -> tuple[list[str], int]:
+    """Per pair, the test items at which its interval would clear -margin on the side the estimate faces
+    with 80% power, at the difference and discordance observed; an estimate within a point of the bound
+    is sized for a 1-point true gap instead, since it could fall either way."""
     n_now = comparison["conditions"]["test_examples"]
     parts, needed = [], 0
     for m, p in pairs:
-        n = stats.items_to_decide(p["diff_points"], p["ci_points"], p["n"], -margin)
-        needed = max(needed, n or 0)
-        parts.append(f"{m}: {on_the_line}" if n is None else f"{m}: about {n:,} test items at this spread (now {n_now})")
+        bound = -margin / 100
+        if p.get("only_a") is None:  # over seeds: no table of items; the seeds' spread does not shrink with items
+            parts.append(f"{m}: {interval(p)} over {p['seeds'][0]} seeds; more seeds narrow it where items cannot")
+            continue
+        only_a, only_b = p["only_a"] / p["n"], p["only_b"] / p["n"]
+        diff = only_a - only_b
+        if abs(diff - bound) < 0.01 - 1e-9:
+            gap = bound + (0.01 if diff >= bound else -0.01)
+            discordant = max(only_a + only_b, abs(gap))
+            n = stats.items_for_power((discordant + gap) / 2, (discordant - gap) / 2, bound)
+            parts.append(f"{m}: the estimate sits within a point of the bound, so a larger test set decides it either "
+                         f"way: about {n:,} test items for {stats.POWER:.0%} power if the true gap is 1 point from it "
+                         f"(now {n_now})")
+        else:
+            n = stats.items_for_power(only_a, only_b, bound)
+            parts.append(f"{m}: about {n:,} test items for {stats.POWER:.0%} power at this difference and "
+                         f"discordance (now {n_now})")
+        needed = max(needed, n)
     return parts, needed
 
 

@@ -1,5 +1,6 @@
 """Methods compared on the same test items: a - b per item for the main metric and the per-example
-loss, with one seed per method (an exact paired interval) or several (a two-level bootstrap)."""
+loss, with one seed per method (a paired score interval, about these trained models) or several (a t
+interval over items and seeds, about the methods)."""
 
 from __future__ import annotations
 
@@ -25,25 +26,25 @@ def paired(items: dict[str, list[dict]], bootstrap_samples: int, seed: int,
     A method trained with several seeds (`seed_runs`: every seed's records) is compared over all of them."""
     seed_runs = seed_runs or {}
     return [one_pair(a, b, items, bootstrap_samples, seed) if a not in seed_runs and b not in seed_runs
-            else pair_over_seeds(a, b, {m: seed_runs.get(m, [items[m]]) for m in (a, b)}, bootstrap_samples, seed)
+            else pair_over_seeds(a, b, {m: seed_runs.get(m, [items[m]]) for m in (a, b)})
             for a, b in PAIRS if a in items and b in items]
 
 
-def pair_over_seeds(a: str, b: str, runs: dict[str, list[list[dict]]], bootstrap_samples: int, seed: int) -> Pair:
-    """a - b over every seed each was trained with, on the same items: a two-level bootstrap interval
-    (items and seeds) for the main metric and for the per-example loss. The main metric's interval is
-    never narrower than the first seeds' exact paired one: a bootstrap collapses to a point when no
-    item differs, which a handful of items cannot show."""
+def pair_over_seeds(a: str, b: str, runs: dict[str, list[list[dict]]]) -> Pair:
+    """a - b over every seed each was trained with, on the same items: a t interval over items and seeds
+    (stats.paired_over_seeds) for the main metric and for the per-example loss. The main metric's
+    interval is never narrower than the first seeds' paired score interval: when no item differs on
+    any seed the t interval is a point, which a handful of items cannot show."""
     every = [r for m in (a, b) for r in runs[m]]
     if any([x["expected"] for x in r] != [x["expected"] for x in every[0]] for r in every):
         raise TuneoffError(f"{a} and {b} were not all scored on the same test items: rerun their stages")
     main = stats.paired_over_seeds([[float(x["correct"]) for x in r] for r in runs[a]],
-                                   [[float(x["correct"]) for x in r] for r in runs[b]], bootstrap_samples, seed)
+                                   [[float(x["correct"]) for x in r] for r in runs[b]])
     exact = stats.paired_binary([bool(x["correct"]) for x in runs[a][0]], [bool(x["correct"]) for x in runs[b][0]])
     main["ci"] = [min(main["ci"][0], exact["ci"][0]), max(main["ci"][1], exact["ci"][1])]
     kept = [i for i in range(main["n"]) if all(r[i].get("loss") is not None for r in every)]
     loss = kept and stats.paired_over_seeds([[r[i]["loss"] for i in kept] for r in runs[a]],
-                                            [[r[i]["loss"] for i in kept] for r in runs[b]], bootstrap_samples, seed)
+                                            [[r[i]["loss"] for i in kept] for r in runs[b]])
     return {"a": a, "b": b, "n": main["n"], "seeds": main["seeds"], "diff_points": round(100 * main["diff"], 2),
             "ci_points": [round(100 * main["ci"][0], 2), round(100 * main["ci"][1], 2)],
             "p_value": None, "only_a": None, "only_b": None, "interval": main["method"],

@@ -1,14 +1,21 @@
 """Paired comparisons of two models scored on the same test items, and what they can decide.
 
-Every method is scored on the same items, so the comparison is per item: most of the item-to-item
+Every method is scored on the same test items, so the comparison is per item: most of the item-to-item
 spread cancels, and the interval is far narrower than two independent intervals side by side.
 
-- 0/1 scores (exact match, accuracy): the difference of proportions with Newcombe's hybrid score
-  interval for paired data (Newcombe 1998, "Improved confidence intervals for the difference
-  between binomial proportions based on paired data", method 10), and the exact McNemar test on
-  the discordant items. Unlike a bootstrap it stays honest when few items disagree: of 300 items,
-  2 right only in a and none only in b give a percentile bootstrap interval of [0, +1.7] points,
-  and this one [-0.6, +2.1] (tests/test_stats.py).
+- 0/1 scores (exact match, accuracy): the difference of proportions with Tango's score interval for
+  paired data (Tango 1998, "Equivalence test and confidence interval for the difference in
+  proportions for the paired-sample design"), widened on a side where its skewness-corrected form
+  (Laud's SCAS, as ratesci's pairbinci) reaches further, and McNemar's test (the score test it inverts
+  at 0). A score interval is the set of differences a score test does not reject, so it keeps its
+  width when no item differs (20 items alike: +-16 points, not a point), where Newcombe's hybrid
+  interval with the uncorrected correlation collapses. Plain Tango claims too much on the side the
+  discordance leans away from (4.1% one-sided at n = 300 when every discordant item goes one way),
+  the corrected form on the other; the wider of the two keeps both sides near 2.5%
+  (docs/statistics.md: the error at the margin computed exactly over n, discordance and accuracy).
+- Several training seeds: a t interval whose variance adds the item part (paired, over the items'
+  seed-averaged differences) and each method's between-seed part, with Satterthwaite's degrees of
+  freedom; with 2 seeds it is wide, as 2 training runs should leave it.
 - Continuous scores (the per-example loss of the reference answer): the mean difference with a
   BCa paired bootstrap interval (scipy.stats.bootstrap).
 
@@ -24,37 +31,64 @@ from scipy import stats as scipy_stats
 
 LEVEL = 0.95
 Z = 1.959963984540054  # two-sided 95% normal quantile
+POWER = 0.80  # what "what would settle it" sizes a test set for
+BISECTIONS = 45  # halvings of [-1, 1]: bounds to 2^-44
 
 
-def wilson(successes: int, n: int, z: float = Z) -> tuple[float, float]:
-    """Wilson score interval of a proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def tango_statistic(delta, only_a, only_b, n, skew: bool):
+    """Tango's score statistic for H0: a - b = delta from the discordant counts (arrays broadcast), and
+    with `skew` its skewness-corrected form (Laud's SCAS: minus gamma (z^2 - 1) / 6, gamma the score's
+    skewness at the restricted estimate). It falls as delta rises."""
+    a = 2 * n
+    b = -only_a - only_b + (2 * n - only_a + only_b) * delta
+    c = -only_b * delta * (1 - delta)
+    p21 = (np.sqrt(np.maximum(b * b - 4 * a * c, 0.0)) - b) / (2 * a)  # restricted MLE of P(right only in b)
+    p12 = p21 + delta
+    variance = p12 + p21 - delta**2  # of one item's (a - b), under H0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (only_a - only_b - n * delta) / np.sqrt(n * variance)
+        if not skew:
+            return t
+        third = p12 * (1 - delta) ** 3 + p21 * (-1 - delta) ** 3 + (1 - p12 - p21) * (-delta) ** 3
+        corrected = t - third / (variance**1.5 * np.sqrt(n)) * (Z * Z - 1) / 6
+    return np.where(np.isfinite(corrected), corrected, t)
+
+
+def tango_interval(only_a, only_b, n) -> tuple[np.ndarray, np.ndarray]:
+    """The 95% interval for a - b, vectorised over tables: each bound the wider of Tango's score
+    interval and its skewness-corrected form, so a one-sided claim needs both. Each bound is found by
+    bisection between the estimate and -1 or +1, where the statistic is +-inf."""
+    only_a, only_b, n = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(only_a, only_b, n))
+    estimate = (only_a - only_b) / n
+    low, high = np.full_like(estimate, np.inf), np.full_like(estimate, -np.inf)
+    for skew in (False, True):
+        for side, edge in ((+1, -1.0), (-1, 1.0)):  # lower: the statistic = z below the estimate; upper: -z above
+            inside, outside = estimate.copy(), np.full_like(estimate, edge)
+            for _ in range(BISECTIONS):
+                mid = (inside + outside) / 2
+                rejected = side * tango_statistic(mid, only_a, only_b, n, skew) > Z
+                outside, inside = np.where(rejected, mid, outside), np.where(rejected, inside, mid)
+            if side > 0:  # the rejected end: each bound rounded outwards
+                low = np.minimum(low, outside)
+            else:
+                high = np.maximum(high, outside)
+    return low, high
 
 
 def paired_binary(a: list[bool], b: list[bool]) -> dict:
-    """a - b for 0/1 scores on the same items: the difference, its 95% interval and the exact McNemar p."""
+    """a - b for 0/1 scores on the same items: the difference, its 95% interval and McNemar's p: the score
+    test the interval inverts at 0 (both of its statistics are (only_a - only_b) / sqrt(only_a + only_b)
+    there), so p < 0.05 exactly when the interval excludes 0."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired scores need the same, non-zero number of items (got {len(a)} and {len(b)})")
     n = len(a)
-    both = sum(x and y for x, y in zip(a, b))
     only_a = sum(x and not y for x, y in zip(a, b))
     only_b = sum(y and not x for x, y in zip(a, b))
-    neither = n - both - only_a - only_b
-    p1, p2 = (both + only_a) / n, (both + only_b) / n
-    (l1, u1), (l2, u2) = wilson(both + only_a, n), wilson(both + only_b, n)
-    denominator = (both + only_a) * (neither + only_b) * (both + only_b) * (neither + only_a)
-    phi = (both * neither - only_a * only_b) / math.sqrt(denominator) if denominator else 0.0
-    diff = p1 - p2
-    low = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
-    high = diff + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    low, high = tango_interval(only_a, only_b, n)
     discordant = only_a + only_b
-    p_value = float(scipy_stats.binomtest(only_a, discordant).pvalue) if discordant else 1.0
-    return {"n": n, "diff": diff, "ci": [max(-1.0, low), min(1.0, high)], "p_value": p_value,
-            "only_a": only_a, "only_b": only_b, "method": "newcombe-paired-score"}
+    p_value = float(2 * scipy_stats.norm.sf(abs(only_a - only_b) / math.sqrt(discordant))) if discordant else 1.0
+    return {"n": n, "diff": (only_a - only_b) / n, "ci": [float(low), float(high)], "p_value": p_value,
+            "only_a": only_a, "only_b": only_b, "method": "tango-paired-score"}
 
 
 def paired_mean(a: list[float], b: list[float], samples: int, seed: int) -> dict:
@@ -74,26 +108,26 @@ def paired_mean(a: list[float], b: list[float], samples: int, seed: int) -> dict
     return {"n": len(d), "diff": diff, "ci": [low, high], "method": "bca-paired-bootstrap"}
 
 
-def paired_over_seeds(a: list[list[float]], b: list[list[float]], samples: int, seed: int) -> dict:
+def paired_over_seeds(a: list[list[float]], b: list[list[float]]) -> dict:
     """a - b when each method was trained with several seeds (a[s][i]: seed s's score on item i; the
-    same items for every seed of both): the mean difference over items and seeds, and a two-level
-    percentile bootstrap interval that resamples the items (paired, as one test set) and, apart for
-    each method, its seeds, so the spread between training runs widens it as it should."""
+    same items for every seed of both; b may be one run, the untuned base): the mean over items and
+    seeds, and a t interval about the methods, not about these trained models. Its variance adds the
+    items' part (the variance over items of the seed-averaged difference, / n) and each method's
+    between-seed part (the variance of its per-seed means, / seeds); the degrees of freedom are
+    Satterthwaite's, so with 2 or 3 seeds that disagree the interval is as wide as they leave it."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or not x.shape[1]:
         raise ValueError(f"seed x item scores need the same, non-zero number of items (got {x.shape} and {y.shape})")
-    rng = np.random.default_rng(seed)
     n = x.shape[1]
-    items = rng.integers(0, n, size=(samples, n))
-    runs_a = rng.integers(0, len(x), size=(samples, len(x)))
-    runs_b = rng.integers(0, len(y), size=(samples, len(y)))
-    # per replicate: the chosen seeds' mean score on each chosen item, a minus b, averaged over items
-    per_item_a = x[runs_a].mean(axis=1)  # samples x n
-    per_item_b = y[runs_b].mean(axis=1)
-    diffs = np.take_along_axis(per_item_a - per_item_b, items, axis=1).mean(axis=1)
-    low, high = np.quantile(diffs, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return {"n": n, "seeds": [len(x), len(y)], "diff": float(x.mean() - y.mean()), "ci": [float(low), float(high)],
-            "method": "two-level-bootstrap (items, seeds)"}
+    per_item = x.mean(axis=0) - y.mean(axis=0)
+    parts = [(per_item.var(ddof=1) / n if n > 1 else 0.0, n - 1)]
+    parts += [(runs.mean(axis=1).var(ddof=1) / len(runs), len(runs) - 1) for runs in (x, y) if len(runs) > 1]
+    variance = sum(v for v, _ in parts)
+    df = variance**2 / sum(v**2 / d for v, d in parts if v > 0) if variance > 0 else math.inf
+    half = float(scipy_stats.t.ppf((1 + LEVEL) / 2, df)) * math.sqrt(variance) if variance > 0 else 0.0
+    diff = float(per_item.mean())
+    return {"n": n, "seeds": [len(x), len(y)], "diff": diff, "ci": [diff - half, diff + half], "df": df,
+            "method": "t (items + seeds, Satterthwaite)"}
 
 
 def above(ci: list[float], bound: float) -> bool:
@@ -114,12 +148,18 @@ def non_inferiority(ci: list[float], margin: float) -> str:
     return "inconclusive"
 
 
-def items_to_decide(diff: float, ci: list[float], n: int, bound: float) -> int | None:
-    """Test items at which an interval like `ci` (on n items) around the same difference would lie
-    wholly on one side of `bound`, at the spread this run observed: the interval narrows as 1/sqrt(n),
-    so n x (half-width / distance to the bound)^2. None when the difference sits on the bound itself."""
-    distance = abs(diff - bound)
-    if distance < 1e-9:
-        return None
-    half_width = (ci[1] - ci[0]) / 2
-    return max(n, math.ceil(n * (half_width / distance) ** 2))
+def items_for_power(only_a: float, only_b: float, bound: float, power: float = POWER) -> int:
+    """Test items at which Tango's interval would lie wholly on the far side of `bound` with probability
+    `power`, if a - b were what these shares of discordant items say (only_a, only_b: fractions of the
+    items right only in a, only in b). The statistic at `bound` is about normal, with mean
+    sqrt(n) x gap / sd0 (sd0: its null spread, at the restricted estimate) and spread sd1 / sd0 (sd1:
+    the per-item spread of a - b), so n = ((z sd0 + z_power sd1) / gap)^2."""
+    gap = only_a - only_b - bound
+    if gap == 0:
+        raise ValueError("the difference sits on the bound: no test set size has power against it")
+    b = -only_a - only_b + (2 - only_a + only_b) * bound
+    c = -only_b * bound * (1 - bound)
+    p21 = (math.sqrt(max(b * b - 8 * c, 0.0)) - b) / 4
+    sd0 = math.sqrt(max(2 * p21 + bound * (1 - bound), 0.0))
+    sd1 = math.sqrt(max(only_a + only_b - (only_a - only_b) ** 2, 0.0))
+    return math.ceil(((Z * sd0 + float(scipy_stats.norm.ppf(power)) * sd1) / abs(gap)) ** 2)
