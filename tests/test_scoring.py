@@ -16,8 +16,28 @@ def test_json_fields_scores_exact_fields_and_malformed_output():
     assert [r["correct"] for r in rows] == [True, False, False, False]
     assert [r["valid_json"] for r in rows] == [True, True, False, False]  # a JSON list is not a record
     assert metrics["exact_match"] == 0.25 and metrics["valid_json"] == 0.5
-    assert metrics["field_accuracy"]["urgency"] == 0.25 and metrics["field_accuracy"]["name"] == 0.5
+    assert metrics["field_accuracy"]["urgency"] == {"n": 4, "accuracy": 0.25}
+    assert metrics["field_accuracy"]["name"] == {"n": 4, "accuracy": 0.5}
     assert metrics["main_metric"] == "exact_match" and metrics["main"] == 0.25
+
+
+def test_json_fields_scores_each_key_where_its_record_has_it():
+    """Records of several intents carry different keys: each key's accuracy is over the records that
+    have it; a key the reply leaves out is wrong, one the reply adds makes the record inexact."""
+    playlist = {"intent": "AddToPlaylist", "playlist": "road trip", "artist": "Queen"}
+    weather = {"intent": "GetWeather", "city": "Oslo", "day": None}
+    refs = [json.dumps(r) for r in (playlist, playlist, weather, weather)]
+    preds = [json.dumps(playlist),
+             json.dumps({**playlist, "city": "Oslo"}),  # an extra key
+             json.dumps({"intent": "GetWeather", "city": "Oslo"}),  # "day" left out (its value is null)
+             json.dumps({**weather, "city": "Bergen"})]
+    metrics, rows = score("json_fields", preds, refs, [], 200, 0)
+    assert [r["correct"] for r in rows] == [True, False, False, False]
+    assert [r["extra_keys"] for r in rows] == [[], ["city"], [], []] and metrics["extra_keys"] == 1
+    assert rows[2]["fields"] == {"intent": True, "city": True, "day": False}
+    assert metrics["field_accuracy"] == {"intent": {"n": 4, "accuracy": 1.0}, "playlist": {"n": 2, "accuracy": 1.0},
+                                         "artist": {"n": 2, "accuracy": 1.0}, "city": {"n": 2, "accuracy": 0.5},
+                                         "day": {"n": 2, "accuracy": 0.5}}
 
 
 def test_exact_match_ignores_surrounding_whitespace_only():

@@ -129,6 +129,26 @@ def _pairs_table(pairs: list[dict], metric: str) -> list[str]:
     return lines
 
 
+def _fields_table(c: dict) -> list[str]:
+    """A JSON task's per-key accuracy by method (eval.json field_accuracy): each key over the test
+    records whose reference has it, so records of different shapes (intents) each count where they apply."""
+    scored = [r for r in c["rows"] if "field_accuracy" in r["metrics"]]
+    if not scored:
+        return []
+    fields = {k: f["n"] for r in scored for k, f in r["metrics"]["field_accuracy"].items()}  # the same test items
+
+    def cells(k: str) -> str:
+        found = [r["metrics"]["field_accuracy"].get(k) for r in scored]
+        return " | ".join("-" if f is None else f"{100 * f['accuracy']:.1f}" for f in found)
+
+    rows = [f"| {k} | {n} | {cells(k)} |" for k, n in fields.items()]
+    extra = " | ".join(str(r["metrics"]["extra_keys"]) for r in scored)
+    return ["Accuracy (%) per JSON key, over the test records whose reference has the key (a reply that leaves "
+            "it out is wrong); the last row counts the replies with a key their reference lacks:", "",
+            f"| key | records | {' | '.join(r['method'] for r in scored)} |", "|---|---:|" + "---:|" * len(scored),
+            *rows, f"| (extra keys: replies) | {c['conditions']['test_examples']} | {extra} |", ""]
+
+
 def _seeds_note(c: dict) -> list[str]:
     """Each method's score per training seed: how much of a difference one run's luck can make."""
     if not c.get("seeds"):
@@ -273,6 +293,7 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
         if c["form_pairs"]:
             lines += ["QLoRA in its other deployable forms, against the one deployed (same items):", "",
                       *_pairs_table(c["form_pairs"], c["main_metric"]), ""]
+        lines += _fields_table(c)
         lines += general.table(c.get("general"))
         checked = claims(c)
         if checked:

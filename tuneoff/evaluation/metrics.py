@@ -30,13 +30,29 @@ def macro_f1(predictions: list[str], references: list[str]) -> float:
 
 
 def per_example(scorer: str, prediction: str, reference: str) -> dict:
-    """What one prediction got right."""
+    """What one prediction got right. For json_fields, each key of the reference is right when the
+    reply has it with the same value; `extra_keys` are the reply's keys the reference lacks (a reply
+    with any is not an exact match either)."""
     prediction, reference = prediction.strip(), reference.strip()
     if scorer != "json_fields":
         return {"correct": prediction == reference}
     expected, produced = json.loads(reference), _parse_json(prediction)
-    fields = {k: produced is not None and produced.get(k) == v for k, v in expected.items()}
-    return {"correct": produced == expected, "valid_json": produced is not None, "fields": fields}
+    reply = produced or {}
+    fields = {k: k in reply and reply[k] == v for k, v in expected.items()}
+    return {"correct": produced == expected, "valid_json": produced is not None, "fields": fields,
+            "extra_keys": sorted(set(reply) - set(expected))}
+
+
+def field_accuracy(rows: list[dict]) -> dict[str, dict]:
+    """Per key of the references, in the order first seen: how many references have it (`n`) and
+    the share of those replies that got it right. Records may carry different keys (a playlist
+    request has `playlist`, a weather request `city`): each key is scored where it is expected."""
+    seen, right = Counter(), Counter()
+    for r in rows:
+        for k, ok in r["fields"].items():
+            seen[k] += 1
+            right[k] += ok
+    return {k: {"n": n, "accuracy": right[k] / n} for k, n in seen.items()}
 
 
 def aggregate(scorer: str, rows: list[dict], predictions: list[str], references: list[str], labels: list[str]) -> dict:
@@ -46,8 +62,8 @@ def aggregate(scorer: str, rows: list[dict], predictions: list[str], references:
     if scorer == "json_fields":
         metrics["exact_match"] = sum(r["correct"] for r in rows) / n
         metrics["valid_json"] = sum(r["valid_json"] for r in rows) / n
-        keys = list(rows[0]["fields"]) if rows else []
-        metrics["field_accuracy"] = {k: sum(r["fields"][k] for r in rows) / n for k in keys}
+        metrics["field_accuracy"] = field_accuracy(rows)
+        metrics["extra_keys"] = sum(bool(r["extra_keys"]) for r in rows)  # replies with a key their reference lacks
     elif scorer == "label":
         metrics["accuracy"] = sum(r["correct"] for r in rows) / n
         metrics["macro_f1"] = macro_f1([p.strip() for p in predictions], [r.strip() for r in references])
