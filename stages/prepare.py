@@ -24,7 +24,7 @@ from tuneoff.core.params import (
 )
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.data.packing import pack, tokenize_chat
-from tuneoff.data.tasks import SPLITS, build_task, split
+from tuneoff.data.tasks import SPLITS, build_task, source, split
 
 BASE = Path("models/base")
 
@@ -38,7 +38,7 @@ def main(task: str) -> None:
     if not (BASE / "config.json").is_file():
         raise TuneoffError(f"{BASE}/ has no model: run `dvc repro import_base` first")
     built = build_task(spec, prep)
-    splits, overlap = split(built.examples, prep)
+    splits, overlap = split(built.examples, prep, source(task, spec))
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     out = Path("data/prepared") / task
     meta = {"task": task, "kind": spec.kind, "scorer": built.scorer, "labels": built.labels,

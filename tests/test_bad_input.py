@@ -51,6 +51,13 @@ def write(path: Path, data) -> Path:
     ("content.jsonl", '{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}\n',
      'content.jsonl line 1: messages[0] has empty or missing "content"'),
     ("blank.jsonl", "\n\n  \n", "blank.jsonl: file is empty"),
+    ("last.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     '{"role": "user", "content": "c"}]}\n', "last.jsonl line 1: the last message is the user's, not the assistant's: "
+     "which turn is the answer?"),
+    ("deep.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b", "note": '
+     + "[" * 33 + "]" * 33 + "}\n", "deep.jsonl line 2: JSON nested deeper than 32 levels"),
+    ("deeper.jsonl", '{"instruction": "a", "output": "b", "note": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+     "deeper.jsonl line 1: JSON nested deeper than 32 levels"),  # past the parser's recursion limit
 ])
 def test_jsonl_bad_files(tmp_path, name, content, message):
     with pytest.raises(TuneoffError) as e:
@@ -101,12 +108,22 @@ def test_a_lone_surrogate_escape_is_one_line_naming_the_line(tmp_path, record, s
     ('text,label\nok,a\n"unclosed,a\nmore\n', "huge.csv line 3: not valid CSV (unexpected end of data)"),
     ("text,label\nhello,a\nworld\n", "huge.csv line 3: empty 'label'"),
     ("text,label\n", "huge.csv: no data rows"),
+    ("text,label,text\nhello,a,world\n", "huge.csv line 1: the header names column 'text' (text_column) 2 times: "
+     "which one is meant?"),
     (b"text,label\nok,a\n\xed\xa0\xbd,a\n", "huge.csv line 3: not valid UTF-8"),  # a lone surrogate, encoded
 ])
 def test_csv_bad_files(tmp_path, content, message):
     with pytest.raises(TuneoffError) as e:
         load_csv(write(tmp_path / "huge.csv", content), "text", "label")
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_json_nested_to_the_limit_loads_and_past_it_is_one_line(tmp_path):
+    at_limit = '{"instruction": "a", "output": "b", "note": ' + "[" * 31 + "]" * 31 + "}\n"  # 32 levels with the record
+    assert load_jsonl(write(tmp_path / "ok.jsonl", at_limit), "")
+    with pytest.raises(TuneoffError) as e:
+        read_labels(write(tmp_path / "labels.json", "[" * 50_000 + "]" * 50_000))
+    assert str(e.value) == f"{tmp_path / 'labels.json'}: JSON nested deeper than 32 levels"
 
 
 def test_csv_quoted_field_may_span_lines(tmp_path):

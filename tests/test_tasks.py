@@ -6,7 +6,7 @@ from conftest import BANKING77, ROOT
 
 from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import CsvTask, HfDiskTask, JsonlTask, PrepareParams
-from tuneoff.data.tasks import build_task, extraction, iso_codes, split
+from tuneoff.data.tasks import build_task, extraction, iso_codes, source, split
 from tuneoff.data.tasks.loaders import load_jsonl
 
 PREP = PrepareParams(seed=0, seq_len=256, val_fraction=0.1, test_fraction=0.1, max_val_examples=0, max_test_examples=0)
@@ -37,11 +37,17 @@ def test_iso_codes_test_asks_trained_facts_in_a_held_out_phrasing():
 
 def test_split_is_deterministic_and_disjoint():
     examples = extraction.generate(100, 0)
-    s1, overlap = split(examples, PREP)
-    assert (s1, overlap) == split(examples, PREP) and overlap == {"val_dropped": 0, "test_dropped": 0}
+    s1, overlap = split(examples, PREP, "tasks.t")
+    assert (s1, overlap) == split(examples, PREP, "tasks.t") and overlap == {"val_dropped": 0, "test_dropped": 0}
     assert {k: len(v) for k, v in s1.items()} == {"train": 80, "val": 10, "test": 10}
     keys = [ex["messages"][1]["content"] for part in s1.values() for ex in part]
     assert len(keys) == len(set(keys)) == 100
+
+
+def test_a_capped_split_is_capped_before_it_is_carved_so_the_rest_trains():
+    capped = PREP.model_copy(update={"max_val_examples": 4, "max_test_examples": 3})
+    parts, _ = split(extraction.generate(100, 0), capped, "tasks.t")
+    assert {k: len(v) for k, v in parts.items()} == {"train": 93, "val": 4, "test": 3}
 
 
 def write(path, text, mode="w"):
@@ -113,7 +119,7 @@ def test_banking77_through_the_csv_loader_with_params_only():
     task = build_task(csv_task(BANKING77 / "train.csv", test_path=str(BANKING77 / "test.csv"),
                                label_column="category", labels_path=str(BANKING77 / "categories.json"),
                                labels_in_prompt=False), PREP)
-    parts, overlap = split(task.examples, PREP)
+    parts, overlap = split(task.examples, PREP, "tasks.t")
     assert len(task.labels) == 77
     # test.csv has 3080 rows: 6 are in train.csv word for word and 1 is there twice; val (carved from
     # train.csv's 10003) loses 1 whose text train.csv repeats
@@ -128,7 +134,7 @@ def test_hf_dataset_on_disk_keeps_its_splits(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:16]),
                           "test": datasets.Dataset.from_list(rows[16:])}).save_to_disk(tmp_path / "ds")
     task = build_task(HfDiskTask(kind="hf_disk", path=str(tmp_path / "ds"), system_prompt="", scorer="exact"), PREP)
-    parts, _ = split(task.examples, PREP)
+    parts, _ = split(task.examples, PREP, "tasks.t")
     assert [ex["messages"][-1]["content"] for ex in parts["test"]] == ["16", "17", "18", "19"]
     assert len(parts["val"]) == 2 and len(parts["train"]) == 14
 
@@ -138,7 +144,7 @@ def test_jsonl_task_with_separate_test_file(tmp_path):
     train = write(tmp_path / "train.jsonl", "\n".join(line(i) for i in range(30)))
     test = write(tmp_path / "test.jsonl", "\n".join(line(i) for i in range(100, 105)))
     task = build_task(JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact"), PREP)
-    assert len(split(task.examples, PREP)[0]["test"]) == 5
+    assert len(split(task.examples, PREP, "tasks.t")[0]["test"]) == 5
 
 
 def say(i, output=None):
@@ -150,19 +156,21 @@ def test_test_examples_whose_prompt_is_trained_are_dropped(tmp_path):
     # "Say 3" is trained (with another answer: the prompt is what is compared) and "Say 101" comes twice
     test = write(tmp_path / "test.jsonl", "\n".join([say(100), say(3, "three"), say(101), say(101)]))
     task = build_task(JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact"), PREP)
-    parts, overlap = split(task.examples, PREP)
+    parts, overlap = split(task.examples, PREP, "tasks.t")
     assert [ex["messages"][-1]["content"] for ex in parts["test"]] == ["100", "101"]
     assert overlap == {"val_dropped": 0, "test_dropped": 2} and len(parts["train"]) + len(parts["val"]) == 30
     write(test, "\n".join([say(3), say(4)]))
-    task = build_task(JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact"), PREP)
-    with pytest.raises(TuneoffError, match="the test split is empty: its 2 examples all repeat a prompt of train or val"):
-        split(task.examples, PREP)
+    spec = JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact")
+    with pytest.raises(TuneoffError) as e:
+        split(build_task(spec, PREP).examples, PREP, source("sayit", spec))
+    assert str(e.value) == (f"tasks.sayit ({train}, {test}): the test split is empty: its 2 examples all repeat a "
+                            "prompt of train or val")
 
 
 def test_a_file_that_repeats_examples_still_splits_clean(tmp_path):
     path = write(tmp_path / "repeats.jsonl", "\n".join(say(i) for i in [*range(30), *range(10)]))
     parts, overlap = split(build_task(JsonlTask(kind="jsonl", path=str(path), test_path="", system_prompt="",
-                                                scorer="exact"), PREP).examples, PREP)
+                                                scorer="exact"), PREP).examples, PREP, "tasks.t")
     prompts = {name: [ex["messages"][0]["content"] for ex in parts[name]] for name in parts}
     assert not set(prompts["val"]) & set(prompts["train"])
     assert not set(prompts["test"]) & set(prompts["train"] + prompts["val"])

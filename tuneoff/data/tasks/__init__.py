@@ -54,6 +54,12 @@ def build_task(params, prep: PrepareParams) -> Task:
     raise TypeError(f"unhandled task params {type(params).__name__}")
 
 
+def source(name: str, params) -> str:
+    """`tasks.<name>` and the files it reads (none for a built-in task), as errors about its splits name them."""
+    files = [f for f in (getattr(params, "path", ""), getattr(params, "test_path", "")) if f]
+    return f"tasks.{name} ({', '.join(files) or 'generated'})"
+
+
 def prompt(example: dict) -> tuple:
     """What the model is asked: every message before the final (assistant) answer."""
     return tuple((m["role"], m["content"]) for m in example["messages"][:-1])
@@ -77,21 +83,23 @@ def drop_overlap(given: dict[str, list[dict]]) -> dict[str, int]:
     return dropped
 
 
-def split(examples: list[dict], prep: PrepareParams) -> tuple[dict[str, list[dict]], dict[str, int]]:
+def split(examples: list[dict], prep: PrepareParams, where: str) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """Deterministic train/val/test split, and how many val and test examples drop_overlap dropped.
-    Val or test examples the data names are kept; a split the data does not provide is carved from
-    the training pool."""
+    Val or test examples the data names are kept (the first max_*_examples of them, drawn at random);
+    a split the data does not provide is carved from the training pool, at most max_*_examples of it,
+    so what a cap leaves out stays in train. `where` names the task and its files in errors."""
     given = {s: [ex for ex in examples if ex.get("split") == s] for s in SPLITS}
     pool = given["train"] + [ex for ex in examples if "split" not in ex]
     random.Random(prep.seed).shuffle(pool)
+    caps = {"val": prep.max_val_examples, "test": prep.max_test_examples}
     for name, fraction in (("test", prep.test_fraction), ("val", prep.val_fraction)):
         if not given[name]:
             n = max(1, round(len(examples) * fraction))
+            n = min(n, caps[name] or n)
             given[name], pool = pool[:n], pool[n:]
     given["train"] = pool
     before = {name: len(given[name]) for name in SPLITS}
     overlap = drop_overlap(given)
-    caps = {"val": prep.max_val_examples, "test": prep.max_test_examples}
     out = {}
     for name in SPLITS:
         items = [{"messages": ex["messages"]} for ex in given[name]]
@@ -99,8 +107,9 @@ def split(examples: list[dict], prep: PrepareParams) -> tuple[dict[str, list[dic
             items = random.Random(prep.seed).sample(items, caps[name])
         if not items and before[name]:
             earlier = "train" if name == "val" else "train or val"
-            raise TuneoffError(f"the {name} split is empty: its {before[name]} examples all repeat a prompt of {earlier}")
+            raise TuneoffError(f"{where}: the {name} split is empty: its {before[name]} examples all repeat a prompt "
+                               f"of {earlier}")
         if not items:
-            raise TuneoffError(f"the {name} split is empty: the data has too few examples ({len(examples)})")
+            raise TuneoffError(f"{where}: the {name} split is empty: the data has too few examples ({len(examples)})")
         out[name] = items
     return out, overlap

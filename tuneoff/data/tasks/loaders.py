@@ -16,6 +16,9 @@ ROLES = ("system", "user", "assistant")
 # One record over a million characters (~250k tokens) fits no context window trained here: it is
 # a broken file (a lost newline, a pasted dump), and tokenizing it would take minutes first.
 MAX_RECORD_CHARS = 1_000_000
+# Chat and instruction records are two levels deep, a JSON answer a few more; past 32 it is not a
+# record (json.loads itself fails near Python's recursion limit, ~1,000, with a RecursionError).
+MAX_JSON_DEPTH = 32
 
 
 def _check_length(text: str, where: str) -> None:
@@ -24,23 +27,39 @@ def _check_length(text: str, where: str) -> None:
                            "is a newline missing?")
 
 
-def _check_unicode(value: object, where: str) -> None:
-    """Refuse a lone surrogate in any string of a JSON value, keys included: json.loads accepts the
-    escape "\\ud83d", but no UTF-8 file can hold it, so prepare's write would fail with a traceback.
-    A stack, not recursion: json.loads nests ~1,000 deep, as deep as Python's recursion limit."""
-    stack = [value]
+def _check_value(value: object, where: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH, and a lone surrogate in any string, keys
+    included: json.loads accepts the escape "\\ud83d", but no UTF-8 file can hold it, so prepare's
+    write would fail with a traceback. A stack, not recursion, so any depth is measured."""
+    stack = [(value, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)) and depth > MAX_JSON_DEPTH:
+            raise TuneoffError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
         if isinstance(item, dict):
-            stack += [*item.keys(), *item.values()]
+            stack += [(x, depth + 1) for x in (*item.keys(), *item.values())]
         elif isinstance(item, list):
-            stack += item
+            stack += [(x, depth + 1) for x in item]
         elif isinstance(item, str):
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError as e:
                 surrogate = f"\\u{ord(item[e.start]):04x}"  # escaped: the raw one cannot be printed either
                 raise TuneoffError(f"{where}: text is not valid Unicode (a lone surrogate {surrogate})") from None
+
+
+def _parse(text: str, path: Path, line: int | None) -> object:
+    """json.loads of a JSONL file's `line` (None: the whole file), checked by _check_value; every
+    failure, a nesting too deep for the parser's recursion included, is one line naming the line."""
+    where = str(path) if line is None else f"{path} line {line}"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TuneoffError(f"{path} line {line or e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise TuneoffError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_value(value, where)
+    return value
 
 
 def _open_text(path: Path):
@@ -75,6 +94,9 @@ def record_to_messages(rec: object, where: str, system_prompt: str) -> list[dict
                 raise TuneoffError(f'{where}: messages[{i}] has empty or missing "content"')
         if not any(m["role"] == "assistant" for m in messages):
             raise TuneoffError(f"{where}: messages has no assistant turn to learn from")
+        if messages[-1]["role"] != "assistant":  # the last turn is the answer trained on and scored
+            raise TuneoffError(f"{where}: the last message is the {messages[-1]['role']}'s, not the assistant's: "
+                               "which turn is the answer?")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if messages[0]["role"] != "system" and system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
@@ -97,21 +119,13 @@ def load_jsonl(path: Path, system_prompt: str) -> list[dict]:
         if not line.strip():
             continue
         _check_length(line, f"{path} line {n}")
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TuneoffError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        _check_unicode(rec, f"{path} line {n}")
+        rec = _parse(line, path, n)
         examples.append({"messages": record_to_messages(rec, f"{path} line {n}", system_prompt)})
     return examples
 
 
 def read_labels(path: Path) -> list[str]:
-    try:
-        labels = json.loads(_open_text(path))
-    except json.JSONDecodeError as e:
-        raise TuneoffError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
-    _check_unicode(labels, str(path))
+    labels = _parse(_open_text(path), path, None)
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
         raise TuneoffError(f"{path}: expected a JSON list of non-empty label strings")
     return labels
@@ -128,6 +142,9 @@ def load_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str,
     for key, col in (("text_column", text_column), ("label_column", label_column)):
         if col not in columns:
             raise TuneoffError(f"{path}: no column {col!r} ({key}); columns are {columns}")
+        if columns.count(col) > 1:  # csv.DictReader would silently keep the last one
+            raise TuneoffError(f"{path} line 1: the header names column {col!r} ({key}) {columns.count(col)} times: "
+                               "which one is meant?")
     rows = []
     while True:
         try:
