@@ -14,6 +14,7 @@ Several seeds (tuneoff.decision.stats.paired_over_seeds): simulated. Each item h
 of the mean's spread, 2 / sqrt(n)); coverage of the method-level gap with 2 and 3 seeds each.
 
     .venv/bin/python benchmarks/interval_error.py --out benchmarks/results/interval_error.json
+    .venv/bin/python benchmarks/interval_error.py --wide --out benchmarks/results/interval_error_wide.json
 """
 
 from __future__ import annotations
@@ -35,14 +36,19 @@ NS = (20, 30, 50, 100, 300, 1000)
 DISCORDANCE = (0.0, 0.01, 0.05, 0.20)
 ACCURACY = (0.1, 0.5, 0.9)
 GAPS = (0.0, -0.02)  # "beats the base" and the default non-inferiority margin (decide.max_gap_points: 2)
+WIDE = {"NS": (20, 30, 50, 100, 300), "DISCORDANCE": (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), "ACCURACY": (0.5,),
+        "GAPS": (0.0, -0.01, -0.02, -0.05, -0.1, -0.2, -0.3)}  # --wide: other margins, larger gaps
 
 
-def tables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every (only_a, only_b) an n-item comparison can give, with Tango's interval for each."""
+SKEWS = {"both": (False, True), "plain": (False,), "skew": (True,)}  # --interval: what stats uses, or one form
+
+
+def tables(n: int, skews: tuple[bool, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every (only_a, only_b) an n-item comparison can give, with its interval."""
     only_a, only_b = (v.ravel() for v in np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij"))
     keep = only_a + only_b <= n
     only_a, only_b = only_a[keep], only_b[keep]
-    low, high = tango_interval(only_a, only_b, n)
+    low, high = tango_interval(only_a, only_b, n, skews)
     return only_a, only_b, low, high
 
 
@@ -56,9 +62,13 @@ def probabilities(n: int, only_a: np.ndarray, only_b: np.ndarray, p_only_a: floa
 
 
 def cells():
-    """(n, discordance, accuracy of b, gap, share only a, share only b) for every cell that exists."""
+    """(n, discordance, accuracy of b, gap, share only a, share only b) for every cell that exists, once."""
+    seen = set()
     for n, d, acc, gap in itertools.product(NS, DISCORDANCE, ACCURACY, GAPS):
         d = max(d, abs(gap))
+        if (n, d, acc, gap) in seen:
+            continue
+        seen.add((n, d, acc, gap))
         p_only_a, p_only_b = (d + gap) / 2, (d - gap) / 2
         both = acc + gap - p_only_a  # right in both
         if both < -1e-12 or both + d > 1 + 1e-12:
@@ -66,11 +76,11 @@ def cells():
         yield n, d, acc, gap, p_only_a, p_only_b
 
 
-def binary_grid() -> list[dict]:
+def binary_grid(skews: tuple[bool, ...] = SKEWS["both"]) -> list[dict]:
     out, enumerated = [], {}
     for n, d, acc, gap, p_only_a, p_only_b in cells():
         if n not in enumerated:
-            enumerated[n] = tables(n)
+            enumerated[n] = tables(n, skews)
         only_a, only_b, low, high = enumerated[n]
         p = probabilities(n, only_a, only_b, p_only_a, p_only_b)
         out.append({"n": n, "discordance": d, "accuracy_b": acc, "gap": gap,
@@ -97,8 +107,13 @@ def seeds_coverage(seeds: int, n: int = 100, replicates: int = 4000, seed: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the grid as JSON here")
+    parser.add_argument("--wide", action="store_true", help="gaps up to 30 points, discordance up to 50%%, accuracy 0.5")
+    parser.add_argument("--interval", choices=SKEWS, default="both",
+                        help="both: tuneoff's (the wider of the two); plain: Tango alone; skew: the corrected form alone")
     args = parser.parse_args()
-    grid = binary_grid()
+    if args.wide:
+        globals().update(WIDE)
+    grid = binary_grid(SKEWS[args.interval])
     worst = max(grid, key=lambda c: max(c["claims_above"], c["claims_below"]))
     lowest = min(grid, key=lambda c: c["coverage"])
     seeds = {k: seeds_coverage(k) for k in (2, 3)}
@@ -106,7 +121,8 @@ def main() -> None:
           f"at {worst}; lowest coverage {100 * lowest['coverage']:.2f}% at {lowest}")
     print("seeds: coverage " + ", ".join(f"{k} seeds {100 * c:.1f}%" for k, c in seeds.items()))
     if args.out:
-        args.out.write_text(json.dumps({"command": "benchmarks/interval_error.py", "binary": grid,
+        args.out.write_text(json.dumps({"command": " ".join(["benchmarks/interval_error.py", *sys.argv[1:]]),
+                                        "interval": args.interval, "binary": grid,
                                         "seeds_coverage": seeds}, indent=1) + "\n")
 
 

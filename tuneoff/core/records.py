@@ -181,7 +181,7 @@ class Pair(TypedDict):
     n: int
     diff_points: float
     ci_points: list[float]
-    p_value: float | None  # exact McNemar; None over several seeds
+    p_value: float | None  # McNemar (score test: < 0.05 exactly when the interval excludes 0); None over seeds
     only_a: int | None  # items only a got right; None over several seeds
     only_b: int | None
     interval: str

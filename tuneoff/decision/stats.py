@@ -54,14 +54,15 @@ def tango_statistic(delta, only_a, only_b, n, skew: bool):
     return np.where(np.isfinite(corrected), corrected, t)
 
 
-def tango_interval(only_a, only_b, n) -> tuple[np.ndarray, np.ndarray]:
-    """The 95% interval for a - b, vectorised over tables: each bound the wider of Tango's score
-    interval and its skewness-corrected form, so a one-sided claim needs both. Each bound is found by
-    bisection between the estimate and -1 or +1, where the statistic is +-inf."""
+def tango_interval(only_a, only_b, n, skews: tuple[bool, ...] = (False, True)) -> tuple[np.ndarray, np.ndarray]:
+    """The 95% interval for a - b, vectorised over tables: each bound the widest of Tango's score
+    interval and its skewness-corrected form (`skews` picks which: both unless a benchmark compares
+    them), so a one-sided claim needs both. Each bound is found by bisection between the estimate and
+    -1 or +1, where the statistic is +-inf."""
     only_a, only_b, n = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(only_a, only_b, n))
     estimate = (only_a - only_b) / n
     low, high = np.full_like(estimate, np.inf), np.full_like(estimate, -np.inf)
-    for skew in (False, True):
+    for skew in skews:
         for side, edge in ((+1, -1.0), (-1, 1.0)):  # lower: the statistic = z below the estimate; upper: -z above
             inside, outside = estimate.copy(), np.full_like(estimate, edge)
             for _ in range(BISECTIONS):
