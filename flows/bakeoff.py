@@ -49,7 +49,7 @@ from prefect.states import Cancelled, Cancelling, Failed
 
 from flows import hardware
 from tuneoff.core.atomic import atomic_file
-from tuneoff.core.errors import TuneoffError
+from tuneoff.core.errors import TRACEBACKS, TuneoffError
 from tuneoff.core.methods import BASE, unit_stages
 from tuneoff.core.params import (
     BakeoffParams,
@@ -129,9 +129,11 @@ def repro(targets: list[str], cwd: Path | str = ".", env: dict | None = None) ->
 
 
 def transient(task, task_run, state) -> bool:
-    """Whether a failed unit is worth another attempt: a lost worker, a network error, a timeout
-    are; a stage's own one-line error (bad params, a bad file) or running out of memory is not:
-    it would fail the same way again."""
+    """Whether a failed unit is worth another attempt: a lost worker, a network or storage error, a
+    timeout are; a stage's own one-line `error:` is not, nor is running out of memory: it would fail
+    the same way again. A stage prints that line for a bad input (a TuneoffError) and for an exception
+    from the code (a bug, its traceback in logs/: tuneoff/core/errors.py); a network or storage error
+    inside a stage keeps its traceback and no such line (errors.transient)."""
     try:
         state.result()
     except Exception as e:
@@ -228,7 +230,12 @@ def bakeoff_unit(repo: str, revision: str, unit: str, targets: list[str], upstre
         share_checkpoints(work, f"{repo}\n{revision}\n{lock}")
         sh("dvc", "pull", "--quiet", *upstream, cwd=work)
         logger.info("unit %s on %s: dvc repro %s", unit, os.uname().nodename, " ".join(targets))
-        sh("dvc", "repro", "--single-item", *targets, cwd=work, env={GROUP_ENV: group}, echo=True)
+        try:
+            sh("dvc", "repro", "--single-item", *targets, cwd=work, env={GROUP_ENV: group}, echo=True)
+        except CommandFailed:  # the clone goes below: the tracebacks its stages saved stay in this run's log
+            for path in sorted((work / TRACEBACKS).glob("*.traceback")):
+                logger.error("%s:\n%s", path.relative_to(work), redact(path.read_text()))
+            raise
         sh("dvc", "push", "--quiet", *targets, cwd=work)
         keep_offline_runs(work / "wandb")
         return {"unit": unit, "host": os.uname().nodename, "pid": os.getpid(), **collect(work, targets)}

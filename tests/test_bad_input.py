@@ -284,6 +284,60 @@ def test_debug_env_shows_the_traceback(tmp_path, tiny_base):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "TuneoffError" in proc.stderr
 
 
+# -- a bug, and a network error -----------------------------------------------------------------
+
+def test_a_bug_is_one_line_naming_its_traceback_and_the_flow_does_not_retry_it(tmp_path, monkeypatch, capsys):
+    """An exception tuneoff did not expect (here a KeyError, as real data once raised in scoring)
+    fails the same way every time: one line naming it and where its traceback is, and no retry."""
+    from prefect.states import Failed
+
+    from flows.bakeoff import CommandFailed, transient
+    from tuneoff.core.errors import user_errors
+
+    @user_errors
+    def evaluate(task: str, model: str):
+        return {"name": "x"}["album"]
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        evaluate("slots", "lora")
+    line = capsys.readouterr().err
+    assert e.value.code == 1 and line.count("\n") == 1 and "Traceback" not in line
+    assert line.startswith("error: KeyError: 'album' at tests/test_bad_input.py:")
+    assert line.endswith(" (traceback: logs/test_bad_input-slots-lora.traceback)\n")
+    saved = (tmp_path / "logs/test_bad_input-slots-lora.traceback").read_text()
+    assert saved.startswith("Traceback") and "KeyError: 'album'" in saved
+    output = (f"Running stage 'evaluate@slots-lora':\n> python -m stages.evaluate slots lora\n{line}ERROR: failed to "
+              "reproduce 'evaluate@slots-lora': failed to run: python -m stages.evaluate slots lora, exited with 1\n")
+    failed = CommandFailed(("dvc", "repro"), 1, tmp_path, output)
+    assert failed.line == "evaluate@slots-lora: " + line.removeprefix("error: ").strip()
+    assert not transient(None, None, Failed(data=failed))
+
+
+def test_a_network_or_storage_error_keeps_its_traceback_and_the_flow_retries_it():
+    import errno
+
+    import requests
+    from prefect.states import Failed
+
+    from flows.bakeoff import CommandFailed, transient
+    from tuneoff.core.errors import user_errors
+
+    for error in (requests.exceptions.ConnectionError("Connection reset by peer"), TimeoutError("read timed out"),
+                  OSError(errno.EIO, "Input/output error")):
+        @user_errors
+        def pull():
+            try:
+                raise error
+            except Exception as e:
+                raise RuntimeError("download failed") from e  # a library wrapping it
+
+        with pytest.raises(RuntimeError):
+            pull()
+    output = "Traceback (most recent call last):\n  ...\nrequests.exceptions.ConnectionError: reset\n"
+    assert transient(None, None, Failed(data=CommandFailed(("dvc", "repro"), 1, ".", output)))
+
+
 # -- out of memory ------------------------------------------------------------------------------
 
 def test_out_of_memory_names_the_setting_to_change():
