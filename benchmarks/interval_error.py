@@ -13,8 +13,17 @@ Several seeds (tuneoff.decision.stats.paired_over_seeds): simulated. Each item h
 (normal, sd 1) and each method's training seeds shift its mean score (normal, sd twice the item part
 of the mean's spread, 2 / sqrt(n)); coverage of the method-level gap with 2 and 3 seeds each.
 
+Scores in [0, 1] (ROUGE-L, chrF, a judge's grade; tuneoff.decision.stats.bounded_interval): simulated,
+`--continuous`. Per item, a - b is 0 with the tie share (both models gave the same reply), otherwise a
+move drawn from one of four shapes, shifted so that the mean over all items is exactly the bound:
+symmetric (+-0.25 about its mean), skewed toward losses (85% small gains, 15% losses of 0.30-0.79),
+skewed toward gains (its mirror image), symmetric being triangular, and piled at the ends (60% of moves a whole point, +1 or -1, as
+when a reply scores 0 or 1; the rest within +-0.2). Grid: n in {30, 100, 300, 1000}, ties in {0, 50, 90%},
+a - b on the bound (0 or -2 points); `replicates` test sets per cell.
+
     .venv/bin/python benchmarks/interval_error.py --out benchmarks/results/interval_error.json
     .venv/bin/python benchmarks/interval_error.py --wide --out benchmarks/results/interval_error_wide.json
+    .venv/bin/python benchmarks/interval_error.py --continuous --out benchmarks/results/interval_error_continuous.json
 """
 
 from __future__ import annotations
@@ -30,7 +39,11 @@ import numpy as np
 from scipy.special import gammaln, xlogy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tuneoff.decision.stats import paired_over_seeds, tango_interval  # noqa: E402
+from tuneoff.decision.stats import (  # noqa: E402
+    bounded_interval,
+    paired_over_seeds,
+    tango_interval,
+)
 
 NS = (20, 30, 50, 100, 300, 1000)
 DISCORDANCE = (0.0, 0.01, 0.05, 0.20)
@@ -41,6 +54,8 @@ WIDE = {"NS": (20, 30, 50, 100, 300), "DISCORDANCE": (0.0, 0.02, 0.05, 0.1, 0.2,
 
 
 SKEWS = {"both": (False, True), "plain": (False,), "skew": (True,)}  # --interval: what stats uses, or one form
+# --continuous --interval: bounded_interval's (pseudo-items, skew correction); plain = the t interval alone
+CONTINUOUS_FORMS = {"both": (True, True), "plain": (False, False), "pseudo": (True, False), "skew": (False, True)}
 
 
 def tables(n: int, skews: tuple[bool, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -89,6 +104,41 @@ def binary_grid(skews: tuple[bool, ...] = SKEWS["both"]) -> list[dict]:
     return out
 
 
+CONTINUOUS = {"NS": (30, 100, 300, 1000), "TIES": (0.0, 0.5, 0.9), "GAPS": (0.0, -0.02),
+              "SHAPES": ("symmetric", "skewed-loss", "skewed-gain", "piled")}
+SKEWED_MEAN = 0.85 * 0.1 - 0.15 * (0.30 + 0.79) / 2  # 85% gains U(0, 0.2), 15% losses U(0.30, 0.79)
+
+
+def differences(rng: np.random.Generator, shape: str, tie: float, gap: float, size: tuple[int, int]) -> np.ndarray:
+    """a - b per item: 0 with probability `tie`, else a move drawn from `shape`, so that the mean is `gap`.
+    One uniform picks tie / branch / sign, another the move's size (two draws per item keep it fast)."""
+    u, v = rng.random(size), rng.random(size)
+    mean = gap / (1 - tie)  # of the moves
+    w = (u - tie) / (1 - tie)  # uniform on [0, 1) among the moved items
+    if shape == "symmetric":  # mean +- 0.25, triangular
+        move = mean + 0.25 * (w + v - 1)
+    elif shape == "piled":  # 60% a whole point (+1 with the share that gives the mean), 40% within +-0.2
+        up = (mean / 0.6 + 1) / 2
+        move = np.where(w < 0.6, np.where(w < 0.6 * up, 1.0, -1.0), 0.4 * v - 0.2)
+    else:
+        sign = 1 if shape == "skewed-loss" else -1
+        skewed = np.where(w < 0.15, -(0.30 + 0.49 * v), 0.2 * v)
+        move = sign * (skewed - SKEWED_MEAN) + mean
+    return np.where(u < tie, 0.0, move)
+
+
+def continuous_grid(replicates: int = 10000, seed: int = 0, interval=bounded_interval) -> list[dict]:
+    """Per cell: how often `interval` lies wholly above / below a - b's true mean (the bound), and covers it."""
+    rng, out = np.random.default_rng(seed), []
+    for n, tie, gap, shape in itertools.product(*CONTINUOUS.values()):
+        low, high = interval(differences(rng, shape, tie, gap, (replicates, n)))
+        out.append({"n": n, "ties": tie, "gap": gap, "shape": shape, "replicates": replicates,
+                    "claims_above": float(np.mean(low > gap)), "claims_below": float(np.mean(high < gap)),
+                    "coverage": float(np.mean((low <= gap) & (gap <= high))),
+                    "mean_width_points": round(100 * float(np.mean(high - low)), 3)})
+    return out
+
+
 def seeds_coverage(seeds: int, n: int = 100, replicates: int = 4000, seed: int = 0) -> float:
     """Coverage of paired_over_seeds' interval for the method-level gap (0) when between-seed spread is twice
     the item part of the mean's spread; b trained with as many seeds."""
@@ -108,11 +158,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the grid as JSON here")
     parser.add_argument("--wide", action="store_true", help="gaps up to 30 points, discordance up to 50%%, accuracy 0.5")
-    parser.add_argument("--interval", choices=SKEWS, default="both",
-                        help="both: tuneoff's (the wider of the two); plain: Tango alone; skew: the corrected form alone")
+    parser.add_argument("--interval", choices=CONTINUOUS_FORMS, default="both",
+                        help="both: tuneoff's (the wider of the two); plain: Tango alone; skew: the corrected form alone; "
+                             "with --continuous: plain = the t interval, pseudo / skew = with one of its two parts")
+    parser.add_argument("--continuous", action="store_true", help="scores in [0, 1]: the simulated grid")
     args = parser.parse_args()
+    if args.continuous:
+        pseudo, skew = CONTINUOUS_FORMS[args.interval]
+        grid = continuous_grid(interval=lambda d: bounded_interval(d, pseudo, skew))
+        worst = max(grid, key=lambda c: max(c["claims_above"], c["claims_below"]))
+        lowest = min(grid, key=lambda c: c["coverage"])
+        print(f"{len(grid)} cells; worst one-sided error {100 * max(worst['claims_above'], worst['claims_below']):.2f}% "
+              f"at {worst}; lowest coverage {100 * lowest['coverage']:.2f}% at {lowest}")
+        if args.out:
+            args.out.write_text(json.dumps({"command": " ".join(["benchmarks/interval_error.py", *sys.argv[1:]]),
+                                            "interval": args.interval, "continuous": grid}, indent=1) + "\n")
+        return
     if args.wide:
         globals().update(WIDE)
+    if args.interval == "pseudo":
+        parser.error("--interval pseudo is a form of the continuous interval: add --continuous")
     grid = binary_grid(SKEWS[args.interval])
     worst = max(grid, key=lambda c: max(c["claims_above"], c["claims_below"]))
     lowest = min(grid, key=lambda c: c["coverage"])

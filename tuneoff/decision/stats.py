@@ -16,8 +16,14 @@ spread cancels, and the interval is far narrower than two independent intervals 
 - Several training seeds: a t interval whose variance adds the item part (paired, over the items'
   seed-averaged differences) and each method's between-seed part, with Satterthwaite's degrees of
   freedom; with 2 seeds it is wide, as 2 training runs should leave it.
-- Continuous scores (the per-example loss of the reference answer): the mean difference with a
-  BCa paired bootstrap interval (scipy.stats.bootstrap).
+- Scores in [0, 1] (ROUGE-L, chrF, a judge's grade): a t interval on the per-item differences whose
+  variance counts one pseudo-item at each end of their range (+1 and -1, the largest move such a score
+  can make), widened where its Cornish-Fisher skewness-corrected form reaches further. The pseudo-items
+  keep an honest width when most items tie or every item moved by the same amount (where the sample
+  variance is 0); the skew correction holds the side a long tail of moves leans on
+  (docs/statistics.md: the one-sided error at the margin, simulated).
+- Unbounded continuous scores (the per-example loss of the reference answer): the mean difference with
+  a BCa paired bootstrap interval (scipy.stats.bootstrap), evidence beside the verdict, never its basis.
 
 Differences are `a - b`, in the score's own units (fractions for 0/1 scores).
 """
@@ -109,6 +115,51 @@ def paired_mean(a: list[float], b: list[float], samples: int, seed: int) -> dict
     return {"n": len(d), "diff": diff, "ci": [low, high], "method": "bca-paired-bootstrap"}
 
 
+def bounded_interval(d, pseudo: bool = True, skew: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The 95% interval for the mean of per-item differences d (last axis: items; each in [-1, 1]),
+    vectorised over sets. The variance is the sample's with one pseudo-item at +1 and one at -1 added
+    about the mean (so n + 1 degrees of freedom in the sum of squares: as Agresti and Min's pseudo-counts
+    for paired 0/1 data, an honest width where most items tie); each bound is the further of the t
+    interval's and the Cornish-Fisher corrected one's, mean - se (z -+ gamma (2 z^2 + 1) / (6 sqrt n)),
+    gamma the skewness of the differences and their pseudo-items: a long tail of moves on one side
+    leaves the mean's sampling distribution skewed, which a symmetric interval under-covers. `pseudo` and
+    `skew` off give the plain t interval (a benchmark compares the forms)."""
+    d = np.asarray(d, dtype=float)
+    n = d.shape[-1]
+    d2 = d * d
+    s1, s2, s3 = d.sum(axis=-1), d2.sum(axis=-1), (d2 * d).sum(axis=-1)
+    mean = s1 / n
+    # central sums of squares and cubes about the mean, the pseudo-items +1 and -1 included
+    squares = np.maximum(s2 - n * mean**2, 0.0) + pseudo * ((1 - mean) ** 2 + (1 + mean) ** 2)
+    cubes = s3 - 3 * mean * s2 + 2 * n * mean**3 + pseudo * ((1 - mean) ** 3 + (-1 - mean) ** 3)
+    items = n + 2 * pseudo
+    se = np.sqrt(squares / (items - 1) / n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gamma = np.where(squares > 0, cubes / items / (squares / items) ** 1.5, 0.0)
+    half = scipy_stats.t.ppf((1 + LEVEL) / 2, max(n - 1, 1)) * se
+    shift = skew * gamma * (2 * Z * Z + 1) / (6 * math.sqrt(n))
+    return np.minimum(mean - half, mean - (Z - shift) * se), np.maximum(mean + half, mean + (Z + shift) * se)
+
+
+def paired_scores(a: list[float], b: list[float]) -> dict:
+    """a - b for scores in [0, 1] on the same items (ROUGE-L, chrF, a judge's grade): the mean difference,
+    its 95% interval (bounded_interval), the per-item spread of a - b, how many items each scored higher
+    on, and the t test's p at 0 with the interval's variance."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or not len(x):
+        raise ValueError(f"paired scores need the same, non-zero number of items (got {len(x)} and {len(y)})")
+    if ((x < 0) | (x > 1) | (y < 0) | (y > 1)).any():
+        raise ValueError("paired_scores needs scores in [0, 1]")
+    d = x - y
+    n = len(d)
+    low, high = bounded_interval(d)
+    se = math.sqrt((((d - d.mean()) ** 2).sum() + (1 - d.mean()) ** 2 + (1 + d.mean()) ** 2) / (n + 1) / n)
+    p_value = float(2 * scipy_stats.t.sf(abs(d.mean()) / se, max(n - 1, 1)))
+    return {"n": n, "diff": float(d.mean()), "ci": [float(low), float(high)], "p_value": p_value,
+            "sd": float(d.std(ddof=1)) if n > 1 else 0.0, "higher_a": int((d > 0).sum()),
+            "higher_b": int((d < 0).sum()), "method": "t with range pseudo-items, skew-widened"}
+
+
 def paired_over_seeds(a: list[list[float]], b: list[list[float]]) -> dict:
     """a - b when each method was trained with several seeds (a[s][i]: seed s's score on item i; the
     same items for every seed of both; b may be one run, the untuned base): the mean over items and
@@ -147,6 +198,26 @@ def non_inferiority(ci: list[float], margin: float) -> str:
     if below(ci, -margin):
         return "inferior"
     return "inconclusive"
+
+
+def items_for_scores(diff: float, sd: float, bound: float, power: float = POWER) -> int:
+    """Test items at which bounded_interval would lie wholly on the far side of `bound` with probability
+    `power`, if a - b had this mean and per-item sd. The estimate spreads by sd / sqrt(n); the interval's
+    half-width is about z sqrt(v / n), v = sd^2 + 2 (1 + diff^2) / n with its pseudo-items; so the smallest
+    n with sqrt(n) |gap| >= z sqrt(v) + z_power sd (it grows with n: doubled, then halved down to it)."""
+    gap = abs(diff - bound)
+    if gap == 0:
+        raise ValueError("the difference sits on the bound: no test set size has power against it")
+    z_power = float(scipy_stats.norm.ppf(power))
+    enough = lambda n: math.sqrt(n) * gap >= Z * math.sqrt(sd * sd + 2 * (1 + diff * diff) / n) + z_power * sd  # noqa: E731
+    high = 2
+    while not enough(high):
+        high *= 2
+    low = high // 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return high
 
 
 def items_for_power(only_a: float, only_b: float, bound: float, power: float = POWER) -> int:
