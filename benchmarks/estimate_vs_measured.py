@@ -79,10 +79,10 @@ def worker(method: str, mode: str, project: Path, task: str, steps: int) -> dict
         Path("/proc/self/clear_refs").write_text("5")
         if mode == "tensors":
             with measure.TensorPeak() as peak:
-                train(model, rows, val, common, params.lr, dev, precision, Path(logs), method)
+                train(model, rows, val, common, params.rates[0], dev, precision, Path(logs), method)
             out["peak_bytes"] = peak.peak_bytes + out["model_bytes"]
         else:
-            result = train(model, rows, val, common, params.lr, dev, precision, Path(logs), method)
+            result = train(model, rows, val, common, params.rates[0], dev, precision, Path(logs), method)
             out["peak_bytes"] = status_bytes("VmHWM")
             out["tokens_per_second"] = result.real_tokens / result.train_seconds
             out["train_seconds"] = result.train_seconds

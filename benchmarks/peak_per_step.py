@@ -58,7 +58,7 @@ def main() -> None:
     rows = load_rows(args.project / "data/prepared" / args.task / "train.safetensors")
     steps = plan_steps(rows["real_tokens"], common.batch_size, common.token_budget, common.seed)[: args.steps]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, common.weight_decay, params.lr)
+    optimizer = make_optimizer(trainable, common.weight_decay, params.rates[0])
     peak = measure.PeakMemory(dev)
     peak.reset()
     peaks, start = [], time.perf_counter()

@@ -360,7 +360,7 @@ def run_tuneoff(model, plan_data, common, params, dev, precision) -> dict:
     val = {k: v[:1] for k, v in plan_data["rows"].items()}  # train() checks val loss before and after: keep it to one row
     clock = StepClock()
     with tempfile.TemporaryDirectory() as logs:
-        result = train(model, plan_data["rows"], val, common.model_copy(update={"log_every": 1}), params.lr, dev,
+        result = train(model, plan_data["rows"], val, common.model_copy(update={"log_every": 1}), params.rates[0], dev,
                        precision, Path(logs), "tuneoff", tracker=clock)
     return {"steps": result.steps, "real_tokens": result.real_tokens, "loss_tokens": result.loss_tokens,
             "train_seconds": round(result.train_seconds, 3), "final_train_loss": round(result.final_train_loss, 6),
@@ -465,7 +465,7 @@ def run_hf(model, plan_data, common, params, bf16: bool, keep: bool = False) -> 
     counter = Counter(DataCollatorForSeq2Seq(plan_data["tokenizer"], padding="longest", label_pad_token_id=-100))
     clock = step_clock()
     with tempfile.TemporaryDirectory() as out_dir:
-        args = TrainingArguments(**trainer_args(common, params.lr, math.ceil(len(examples) / batch_size), bf16, out_dir,
+        args = TrainingArguments(**trainer_args(common, params.rates[0], math.ceil(len(examples) / batch_size), bf16, out_dir,
                                                 per_device_train_batch_size=batch_size, num_train_epochs=1,
                                                 train_sampling_strategy="group_by_length", remove_unused_columns=False))
         trainer = (keep_supervised_logits(Trainer) if keep else Trainer)(
@@ -511,7 +511,7 @@ def run_trl(model, plan_data, common, params, method: str, precision: str, packe
         target_modules=list(params.target_modules), task_type="CAUSAL_LM") if METHODS[method].adapter else None
     clock = step_clock()
     with tempfile.TemporaryDirectory() as out_dir:
-        args = SFTConfig(**trainer_args(common, params.lr, steps_estimate, precision == "bf16", out_dir,
+        args = SFTConfig(**trainer_args(common, params.rates[0], steps_estimate, precision == "bf16", out_dir,
                                         per_device_train_batch_size=batch_size, num_train_epochs=1,
                                         max_length=plan_data["seq_len"], dataset_num_proc=None, **how))
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=plan_data["tokenizer"],

@@ -8,7 +8,9 @@ TrainRecord; dollars and predictions are the report's) and loss.csv / val_loss.c
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +41,7 @@ from tuneoff.core.records import (
 )
 from tuneoff.core.tracking import NoTracker, flat, stage_run
 from tuneoff.modeling import methods
-from tuneoff.training import allocator, distributed
+from tuneoff.training import allocator, distributed, tune
 from tuneoff.training.checkpoint import Checkpointer, fingerprint
 from tuneoff.training.loop import load_rows, step_shapes, train
 
@@ -66,6 +68,9 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
     if not (base / "config.json").is_file():
         raise TuneoffError(f"{base}/ has no model: run `dvc repro {'quantize' if spec.quantized else 'import_base'}` first")
     methods.validate(method, params, base)
+    if len(params.rates) > 1 and common.devices > 1:
+        raise TuneoffError(f"params.yaml: train.{method}.lr is a list of candidates, which pilots tune on one device "
+                           f"only; give one rate or set train.common.devices: 1")
 
     # one of train.common.devices processes (tuneoff/training/distributed.py): the main one tracks and writes
     acc = distributed.accelerator()
@@ -81,10 +86,16 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
         precision = measure.resolve_precision(common.precision, dev)
         if precision in ("bf16", "bf16-pure") and dev.type == "cpu" and not measure.cpu_has_fast_bf16():
             print(f"warning: precision {precision} on a CPU without AMX is slower than fp32 here", file=sys.stderr)
-        torch.manual_seed(common.seed)
         peak = measure.PeakMemory(dev)
         stage_start = time.perf_counter()
+        train_rows, val_rows = load_rows(prepared / "train.safetensors"), load_rows(prepared / "val.safetensors")
+        tuning = tune.pick(params.rates, common, pilot(method, params, base, precision, dev, common, train_rows,
+                                                       val_rows, label))
+        if tuning.tuned:
+            print(f"train {label}: {tuning.line()}")
 
+        torch.manual_seed(common.seed)
+        build_start = time.perf_counter()
         peak.reset()
         # FSDP and ZeRO-3 take the model from host memory and move only each device's shard onto it
         sharded = acc is not None and acc.distributed_type.value in ("FSDP", "DEEPSPEED")
@@ -92,10 +103,9 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
                               common.gradient_checkpointing)
         if acc:  # the same initial weights everywhere (above); each process's own dropout draws from here on
             torch.manual_seed(common.seed + acc.process_index)
-        load_seconds = time.perf_counter() - stage_start
+        load_seconds = time.perf_counter() - build_start
         load_memory = peak.read()
         trainable, total = methods.trainable_and_total(model)
-        train_rows, val_rows = load_rows(prepared / "train.safetensors"), load_rows(prepared / "val.safetensors")
 
         out.mkdir(parents=True, exist_ok=True)
         # the stage owns model/, train.json and the loss logs in `out`, not the folder: merge and
@@ -109,7 +119,7 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
         with atomic_dir(out / "model") if main_process else contextlib.nullcontext() as model_dir:
             peak.reset()  # training peak: weights + gradients + optimizer state + activations
             try:
-                result = train(model, train_rows, val_rows, common, params.lr, dev, precision, out, label,
+                result = train(model, train_rows, val_rows, common, tuning.lr, dev, precision, out, label,
                                tracker, checkpointer, acc)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
@@ -147,7 +157,8 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
                               train_seconds=round(result.train_seconds, 3), eval_seconds=round(result.eval_seconds, 3),
                               wall_seconds=round(time.perf_counter() - stage_start, 3),
                               tokens_per_second=round(result.real_tokens / result.train_seconds, 2),
-                              stage_seconds=measure.process_seconds()))
+                              stage_seconds=measure.process_seconds()),
+                tuning=tuning)
             write_json(out / "train.json", record.model_dump())
         checkpointer.clear()
         metrics = record.model_dump()
@@ -160,6 +171,22 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
           f"({record.timing.tokens_per_second:.0f} tok/s), val loss "
           f"{result.val_loss:.3f}, peak {gib:.2f} GiB ({train_memory['measure']}) -> {out}/")
     return out
+
+
+def pilot(method: str, params, base: Path, precision: str, dev: torch.device, common: CommonTrainParams,
+          train_rows: dict, val_rows: dict, label: str):
+    """tune.pick's pilot: `method` built afresh from the run's seed, trained at `rate` on the pilot's
+    settings, its val loss (logs to a scratch folder: only the loss is kept, in train.json)."""
+    def val_loss(rate: float, settings: CommonTrainParams) -> float:
+        torch.manual_seed(settings.seed)
+        model = methods.build(method, params, base, precision, dev, common.gradient_checkpointing)
+        with tempfile.TemporaryDirectory() as logs:
+            result = train(model, train_rows, val_rows, settings, rate, dev, precision, Path(logs),
+                           f"{label} pilot lr={rate:g}")
+        del model
+        gc.collect()
+        return result.val_loss
+    return val_loss
 
 
 def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: torch.device) -> str:

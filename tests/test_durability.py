@@ -94,7 +94,7 @@ def test_a_loss_that_stops_being_finite_names_the_steps(tmp_path, tiny_base, mon
     monkeypatch.setattr(loop, "eval_loss", lambda *a, **k: 1.0)
     common = CommonTrainParams(seed=0, batch_size=2, micro_batch_size=0, token_budget=8 * 16, precision="fp32",
                                optimizer="adamw", gradient_checkpointing=False, allocator="system", devices=1, distributed="auto", warmup_fraction=0.0,
-                               weight_decay=0.0, max_grad_norm=1.0, eval_every=0, log_every=2)
+                               weight_decay=0.0, max_grad_norm=1.0, eval_every=0, log_every=2, pilot_fraction=0.25)
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     with pytest.raises(TuneoffError, match=r"t/full: the train loss became nan within steps 3-4 of 4: lower"):
         loop.train(model, rows, rows, common, 1e-3, torch.device("cpu"), "fp32", Path(tmp_path), "t/full")

@@ -36,7 +36,7 @@ def run(tiny_base, tokenizer, **options) -> tuple[list[float], dict[str, torch.T
     common = CommonTrainParams(**{
         "seed": 0, "batch_size": 2, "micro_batch_size": 0, "token_budget": 1200, "precision": "fp32",
         "optimizer": "adamw", "gradient_checkpointing": False, "allocator": "system", "devices": 1, "distributed": "auto", "warmup_fraction": 0.0,
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "eval_every": 0, "log_every": 1, **options})
+        "weight_decay": 0.0, "max_grad_norm": 1.0, "eval_every": 0, "log_every": 1, "pilot_fraction": 0.25, **options})
     rows = rows_for(tokenizer, 24)
     model = methods.build("full", FullParams(lr=LR), tiny_base, common.precision, CPU, False)
     losses = Losses()

@@ -190,13 +190,13 @@ def test_peak_within_10_percent_of_measured(tiny_base, tokenizer, request, metho
     common = CommonTrainParams(seed=0, batch_size=2, micro_batch_size=micro_batch_size, token_budget=3 * 2 * 200,
                                precision=precision, optimizer=optimizer, gradient_checkpointing=checkpointing,
                                allocator="system", devices=1, distributed="auto", warmup_fraction=0.0, weight_decay=0.0, max_grad_norm=1.0, eval_every=0,
-                               log_every=1)
+                               log_every=1, pilot_fraction=0.25)
     params = FullParams(lr=1e-4) if method == "full" else LoraParams(lr=1e-3, rank=4, alpha=8, dropout=0.05,
                                                                       target_modules=["q_proj", "v_proj"])
     model = methods.build(method, params, base, precision, CPU, checkpointing)
     assert len(plan_steps(rows["real_tokens"], 2, common.token_budget, 0)) >= 3  # optimizer states from step 2 on
     with tempfile.TemporaryDirectory() as logs, measure.TensorPeak() as peak:
-        train(model, rows, {k: v[:2] for k, v in rows.items()}, common, params.lr, CPU, precision, Path(logs), "t")
+        train(model, rows, {k: v[:2] for k, v in rows.items()}, common, params.rates[0], CPU, precision, Path(logs), "t")
     measured = peak.peak_bytes + measure.model_bytes(model)
     shapes = step_shapes(rows, common)
     s = estimate.setup_for_run(method, None if method == "full" else params, common.batch_size, checkpointing, precision,
@@ -296,7 +296,7 @@ def test_train_stage_estimate(tiny_base, tokenizer):
     rows = rows_for(tokenizer, 40)
     common = CommonTrainParams(seed=0, batch_size=2, micro_batch_size=0, token_budget=1500, precision="fp32",
                                optimizer="adamw", gradient_checkpointing=False, allocator="system", devices=1, distributed="auto", warmup_fraction=0.0,
-                               weight_decay=0.0, max_grad_norm=1.0, eval_every=0, log_every=1)
+                               weight_decay=0.0, max_grad_norm=1.0, eval_every=0, log_every=1, pilot_fraction=0.25)
     from tuneoff.core.params import CostParams, EstimateParams, section
 
     params = section(EstimateParams, "estimate", path=ROOT / "params.yaml")

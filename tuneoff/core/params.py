@@ -122,6 +122,7 @@ class CommonTrainParams(Section):
     max_grad_norm: float = Field(gt=0)
     eval_every: int = Field(ge=0)  # steps between val-loss checks; 0 = only at the end
     log_every: int = Field(gt=0)
+    pilot_fraction: float = Field(gt=0, le=1)  # of token_budget, per candidate, where train.<method>.lr is a list
 
 
 class CheckpointParams(Section):
@@ -132,12 +133,33 @@ class CheckpointParams(Section):
     dir: str  # checkpoints/<task>/<method>/ under this folder; deleted when the stage succeeds
 
 
-class FullParams(Section):
-    lr: float = Field(gt=0)
+Rate = Annotated[float, Field(gt=0)]
 
 
-class LoraParams(Section):
-    lr: float = Field(gt=0)
+class MethodParams(Section):
+    """What one method trains with. `lr`: one learning rate, or a list of candidates, each tried on a
+    short pilot (train.common.pilot_fraction of the budget) before the one with the lowest val loss
+    trains the whole budget (tuneoff/training/tune.py)."""
+
+    lr: Rate | Annotated[list[Rate], Field(min_length=1)]
+
+    @field_validator("lr")
+    @classmethod
+    def distinct(cls, lr):
+        if isinstance(lr, list) and len(set(lr)) != len(lr):
+            raise ValueError(f"the candidate learning rates repeat one: {lr}")
+        return lr
+
+    @property
+    def rates(self) -> list[float]:
+        return self.lr if isinstance(self.lr, list) else [self.lr]
+
+
+class FullParams(MethodParams):
+    pass
+
+
+class LoraParams(MethodParams):
     rank: int = Field(gt=0)
     alpha: float = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
@@ -491,6 +513,8 @@ def section(model, *keys: str, path: Path = PARAMS_FILE, data: dict | None = Non
 
 def _describe(path: Path, dotted: str, error: ValidationError, node) -> str:
     errors = error.errors()
+    if isinstance(errors[0]["input"], list):  # one number or a list (train.<method>.lr): the list branch's error
+        errors.sort(key=lambda e: not any(str(p).startswith("list[") for p in e["loc"]))
     first = errors[0]
     if first["type"] == "union_tag_invalid":
         return f"{path}: {dotted}.kind = {node.get('kind')!r}: allowed: {first['ctx']['expected_tags']}"
@@ -507,7 +531,7 @@ def _describe(path: Path, dotted: str, error: ValidationError, node) -> str:
 
 def _key(dotted: str, error: dict, node) -> str:
     """The dotted params key one pydantic error is about."""
-    parts = [str(p) for p in error["loc"]]
+    parts = [str(p) for p in error["loc"] if not str(p).startswith(("constrained-", "list["))]  # union branches
     if parts and isinstance(node, dict) and parts[0] == node.get("kind"):
         parts = parts[1:]  # a tagged union puts the tag first: tasks.x.csv.path -> tasks.x.path
     return ".".join([dotted, *parts])

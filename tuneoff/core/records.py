@@ -97,6 +97,32 @@ class Timing(Record):
     stage_seconds: float | None = None  # the whole process, start-up and imports included (measure.process_seconds)
 
 
+class Tuning(Record):
+    """The learning rate a method trained at, and how it was picked (tuneoff/training/tune.py)."""
+
+    lr: float  # the rate the whole budget trained at
+    tuned: bool  # false: one rate in params.yaml, no pilots
+    candidates: list[float]
+    pilot_tokens: int | None = None  # the token budget of each pilot
+    pilot_val_loss: dict[str, float] | None = None  # candidate (as written, e.g. "0.001") -> val loss after its pilot
+    at_edge: Literal["smallest", "largest"] | None = None  # the chosen rate is the list's smallest or largest
+    tied_with: list[float] | None = None  # other candidates whose pilot val loss equals the chosen one's
+    seconds: float = 0.0  # the pilots' wall time (model builds included), part of timing.wall_seconds
+
+    def line(self) -> str:
+        """The rate and how it was chosen, for logs and the report."""
+        if not self.tuned:
+            return f"lr {self.lr:g} (one rate given, not tuned)"
+        pilots = ", ".join(f"{rate} -> {loss:.4f}" for rate, loss in self.pilot_val_loss.items())
+        line = (f"lr {self.lr:g}, the lowest val loss of {len(self.candidates)} pilots of {self.pilot_tokens:,} tokens "
+                f"({pilots})")
+        if self.tied_with:
+            line += f"; tied with {', '.join(f'{r:g}' for r in self.tied_with)}"
+        if self.at_edge:
+            line += f"; the {self.at_edge} rate tried: widen the list"
+        return line
+
+
 class TrainRecord(Record):
     task: str
     method: str
@@ -110,6 +136,7 @@ class TrainRecord(Record):
     setup: Setup
     output: Output
     timing: Timing  # timing lives in its own keys: everything else is reproducible run to run on CPU
+    tuning: Tuning | None = None  # None: written before learning rates could be tuned
 
 
 class EvalTiming(Record):
@@ -154,6 +181,8 @@ class RunCosts(TypedDict):
     device: str
     precision: str
     estimate: dict  # the estimator's prediction for the run: peak_memory_bytes, phase, train_flops, train_seconds
+    tuning: dict | None  # train.json's tuning, with `usd`: what its pilots cost (inside cost_usd)
+    cost_usd_final: float | None  # the final run alone, without the pilots
 
 
 class ComparisonRow(TypedDict):

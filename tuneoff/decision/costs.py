@@ -17,6 +17,8 @@ from tuneoff.estimator.estimate import cost, for_record
 def run_costs(train: TrainRecord, estimate_params: EstimateParams, prices: dict[str, float]) -> RunCosts:
     """A trained method's row in the report: what it measured, priced, and the estimator's prediction."""
     dollars = cost(train.timing.wall_seconds, train.device, prices)  # a rented device bills the whole stage
+    pilots = train.tuning.seconds if train.tuning else 0.0  # the learning-rate pilots, inside the stage's wall time
+    final = cost(train.timing.wall_seconds - pilots, train.device, prices)
     predicted, timing = for_record(train, estimate_params, prices)
     return {
         "peak_memory_bytes": train.memory.peak_memory_bytes,
@@ -33,6 +35,9 @@ def run_costs(train: TrainRecord, estimate_params: EstimateParams, prices: dict[
         "estimate": {"peak_memory_bytes": predicted["peak_memory_bytes"], "phase": predicted["phase"],
                      "train_flops": predicted["train_flops"], "train_seconds": timing.get("train_seconds"),
                      "utilisation": timing.get("utilisation")},
+        "tuning": train.tuning and {**train.tuning.model_dump(),
+                                    "usd": None if dollars["usd"] is None else dollars["usd"] - final["usd"]},
+        "cost_usd_final": final["usd"],
     }
 
 

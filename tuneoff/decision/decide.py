@@ -38,7 +38,32 @@ def interval(p: dict) -> str:
 
 
 def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
-    """{"method", "verdict": decided | inconclusive | none, "rationale", "settle", "numbers"} for one task."""
+    """{"method", "verdict": decided | inconclusive | none, "rationale", "settle", "numbers"} for one task;
+    the rationale ends with what the verdict assumes about learning rates."""
+    d = by_the_rules(comparison, rules)
+    return {**d, "rationale": d["rationale"] + rates_note(comparison["rows"])}
+
+
+def rates_note(rows: list[dict]) -> str:
+    """Whether each method trained at a tuned learning rate: a verdict between a tuned and an untuned
+    method, or at a rate on the edge of its candidates, compares rates as well as methods."""
+    tunings = {r["method"]: r["train"]["tuning"] for r in rows if r.get("train") and r["train"].get("tuning")}
+    tuned = [m for m, t in tunings.items() if t["tuned"]]
+    untuned = [m for m, t in tunings.items() if not t["tuned"]]
+    note = ""
+    if tuned and untuned:
+        note += (f" {', '.join(untuned)} trained at one hand-set learning rate, {', '.join(tuned)} at a tuned one: "
+                 "the comparison may favour the tuned.")
+    elif untuned:
+        note += " No learning rate was tuned (one rate per method in params.yaml): the verdict holds at those rates."
+    edge = [f"{m} ({t['lr']:g}, the {t['at_edge']} tried)" for m, t in tunings.items() if t.get("at_edge")]
+    if edge:
+        note += f" The rate chosen for {', '.join(edge)} is at the edge of its candidates: a better one may lie beyond."
+    return note
+
+
+def by_the_rules(comparison: TaskComparison, rules: DecideParams) -> Decision:
+    """The verdict from the paired intervals alone (the rules in this module's docstring)."""
     rows = {r["method"]: r for r in comparison["rows"]}
     base, metric = rows[BASE], comparison["main_metric"]
     numbers = {name: {"main": r["main"], "ci": [r["ci_low"], r["ci_high"]],

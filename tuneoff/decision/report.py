@@ -10,7 +10,7 @@ from pathlib import Path
 from tuneoff.core.errors import TuneoffError
 from tuneoff.core.methods import BASE, COLOURS, FULL, LORA, QLORA
 from tuneoff.core.params import EstimateParams
-from tuneoff.core.records import EvalRecord, TaskComparison, TrainRecord, read
+from tuneoff.core.records import EvalRecord, TaskComparison, TrainRecord, Tuning, read
 from tuneoff.decision import general
 from tuneoff.decision.costs import _predictions_table, run_costs
 from tuneoff.decision.pairs import (
@@ -111,9 +111,12 @@ def _forms_note(c: dict) -> str:
         return ""
     forms = "; ".join(f"{name} {100 * f['main']:.1f}% [{100 * f['ci_low']:.1f}, {100 * f['ci_high']:.1f}]"
                       for name, f in row["forms"].items())
+    chosen_on = "; ".join(f"{name} {100 * f['val']['main']:.1f}%, loss {f['val']['loss']:.3f}"
+                          for name, f in row["forms"].items() if f.get("val"))
     return (f" {row['method']} was scored on the whole test set as the function that trained and merged into the "
             f"float base: {forms} (its adapter on the 4-bit base computes nf4-merged's function: merge-nf4.json). "
-            f"Deployed: {row['deployed_form']} (the best score; a tie goes to nf4-merged).")
+            f"Deployed: {row['deployed_form']}, chosen on the validation split ({chosen_on}: the best score, then "
+            "the lower loss; a tie goes to nf4-merged), so the test split chose nothing.")
 
 
 def _pairs_table(pairs: list[dict], metric: str) -> list[str]:
@@ -127,6 +130,23 @@ def _pairs_table(pairs: list[dict], metric: str) -> list[str]:
         lines.append(f"| {p['a']} - {p['b']} | {p['diff_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {only} | {exact} "
                      f"| {loss or '-'} |")
     return lines
+
+
+def _rates_table(c: dict) -> list[str]:
+    """Each method's learning rate and how it was chosen; pilots are part of the method's cost."""
+    trained = [r for r in c["rows"] if r.get("train") and r["train"].get("tuning")]
+    if not trained:
+        return []
+    usd = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    lines = ["Learning rates: a list of candidates in params.yaml is tuned, each on a pilot of part of the budget, the "
+             "lowest val loss (validation split) training the whole budget; the pilots are part of the method's cost.",
+             "", "| method | lr | how chosen | pilots s | pilots USD | USD with pilots | USD final run alone |",
+             "|---|---|---|---|---|---|---|"]
+    for r in trained:
+        t, tuning = r["train"], r["train"]["tuning"]
+        lines.append(f"| {r['method']} | {tuning['lr']:g} | {Tuning(**{k: v for k, v in tuning.items() if k != 'usd'}).line()} "
+                     f"| {tuning['seconds']:.0f} | {usd(tuning['usd'])} | {usd(t['cost_usd'])} | {usd(t['cost_usd_final'])} |")
+    return lines + [""]
 
 
 def _fields_table(c: dict) -> list[str]:
@@ -157,8 +177,9 @@ def _seeds_note(c: dict) -> list[str]:
             for m, s in c["seeds"].items()]
     seeds = ", ".join(str(x) for x in next(iter(c["seeds"].values()))["seeds"])
     return [f"Each method trained with seeds {seeds}, each scored as trained (QLoRA: its adapter on the NF4 base). "
-            "The paired intervals above resample the test items and, for each method, its seeds "
-            "(a two-level bootstrap), so the spread between runs is in them:", "",
+            "The paired intervals above are t intervals over the test items and each method's seeds "
+            "(Satterthwaite's degrees of freedom), so the spread between runs is in them and the verdict is about "
+            "the methods, not these trained models:", "",
             f"| method | {c['main_metric']} % per seed | sd (points) |", "|---|---|---|", *rows, ""]
 
 
@@ -287,12 +308,16 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
             head = {"decided": f"Recommendation: {d['method']}", "inconclusive": "Verdict: inconclusive",
                     "none": "Verdict: no method qualifies"}[d["verdict"]]
             lines += [f"**{head}.** {d['rationale']}", ""] + ([f"What would settle it: {d['settle']}", ""] if d["settle"] else [])
-        lines += ["Paired on the same test items (a - b; interval: Newcombe's paired score interval for the "
-                  "0/1 metric, a BCa paired bootstrap for the per-example loss of the reference answer, where lower "
-                  "is better):", "", *_pairs_table(c["pairs"], c["main_metric"]), "", *_seeds_note(c)]
+        lines += ["Paired on the same test items (a - b; interval: Tango's paired score interval for the 0/1 metric, "
+                  "widened where its skewness-corrected form reaches further, docs/statistics.md; a BCa paired bootstrap "
+                  "for the per-example loss of the reference answer, where lower is better). Every number here is on "
+                  "the test split; the QLoRA form that ships is chosen on the validation split.", "", *_pairs_table(c["pairs"], c["main_metric"]), "",
+                  *(_seeds_note(c) or [f"Each method trained once (seed {cond['seed']}): the intervals are about these "
+                                       "trained models, not about the methods; `bakeoff.more_seeds` trains more.", ""])]
         if c["form_pairs"]:
             lines += ["QLoRA in its other deployable forms, against the one deployed (same items):", "",
                       *_pairs_table(c["form_pairs"], c["main_metric"]), ""]
+        lines += _rates_table(c)
         lines += _fields_table(c)
         lines += general.table(c.get("general"))
         checked = claims(c)

@@ -1,0 +1,73 @@
+"""Learning rates tuned per method (issue 39) on the tiny model: a list of candidates runs a pilot each
+and the lowest val loss trains the whole budget, exactly as that rate alone would; the pilots are in
+the method's cost; one rate runs no pilot."""
+
+import json
+
+import pytest
+import yaml
+from conftest import make_project, run
+from safetensors.torch import load_file
+
+from tuneoff.core.params import CostParams, EstimateParams, read_params, section
+from tuneoff.core.records import TrainRecord, read
+from tuneoff.decision.costs import run_costs
+from tuneoff.decision.decide import rates_note
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_base):
+    project = make_project(tmp_path_factory.mktemp("tuning"), tiny_base)
+    run(["dvc", "repro", "-q", "prepare@extraction"], project)
+    return project
+
+
+def train_lora(project, monkeypatch, lr) -> tuple[dict, dict]:
+    """stages.train in-process at `lr` (one rate or a list): its train.json and weights."""
+    from stages import train as train_stage
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["lora"]["lr"] = lr
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = train_stage.main("extraction", "lora")
+    return json.loads((out / "train.json").read_text()), load_file(next((out / "model").glob("*.safetensors")))
+
+
+def test_the_lowest_pilot_val_loss_trains_the_budget_as_that_rate_alone(project, monkeypatch):
+    tuned, tuned_weights = train_lora(project, monkeypatch, [1e-4, 3e-3, 3.0])
+    t = tuned["tuning"]
+    assert t["tuned"] and t["candidates"] == [1e-4, 3e-3, 3.0] and set(t["pilot_val_loss"]) == {"0.0001", "0.003", "3"}
+    best = min(t["pilot_val_loss"], key=t["pilot_val_loss"].get)
+    assert t["lr"] == float(best) and t["pilot_tokens"] == 375  # 25% of the 1,500-token budget
+    assert t["at_edge"] == {"0.0001": "smallest", "3": "largest"}.get(best) and t["tied_with"] == []
+    assert 0 < t["seconds"] < tuned["timing"]["wall_seconds"]
+
+    alone, alone_weights = train_lora(project, monkeypatch, t["lr"])  # one rate: no pilot, the same training
+    assert alone["tuning"] == {"lr": t["lr"], "tuned": False, "candidates": [t["lr"]], "pilot_tokens": None,
+                               "pilot_val_loss": None, "at_edge": None, "tied_with": None, "seconds": 0.0}
+    assert alone["loss"] == tuned["loss"] and alone["tokens"] == tuned["tokens"]
+    assert alone_weights.keys() == tuned_weights.keys()
+    assert all((alone_weights[k] == tuned_weights[k]).all() for k in alone_weights)
+
+    # the pilots are part of the method's cost; the report shows the final run alone beside it
+    params = read_params(project / "params.yaml")
+    costs = run_costs(read(TrainRecord, project / "runs/extraction/lora/train.json"),
+                      section(EstimateParams, "estimate", data=params), section(CostParams, "cost", data=params).price_per_hour)
+    assert costs["tuning"]["tuned"] is False and costs["cost_usd_final"] == costs["cost_usd"]
+    tuned_costs = run_costs(TrainRecord(**tuned), section(EstimateParams, "estimate", data=params),
+                            section(CostParams, "cost", data=params).price_per_hour)
+    assert tuned_costs["cost_usd"] > tuned_costs["cost_usd_final"] > 0
+    assert tuned_costs["tuning"]["usd"] == pytest.approx(tuned_costs["cost_usd"] - tuned_costs["cost_usd_final"])
+
+
+def test_a_verdict_says_which_rates_were_tuned_and_which_sit_at_an_edge():
+    def row(method, tuned, edge=None):
+        return {"method": method, "train": {"tuning": {"lr": 1e-3, "tuned": tuned, "at_edge": edge}}}
+
+    assert "No learning rate was tuned" in rates_note([row("full", False), row("lora", False)])
+    mixed = rates_note([{"method": "base", "train": None}, row("full", False), row("lora", True)])
+    assert "full trained at one hand-set learning rate, lora at a tuned one" in mixed
+    edge = rates_note([row("full", True), row("lora", True, "largest")])
+    assert "lora (0.001, the largest tried) is at the edge" in edge and "hand-set" not in edge
