@@ -43,6 +43,9 @@ def main(task: str) -> None:
     out = Path("data/prepared") / task
     meta = {"task": task, "kind": spec.kind, "scorer": built.scorer, "labels": built.labels,
             "seq_len": prep.seq_len, "examples": {k: len(v) for k, v in splits.items()}, "overlap": overlap}
+    several = {k: sum(len(ex.get("references", [None])) for ex in v) for k, v in splits.items() if k != "train"}
+    if any(n > len(splits[k]) for k, n in several.items()):  # val and test items with several references: how many
+        meta["references"] = several
     with atomic_dir(out) as tmp:
         for name, examples in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", examples)

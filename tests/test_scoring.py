@@ -98,7 +98,7 @@ def test_answers_and_losses_from_one_prompt_pass_match_generate_and_each_item_al
     chats = [ex["messages"] for ex in extraction.generate(7, 3)]
     chats.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                   {"role": "user", "content": "Order ORD-12345 is late."}, {"role": "assistant", "content": "{}"}])
-    test = TestSet("exact", [], [c[:-1] for c in chats], [c[-1]["content"] for c in chats])
+    test = TestSet("exact", [], [c[:-1] for c in chats], [c[-1]["content"] for c in chats], [[c[-1]["content"]] for c in chats])
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     if adapter:
         from peft import LoraConfig, get_peft_model

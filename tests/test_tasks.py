@@ -121,10 +121,10 @@ def test_banking77_through_the_csv_loader_with_params_only():
                                labels_in_prompt=False), PREP)
     parts, overlap = split(task.examples, PREP, "tasks.t")
     assert len(task.labels) == 77
-    # test.csv has 3080 rows: 6 are in train.csv word for word and 1 is there twice; val (carved from
-    # train.csv's 10003) loses 1 whose text train.csv repeats
-    assert overlap == {"val_dropped": 1, "test_dropped": 7}
-    assert len(parts["test"]) == 3073 and len(parts["train"]) + len(parts["val"]) == 10002
+    # test.csv has 3080 rows: 6 are in train.csv word for word (dropped) and 1 is there twice (one item);
+    # val is carved from train.csv's 10003 rows by prompt, so the text train.csv repeats stays on one side
+    assert overlap == {"val_dropped": 0, "test_dropped": 6}
+    assert len(parts["test"]) == 3073 and len(parts["train"]) + len(parts["val"]) == 10003
 
 
 def test_hf_dataset_on_disk_keeps_its_splits(tmp_path):
@@ -153,18 +153,18 @@ def say(i, output=None):
 
 def test_test_examples_whose_prompt_is_trained_are_dropped(tmp_path):
     train = write(tmp_path / "train.jsonl", "\n".join(say(i) for i in range(30)))
-    # "Say 3" is trained (with another answer: the prompt is what is compared) and "Say 101" comes twice
+    # "Say 3" is trained (with another answer: the prompt is what is compared) and "Say 101" comes twice: one item
     test = write(tmp_path / "test.jsonl", "\n".join([say(100), say(3, "three"), say(101), say(101)]))
     task = build_task(JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact"), PREP)
     parts, overlap = split(task.examples, PREP, "tasks.t")
     assert [ex["messages"][-1]["content"] for ex in parts["test"]] == ["100", "101"]
-    assert overlap == {"val_dropped": 0, "test_dropped": 2} and len(parts["train"]) + len(parts["val"]) == 30
+    assert overlap == {"val_dropped": 0, "test_dropped": 1} and len(parts["train"]) + len(parts["val"]) == 30
     write(test, "\n".join([say(3), say(4)]))
     spec = JsonlTask(kind="jsonl", path=str(train), test_path=str(test), system_prompt="", scorer="exact")
     with pytest.raises(TuneoffError) as e:
         split(build_task(spec, PREP).examples, PREP, source("sayit", spec))
-    assert str(e.value) == (f"tasks.sayit ({train}, {test}): the test split is empty: its 2 examples all repeat a "
-                            "prompt of train or val")
+    assert str(e.value) == (f"tasks.sayit ({train}, {test}): the test split is empty: each of its 2 prompts is in "
+                            "train or val too")
 
 
 def test_a_file_that_repeats_examples_still_splits_clean(tmp_path):
@@ -174,10 +174,12 @@ def test_a_file_that_repeats_examples_still_splits_clean(tmp_path):
     prompts = {name: [ex["messages"][0]["content"] for ex in parts[name]] for name in parts}
     assert not set(prompts["val"]) & set(prompts["train"])
     assert not set(prompts["test"]) & set(prompts["train"] + prompts["val"])
-    assert len(set(prompts["test"])) == len(prompts["test"]) and len(set(prompts["val"])) == len(prompts["val"])
-    assert len(prompts["train"]) == 32  # 40 - 4 val - 4 test carved: train keeps every one
-    assert overlap == {"val_dropped": 4 - len(prompts["val"]), "test_dropped": 4 - len(prompts["test"])}
-    assert overlap == {"val_dropped": 2, "test_dropped": 1}
+    assert len(set(prompts["test"])) == len(prompts["test"]) == 3 and len(set(prompts["val"])) == len(prompts["val"]) == 3
+    # 30 prompts, 10% each to val and test, drawn by prompt: train keeps every record of the other 24 (a repeated
+    # one twice), nothing is dropped
+    held_out = prompts["val"] + prompts["test"]
+    assert len(prompts["train"]) == 40 - sum(1 + (int(p.split()[1]) < 10) for p in held_out)
+    assert overlap == {"val_dropped": 0, "test_dropped": 0}
 
 
 def prepare_task(tmp_path, tiny_base, monkeypatch, name, entry, files):
@@ -219,3 +221,22 @@ def test_prepare_records_and_notes_the_test_examples_it_dropped(tmp_path, tiny_b
     test = (tmp_path / "data/prepared/sayit/test.jsonl").read_text()
     assert '"Say 2"' not in test and '"Say 100"' in test
     assert "prepare@sayit: dropped 1 test example whose prompt is also in train or val" in capsys.readouterr().out
+
+
+def test_several_references_per_prompt_are_one_item_and_no_prompt_crosses_splits():
+    # 60 prompts with 1-5 answers each (as data-to-text and paraphrase data come): split by prompt, each
+    # answer a training example, each held-out prompt one item with every distinct reference
+    records = [{"messages": [{"role": "user", "content": f"describe {i}"}, {"role": "assistant", "content": f"it is {i} v{k}"}]}
+               for i in range(60) for k in range(1 + i % 5)] + [{"messages": [{"role": "user", "content": "describe 3"},
+                                                                              {"role": "assistant", "content": "it is 3 v0"}]}]
+    parts, overlap = split(records, PREP, "tasks.t")
+    assert overlap == {"val_dropped": 0, "test_dropped": 0}
+    prompts = {name: [ex["messages"][0]["content"] for ex in part] for name, part in parts.items()}
+    assert len(prompts["val"]) == len(prompts["test"]) == 6 and len(set(prompts["test"])) == 6  # 10% of 60 prompts
+    assert not set(prompts["train"]) & set(prompts["val"]) and not set(prompts["train"]) & set(prompts["test"])
+    assert not set(prompts["val"]) & set(prompts["test"])
+    for item in parts["val"] + parts["test"]:
+        i = int(item["messages"][0]["content"].split()[1])
+        assert item.get("references", [item["messages"][-1]["content"]]) == [f"it is {i} v{k}" for k in range(1 + i % 5)]
+    assert len(parts["train"]) == len(records) - sum(1 + int(p.split()[1]) % 5 + (p == "describe 3")
+                                                     for p in prompts["val"] + prompts["test"])

@@ -64,7 +64,7 @@ class JsonlTask(Section):
     path: str
     test_path: str = ""  # "" = carve test out of `path`
     system_prompt: str = ""  # added to a record that has no system message; "" = none added
-    scorer: Literal["exact", "json_fields"] = "exact"
+    scorer: Literal["exact", "json_fields", "rouge_l", "chrf", "judge"] = "exact"  # free-form: rouge_l, chrf or judge
 
 
 class CsvTask(Section):
@@ -82,7 +82,7 @@ class HfDiskTask(Section):
     kind: Literal["hf_disk"]
     path: str
     system_prompt: str = ""  # added to a record that has no system message; "" = none added
-    scorer: Literal["exact", "json_fields"] = "exact"
+    scorer: Literal["exact", "json_fields", "rouge_l", "chrf", "judge"] = "exact"  # free-form: rouge_l, chrf or judge
 
 
 TaskParams = Annotated[

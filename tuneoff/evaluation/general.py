@@ -74,7 +74,7 @@ def cross_task(net, tokenizer, other: str, limit: int, evaluate: EvaluateParams,
     n = min(limit, len(test.conversations))
     produced = generate(net, tokenizer, test.conversations[:n], evaluate.batch_size,
                         reply_limit(tokenizer, test.references[:n], evaluate.max_new_tokens), dev, f"cross-task {other}")
-    metrics, per_item = score(test.scorer, produced, test.references[:n], test.labels, evaluate.bootstrap_samples,
+    metrics, per_item = score(test.scorer, produced, test.all_references[:n], test.labels, evaluate.bootstrap_samples,
                               evaluate.seed)
     return {"main_metric": metrics["main_metric"], "main": metrics["main"], "n": n,
             "correct": [bool(row["correct"]) for row in per_item]}

@@ -36,7 +36,8 @@ class TestSet:
     scorer: str
     labels: list[str]
     conversations: list[list[dict]]  # each test item without its reference answer, in test.jsonl order
-    references: list[str]
+    references: list[str]  # the answer each item's loss is read on (its first reference)
+    all_references: list[list[str]]  # every reference each item has, what its reply is scored against
 
 
 def load_test(prepared: Path) -> TestSet:
@@ -47,7 +48,8 @@ def load_test(prepared: Path) -> TestSet:
     meta = json.loads((prepared / "meta.json").read_text())
     examples = read_jsonl(prepared / "test.jsonl")
     return TestSet(meta["scorer"], meta["labels"], [ex["messages"][:-1] for ex in examples],
-                   [ex["messages"][-1]["content"] for ex in examples])
+                   [ex["messages"][-1]["content"] for ex in examples],
+                   [ex.get("references") or [ex["messages"][-1]["content"]] for ex in examples])
 
 
 @dataclass
@@ -146,15 +148,16 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
 def score_model(model, tokenizer, test: TestSet, params: EvaluateParams, dev: torch.device, label: str) -> Scored:
     """Generate, score and compute each reference's loss (answer_and_losses)."""
     start = time.perf_counter()
-    limit = reply_limit(tokenizer, test.references, params.max_new_tokens)
+    limit = reply_limit(tokenizer, [r for refs in test.all_references for r in refs], params.max_new_tokens)
     predictions, sums, counts = answer_and_losses(model, tokenizer, test, params.batch_size, limit, dev, label)
     generate_seconds = time.perf_counter() - start
-    metrics, per_item = score(test.scorer, predictions, test.references, test.labels, params.bootstrap_samples,
+    metrics, per_item = score(test.scorer, predictions, test.all_references, test.labels, params.bootstrap_samples,
                               params.seed)
     # an item with no reference token (an empty answer) has no loss: null
     losses = [round(total / n, 6) if n else None for total, n in zip(sums, counts)]
-    items = zip(test.conversations, test.references, predictions, per_item, losses)
+    items = zip(test.conversations, test.references, test.all_references, predictions, per_item, losses)
     records = [{"input": conv[-1]["content"], "expected": ref, "produced": pred, "correct": row["correct"],
-                "loss": loss, **row} for conv, ref, pred, row, loss in items]  # then the scorer's own fields
+                "loss": loss, **row, **({"references": refs} if len(refs) > 1 else {})}
+               for conv, ref, refs, pred, row, loss in items]  # then the scorer's own fields
     test_loss = sum(sums) / max(sum(counts), 1)
     return Scored(metrics, records, test_loss, generate_seconds, limit)

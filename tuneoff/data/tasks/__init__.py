@@ -65,36 +65,52 @@ def prompt(example: dict) -> tuple:
     return tuple((m["role"], m["content"]) for m in example["messages"][:-1])
 
 
-def drop_overlap(given: dict[str, list[dict]]) -> dict[str, int]:
-    """Drop from val each example whose prompt is in train, and from test each whose prompt is in
-    train or val; a prompt repeated within val or test counts once. Returns how many each lost.
-    The held-out side gives them up, not train: a test item seen in training scores memory, and
-    train (so the token budget's epochs) stays as the data gave it."""
-    seen = {prompt(ex) for ex in given["train"]}
+def group_by_prompt(examples: list[dict]) -> list[list[dict]]:
+    """Examples with the same prompt, in first-seen order: one item with several references (data-to-text,
+    paraphrase and support data often give a prompt 5-10 answers). Splits are drawn by these groups."""
+    groups: dict[tuple, list[dict]] = {}
+    for ex in examples:
+        groups.setdefault(prompt(ex), []).append(ex)
+    return list(groups.values())
+
+
+def held_out_item(group: list[dict]) -> dict:
+    """A val or test item: its prompt once, the first reference as the answer (what its loss is read on)
+    and, when there are several, every distinct reference in `references` (what a reply is scored against)."""
+    references = list(dict.fromkeys(ex["messages"][-1]["content"] for ex in group))
+    return {"messages": group[0]["messages"], **({"references": references} if len(references) > 1 else {})}
+
+
+def drop_overlap(given: dict[str, list[list[dict]]]) -> dict[str, int]:
+    """Drop from val each item (prompt group) whose prompt is in train, and from test each whose prompt is
+    in train or val. Returns how many records each lost. The held-out side gives them up, not train: a
+    test item seen in training scores memory, and train (so the token budget's epochs) stays as the data
+    gave it. A split drawn from the data never overlaps (it is drawn by prompt); a split the data names may."""
+    seen = {prompt(group[0]) for group in given["train"]}
     dropped = {}
     for name in ("val", "test"):
-        kept = []
-        for ex in given[name]:
-            if prompt(ex) not in seen:
-                seen.add(prompt(ex))
-                kept.append(ex)
-        dropped[f"{name}_dropped"] = len(given[name]) - len(kept)
+        kept = [group for group in given[name] if prompt(group[0]) not in seen]
+        seen |= {prompt(group[0]) for group in kept}
+        dropped[f"{name}_dropped"] = sum(map(len, given[name])) - sum(map(len, kept))
         given[name] = kept
     return dropped
 
 
 def split(examples: list[dict], prep: PrepareParams, where: str) -> tuple[dict[str, list[dict]], dict[str, int]]:
-    """Deterministic train/val/test split, and how many val and test examples drop_overlap dropped.
-    Val or test examples the data names are kept (the first max_*_examples of them, drawn at random);
-    a split the data does not provide is carved from the training pool, at most max_*_examples of it,
+    """Deterministic train/val/test split by prompt, and how many val and test records drop_overlap dropped.
+    Records that share a prompt are one item: they land in the same split; train keeps each (prompt,
+    reference) pair as an example, val and test one item per prompt with every reference (held_out_item).
+    Val or test items the data names are kept (the first max_*_examples of them, drawn at random); a
+    split the data does not provide is carved from the training pool, at most max_*_examples items of it,
     so what a cap leaves out stays in train. `where` names the task and its files in errors."""
-    given = {s: [ex for ex in examples if ex.get("split") == s] for s in SPLITS}
-    pool = given["train"] + [ex for ex in examples if "split" not in ex]
+    given = {s: group_by_prompt([ex for ex in examples if ex.get("split") == s]) for s in SPLITS}
+    pool = group_by_prompt([ex for ex in examples if ex.get("split") == "train"] + [ex for ex in examples if "split" not in ex])
     random.Random(prep.seed).shuffle(pool)
+    prompts = len(group_by_prompt(examples))
     caps = {"val": prep.max_val_examples, "test": prep.max_test_examples}
     for name, fraction in (("test", prep.test_fraction), ("val", prep.val_fraction)):
         if not given[name]:
-            n = max(1, round(len(examples) * fraction))
+            n = max(1, round(prompts * fraction))
             n = min(n, caps[name] or n)
             given[name], pool = pool[:n], pool[n:]
     given["train"] = pool
@@ -102,13 +118,16 @@ def split(examples: list[dict], prep: PrepareParams, where: str) -> tuple[dict[s
     overlap = drop_overlap(given)
     out = {}
     for name in SPLITS:
-        items = [{"messages": ex["messages"]} for ex in given[name]]
+        if name == "train":
+            items = [{"messages": ex["messages"]} for group in given[name] for ex in group]
+        else:
+            items = [held_out_item(group) for group in given[name]]
         if caps.get(name) and len(items) > caps[name]:
             items = random.Random(prep.seed).sample(items, caps[name])
         if not items and before[name]:
             earlier = "train" if name == "val" else "train or val"
-            raise TuneoffError(f"{where}: the {name} split is empty: its {before[name]} examples all repeat a prompt "
-                               f"of {earlier}")
+            raise TuneoffError(f"{where}: the {name} split is empty: each of its {before[name]} prompts is in "
+                               f"{earlier} too")
         if not items:
             raise TuneoffError(f"{where}: the {name} split is empty: the data has too few examples ({len(examples)})")
         out[name] = items
