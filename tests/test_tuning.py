@@ -3,10 +3,12 @@ and the lowest val loss trains the whole budget, exactly as that rate alone woul
 the method's cost; one rate runs no pilot."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
-from conftest import make_project, run
+from conftest import ROOT, make_project, run
 from safetensors.torch import load_file
 
 from tuneoff.core.params import CostParams, EstimateParams, read_params, section
@@ -36,12 +38,12 @@ def train_lora(project, monkeypatch, lr) -> tuple[dict, dict]:
 
 
 def test_the_lowest_pilot_val_loss_trains_the_budget_as_that_rate_alone(project, monkeypatch):
-    tuned, tuned_weights = train_lora(project, monkeypatch, [1e-4, 3e-3, 3.0])
+    tuned, tuned_weights = train_lora(project, monkeypatch, [1e-4, 3e-2])
     t = tuned["tuning"]
-    assert t["tuned"] and t["candidates"] == [1e-4, 3e-3, 3.0] and set(t["pilot_val_loss"]) == {"0.0001", "0.003", "3"}
+    assert t["tuned"] and t["candidates"] == [1e-4, 3e-2] and set(t["pilot_val_loss"]) == {"0.0001", "0.03"}
     best = min(t["pilot_val_loss"], key=t["pilot_val_loss"].get)
     assert t["lr"] == float(best) and t["pilot_tokens"] == 375  # 25% of the 1,500-token budget
-    assert t["at_edge"] == {"0.0001": "smallest", "3": "largest"}.get(best) and t["tied_with"] == []
+    assert t["at_edge"] == {"0.0001": "smallest", "0.03": "largest"}[best] and t["tied_with"] == []
     assert 0 < t["seconds"] < tuned["timing"]["wall_seconds"]
 
     alone, alone_weights = train_lora(project, monkeypatch, t["lr"])  # one rate: no pilot, the same training
@@ -71,3 +73,18 @@ def test_a_verdict_says_which_rates_were_tuned_and_which_sit_at_an_edge():
     assert "full trained at one hand-set learning rate, lora at a tuned one" in mixed
     edge = rates_note([row("full", True), row("lora", True, "largest")])
     assert "lora (0.001, the largest tried) is at the edge" in edge and "hand-set" not in edge
+
+
+def test_the_sweep_harness_trains_and_scores_each_rate_once(project, tmp_path):
+    """benchmarks/lr_sweep.py (the sweep behind the default rates, docs/lr-sweep.md) on the tiny model:
+    each point trained and scored on val, written as it finishes; a plot per task."""
+    out, plots = tmp_path / "sweep.jsonl", tmp_path / "sweep"
+    command = [sys.executable, "benchmarks/lr_sweep.py", "--project", str(project), "--tasks", "extraction",
+               "--methods", "lora", "--rates", "1e-3", "--out", str(out), "--plots", str(plots)]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    points = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(p["method"], p["lr"]) for p in points] == [("lora", 1e-3)]
+    val = json.loads((project / "data/prepared/extraction/meta.json").read_text())["examples"]["val"]
+    assert all(p["val_loss"] > 0 and 0 <= p["val_main"] <= 1 and p["val_n"] == val for p in points)
+    assert (tmp_path / "sweep-extraction.png").stat().st_size > 0
