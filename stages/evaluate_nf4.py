@@ -5,10 +5,13 @@ forms (tuneoff/modeling/merge.py SCORED_FORMS) are scored on the whole test set:
 (merge_nf4's standalone float32 model of the function that trained, which merge_nf4 checked
 against the adapter on models/base-nf4) and float-merged (merge's model on the float base). The
 adapter on the 4-bit base (form nf4) computes nf4-merged's function, so it is not generated from
-again: on a CPU its 4-bit layers made it the slowest of the three to score. The best main metric
-is the deployed form (a tie goes to the form that computes what trained, merge.deployed_form).
+again: on a CPU its 4-bit layers made it the slowest of the three to score. The deployed form is
+chosen on the validation split (the best main metric there, then the lower loss of the references; a
+tie goes to the form that computes what trained, merge.deployed_form), so the test split, which the
+verdict reads, scores each form once and chooses nothing.
 
-Writes runs/<task>/<method>/eval.json: `forms` (each form's n, main, CI, test loss and speed),
+Writes runs/<task>/<method>/eval.json: `forms` (each form's n, main, CI, test loss and speed on
+test, and its `val` main and loss),
 `deployed_form`, and the deployed form's `metrics`, `test_loss` and `timing` where evaluate
 writes them for the other models; predictions-<form>.jsonl for each form, and predictions.jsonl
 = the deployed form's (records as in stages/evaluate.py, with each reference's `loss`). The
@@ -60,7 +63,7 @@ def main(task: str, method: str) -> None:
     params = section(EvaluateParams, "evaluate", data=data)
     benchmarks = section(BenchmarkParams, "benchmarks", data=data)
     others = [t for t in section(BakeoffParams, "bakeoff", data=data).tasks if t != task]
-    test = load_test(Path("data/prepared") / task)
+    test, val = (load_test(Path("data/prepared") / task, split) for split in ("test", "val"))
     forms = {form: form_deployment(task, method, form) for form in SCORED_FORMS}
     for form, where in forms.items():
         needed = where.path / "config.json"
@@ -71,7 +74,7 @@ def main(task: str, method: str) -> None:
     with stage_run("evaluate_nf4", config, task=task, method=method, data=data) as tracker:
         dev = measure.device()
         tokenizer = AutoTokenizer.from_pretrained(NF4_BASE)
-        scored, load_seconds = {}, {}
+        scored, on_val, load_seconds = {}, {}, {}
 
         def load(form: str):  # one form's model, timed
             start = time.perf_counter()
@@ -81,11 +84,12 @@ def main(task: str, method: str) -> None:
 
         for form in forms:  # one model in memory at a time
             net = load(form)
+            on_val[form] = score_model(net, tokenizer, val, params, dev, f"evaluate {task}/{method} {form} (val)")
             scored[form] = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{method} {form}")
             if form != SCORED_FORMS[-1]:
                 del net
                 gc.collect()
-        chosen = deployed_form({form: s.metrics["main"] for form, s in scored.items()})
+        chosen = deployed_form({form: (s.metrics["main"], -s.test_loss) for form, s in on_val.items()})
         if chosen != SCORED_FORMS[-1]:  # the last form scored is still loaded
             del net
             gc.collect()
@@ -101,7 +105,9 @@ def main(task: str, method: str) -> None:
         write_json(out / "benchmark.json", ability)
         summary = {form: {"n": s.metrics["n"], "main": s.metrics["main"], "ci_low": s.metrics["ci_low"],
                           "ci_high": s.metrics["ci_high"], "test_loss": round(s.test_loss, 6),
-                          "examples_per_second": round(s.examples_per_second, 3)} for form, s in scored.items()}
+                          "examples_per_second": round(s.examples_per_second, 3),
+                          "val": {"n": on_val[form].metrics["n"], "main": on_val[form].metrics["main"],
+                                  "loss": round(on_val[form].test_loss, 6)}} for form, s in scored.items()}
         record = EvalRecord(
             task=task, model=method, evaluated=str(forms[chosen].path), scorer=test.scorer, deployed_form=chosen,
             metrics=deployed.metrics, test_loss=round(deployed.test_loss, 6), forms=summary,
@@ -115,9 +121,9 @@ def main(task: str, method: str) -> None:
         tracker.summary(flat({"benchmark": ability}))
         tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in deployed.records])
     for form, s in summary.items():
-        print(f"evaluate_nf4@{task}-{method}: {form:<12} {deployed.metrics['main_metric']} {s['main']:.3f} "
-              f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}], test loss {s['test_loss']:.3f}"
-              + ("  <- deployed" if form == chosen else ""))
+        print(f"evaluate_nf4@{task}-{method}: {form:<12} val {deployed.metrics['main_metric']} {s['val']['main']:.3f}, "
+              f"loss {s['val']['loss']:.3f}; test {s['main']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}], "
+              f"loss {s['test_loss']:.3f}" + ("  <- deployed (chosen on val)" if form == chosen else ""))
     print(f"evaluate_nf4@{task}-{method}: {summary[chosen]['n']} test examples per form -> {out}/eval.json")
     print(f"evaluate_nf4@{task}-{method}: general ability of {chosen} {ability_line(ability)} -> {out}/benchmark.json")
 

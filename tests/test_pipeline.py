@@ -12,7 +12,7 @@ import yaml
 from conftest import API_KEY, make_project, run
 from huggingface_hub import ModelCard
 
-from tuneoff.modeling.merge import SCORED_FORMS
+from tuneoff.modeling.merge import SCORED_FORMS, deployed_form
 from tuneoff.training import allocator
 
 pytestmark = pytest.mark.slow
@@ -94,6 +94,10 @@ def test_repro_runs_every_stage_and_writes_the_metrics(project):
             assert scores["n"] == meta["examples"]["test"] and scores["test_loss"] > 0
             assert len((qlora / f"predictions-{form}.jsonl").read_text().splitlines()) == scores["n"]
         assert ev["metrics"]["main"] == ev["forms"][ev["deployed_form"]]["main"]
+        # the form that ships was chosen on val: the best val score, then the lower val loss (not the test score)
+        on_val = {form: (s["val"]["main"], -s["val"]["loss"]) for form, s in ev["forms"].items()}
+        assert all(s["val"]["n"] == meta["examples"]["val"] for s in ev["forms"].values())
+        assert ev["deployed_form"] == deployed_form(on_val)
         assert (qlora / "predictions.jsonl").read_text() == (qlora / f"predictions-{ev['deployed_form']}.jsonl").read_text()
         # general ability: the shipped lm-eval tasks, the same 4 items for every model; tuned models on the other task
         other = next(t for t in tasks if t != task)
@@ -403,7 +407,7 @@ def test_more_seeds_train_again_and_the_pairs_cover_them(project):
     assert primary["seed"] == 0 and json.loads((seed_run / "eval.json").read_text())["metrics"]["n"] > 0
     comparison = json.loads((project / "reports/comparison.json").read_text())["tasks"][0]
     lora_full = next(p for p in comparison["pairs"] if (p["a"], p["b"]) == ("lora", "full"))
-    assert lora_full["seeds"] == [2, 2] and lora_full["interval"].startswith("two-level-bootstrap")
+    assert lora_full["seeds"] == [2, 2] and lora_full["interval"].startswith("t (items + seeds")
     assert lora_full["ci_points"][0] <= lora_full["diff_points"] <= lora_full["ci_points"][1]
     assert len(comparison["seeds"]["qlora"]["main_points"]) == 2
     assert "% per seed | sd (points) |" in (project / "reports/report.md").read_text()

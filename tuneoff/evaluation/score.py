@@ -40,13 +40,14 @@ class TestSet:
     all_references: list[list[str]]  # every reference each item has, what its reply is scored against
 
 
-def load_test(prepared: Path) -> TestSet:
-    """data/prepared/<task>/'s test split: the chat examples, each ending with its reference answer."""
-    for name in ("meta.json", "test.jsonl"):
+def load_test(prepared: Path, split: str = "test") -> TestSet:
+    """data/prepared/<task>/'s test split (or `split`: val, where choices are made): the chat examples,
+    each ending with its reference answer."""
+    for name in ("meta.json", f"{split}.jsonl"):
         if not (prepared / name).is_file():
             raise TuneoffError(f"{prepared / name} not found: run `dvc repro prepare@{prepared.name}` first")
     meta = json.loads((prepared / "meta.json").read_text())
-    examples = read_jsonl(prepared / "test.jsonl")
+    examples = read_jsonl(prepared / f"{split}.jsonl")
     return TestSet(meta["scorer"], meta["labels"], [ex["messages"][:-1] for ex in examples],
                    [ex["messages"][-1]["content"] for ex in examples],
                    [ex.get("references") or [ex["messages"][-1]["content"]] for ex in examples])

@@ -40,8 +40,9 @@ class Deployment:
     base: Path | None  # the base the method's adapter runs on (`tuneoff serve --base`); None for full
 
 
-def deployed_form(scores: dict[str, float]) -> str:
-    """The form that ships, from each scored form's main metric: the best, a tie to the earliest in FORMS."""
+def deployed_form(scores: dict[str, float | tuple]) -> str:
+    """The form that ships, from each scored form's score (the main metric, or a tuple compared in order):
+    the best, a tie to the earliest in FORMS."""
     return max((f for f in FORMS if f in scores), key=lambda f: (scores[f], -FORMS.index(f)))
 
 
