@@ -21,11 +21,13 @@ from tuneoff.core.tracking import flat, group_id, stage_run
 from tuneoff.decision.decide import decide
 from tuneoff.decision.report import (
     COLUMNS,
+    REPLY_COLUMNS,
     compare_task,
     comparison_rows,
     markdown,
     plot,
     read_json,
+    reply_rows,
     stage_seconds,
     write_plot_data,
 )
@@ -43,7 +45,8 @@ def main() -> None:
     prices = section(CostParams, "cost", data=data).price_per_hour
     comparisons = [compare_task(task, list(bakeoff.methods), estimate_params, prices,
                                 bootstrap_samples=rules.bootstrap_samples, seed=rules.seed,
-                                more_seeds=tuple(bakeoff.more_seeds)) for task in bakeoff.tasks]
+                                more_seeds=tuple(bakeoff.more_seeds), sample_replies=rules.sample_replies)
+                   for task in bakeoff.tasks]
     decisions = {c["task"]: decide(c, rules) for c in comparisons}
     quantization = read_json(QUANTIZE) if bakeoff.nf4_methods else None
     seconds = stage_seconds(Path("runs"), quantization)
@@ -59,6 +62,7 @@ def main() -> None:
                 "estimate": estimate_params.model_dump()}
     with stage_run("report", sections, data=data) as tracker:
         tracker.table("report/comparison", COLUMNS, [[row[c] for c in COLUMNS] for row in comparison_rows(comparisons, decisions)])
+        tracker.table("report/replies", REPLY_COLUMNS, reply_rows(comparisons))
         for c in comparisons:
             tracker.image(f"report/{c['task']}", OUT / f"{c['task']}.png")
         tracker.summary(flat({"decision": {task: {"method": d["method"], "verdict": d["verdict"],

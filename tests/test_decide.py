@@ -15,7 +15,8 @@ from tuneoff.decision.registry import register
 from tuneoff.decision.report import claims, markdown, stage_seconds
 
 GIB = 2**30
-RULES = DecideParams(max_gap_points=2.0, memory_budget_gb=0, bootstrap_samples=500, seed=0, max_general_drop_points=0)
+RULES = DecideParams(max_gap_points=2.0, memory_budget_gb=0, bootstrap_samples=500, seed=0, max_general_drop_points=0,
+                     sample_replies=3)
 N = 400
 
 
@@ -98,7 +99,8 @@ def test_a_method_worse_than_the_base_is_out_and_the_cheapest_adapter_wins_witho
 
 
 def test_memory_budget_excludes_full_and_picks_the_adapter_that_fits():
-    rules = DecideParams(max_gap_points=2, memory_budget_gb=3.5, bootstrap_samples=500, seed=0, max_general_drop_points=0)
+    rules = DecideParams(max_gap_points=2, memory_budget_gb=3.5, bootstrap_samples=500, seed=0, max_general_drop_points=0,
+                         sample_replies=0)
     d = decide(comparison(base=scores(100), full=scores(300), lora=scores(250), qlora=scores(240)), rules)
     assert d["method"] == "qlora"
     assert "full needs 8.0 GiB" in d["rationale"] and "lora needs 4.0 GiB" in d["rationale"]
@@ -308,3 +310,53 @@ def test_stage_seconds_come_from_each_record_and_a_seed_counts_once(tmp_path):
     table = markdown([], stages=seconds)
     assert "6 stages, 90 s in all" in table and "| t/lora train | 30.0 | 33.5% |" in table
     assert "Where the time went" not in markdown([], stages={})
+
+
+def free_form(base_mean: float, gains: dict[str, float], n: int = 300, seed: int = 0) -> dict:
+    """ROUGE-like scores in [0, 1] per item: the base's, and each method's the base's plus its gain with noise
+    on the half of the items where the tuned models reply differently (elsewhere all reply as the base);
+    the tuned models' replies differ from each other a little."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = np.clip(rng.beta(2, 5, n) + base_mean - 2 / 7, 0, 1)
+    moved, noise = rng.random(n) < 0.5, rng.normal(0, 0.1, n)
+    per_item = {"base": base}
+    for m, g in gains.items():
+        per_item[m] = np.where(moved, np.clip(base + g + noise + rng.normal(0, 0.02, n), 0, 1), base)
+    recs = {m: [{"expected": f"answer {i}", "correct": v == 1.0, "score": float(v), "loss": 1.0 - float(v)}
+                for i, v in enumerate(s)] for m, s in per_item.items()}
+    rows = [row(m, [True]) | {"main": float(np.mean(s))} for m, s in per_item.items()]
+    for r, cost, mem in zip(rows[1:], (10, 2, 2.5), (8, 4, 3)):
+        r["train"].update(cost_usd=cost, peak_memory_bytes=mem * GIB)
+    return {"task": "t", "scorer": "rouge_l", "main_metric": "rouge_l", "task_type": "generation",
+            "conditions": {"test_examples": n}, "rows": rows, "pairs": paired(recs, 500, 0)}
+
+
+def test_a_continuous_score_decides_on_its_own_interval_in_points():
+    c = free_form(0.25, {"full": 0.2, "lora": 0.2, "qlora": 0.19})
+    pairs = {(p["a"], p["b"]): p for p in c["pairs"]}
+    assert pairs[("full", "base")]["interval"].startswith("t with range pseudo-items") and pairs[("full", "base")]["sd_points"] > 0
+    assert pairs[("full", "base")]["ci_points"][0] > 5  # about +10 points (half the items moved by 0.2)
+    d = decide(c, RULES)
+    assert d["verdict"] == "decided" and d["method"] == "lora" and "of rouge_l" in d["rationale"]
+
+
+def test_a_continuous_score_that_cannot_decide_sizes_a_test_set_from_its_spread():
+    c = free_form(0.25, {"full": 0.2, "lora": 0.12, "qlora": 0.11}, n=60)
+    d = decide(c, RULES)
+    assert d["verdict"] == "inconclusive" and "power at this difference and spread (now 60)" in d["settle"]
+
+
+def test_a_metric_every_model_scores_zero_on_decides_nothing():
+    # exact match 0 for every model, the base included (free-form replies scored by exact match): no verdict,
+    # no claim, no test-set size; the report names a scorer that can see the replies and the loss that does
+    c = comparison(scores(0), scores(0), scores(0), scores(0))
+    c["scorer"] = "exact"
+    for p in c["pairs"]:
+        p["loss"] = {"diff": -0.8, "ci": [-0.9, -0.7], "n": N, "interval": "bca"} if p["b"] == "base" else p["loss"]
+    d = decide(c, RULES)
+    assert d["verdict"] == "inconclusive" and d["method"] is None
+    assert "accuracy cannot tell these models apart on this task" in d["rationale"] and "rouge_l or chrf" in d["rationale"]
+    assert "full - base -0.800 [-0.900, -0.700]" in d["rationale"] and "test items" not in d["settle"]
+    assert not [x for x in claims(c) if "LoRA within" in x["claim"] or "QLoRA within" in x["claim"]]

@@ -207,6 +207,7 @@ class DecideParams(Section):
     memory_budget_gb: float = Field(ge=0)  # peak memory the target device allows; 0 = no limit
     bootstrap_samples: int = Field(ge=100)  # resamples for the paired interval of the per-example loss
     seed: int
+    sample_replies: int = Field(ge=0)  # test items per task shown with every model's reply (report, W&B); 0 = none
 
 
 class CostParams(Section):

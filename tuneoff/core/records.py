@@ -211,11 +211,14 @@ class Pair(TypedDict):
     diff_points: float
     ci_points: list[float]
     p_value: float | None  # McNemar (score test: < 0.05 exactly when the interval excludes 0); None over seeds
-    only_a: int | None  # items only a got right; None over several seeds
+    only_a: int | None  # items only a got right (a score: scored higher); None over several seeds
     only_b: int | None
     interval: str
     loss: dict | None
     seeds: NotRequired[list[int]]  # how many seeds of a and of b, when either trained with more than one
+    # a score in [0, 1] (free-form, judged): only_a / only_b count the items a / b scored higher on
+    sd_points: NotRequired[float]  # the per-item sd of a - b, what "what would settle it" sizes a test set from
+    ungraded: NotRequired[int]  # items left out because the judge gave one of them no grade
 
 
 class TaskComparison(TypedDict):

@@ -37,6 +37,30 @@ def interval(p: dict) -> str:
     return f"{p['diff_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}]"
 
 
+# a scorer that sees what the task's own scorer cannot (free-form replies: docs/your-data.md)
+SEEING_SCORER = {"exact": "rouge_l or chrf", "json_fields": "rouge_l or chrf", "label": "rouge_l or chrf",
+                 "rouge_l": "chrf or judge", "chrf": "rouge_l or judge", "judge": "rouge_l or chrf"}
+
+
+def blind(comparison: TaskComparison) -> str | None:
+    """When every model scored, the untuned base included, sits at the floor (0) or the ceiling (100) of
+    the main metric, it cannot tell them apart: no verdict, claim or test-set size may rest on it. What
+    to say then, naming a scorer that can and what the per-item loss already shows; None otherwise."""
+    scored = [r for r in comparison["rows"] if r["main"] is not None]
+    ends = {r["main"] for r in scored}
+    if not any(r["method"] == BASE for r in scored) or len(scored) < 2 or ends not in ({0.0}, {1.0}):
+        return None
+    edge = "0, its floor" if ends == {0.0} else "100, its ceiling"
+    loss = [f"{p['a']} - {p['b']} {p['loss']['diff']:+.3f} [{p['loss']['ci'][0]:+.3f}, {p['loss']['ci'][1]:+.3f}]"
+            for p in comparison.get("pairs", []) if p["b"] == BASE and p.get("loss")]
+    seeing = SEEING_SCORER.get(comparison.get("scorer", ""), "rouge_l or chrf")
+    return (f"{comparison['main_metric']} cannot tell these models apart on this task: every model, the untuned base "
+            f"included, scored {edge}, so no verdict, claim or test-set size rests on it. Score the replies with a "
+            f"scorer that sees them: `tasks.{comparison['task']}.scorer: {seeing}`"
+            + (f"; the per-item test loss of the reference already tells them apart (lower is better): "
+               f"{'; '.join(loss)}." if loss else "."))
+
+
 def decide(comparison: TaskComparison, rules: DecideParams) -> Decision:
     """{"method", "verdict": decided | inconclusive | none, "rationale", "settle", "numbers"} for one task;
     the rationale ends with what the verdict assumes about learning rates."""
@@ -74,6 +98,11 @@ def by_the_rules(comparison: TaskComparison, rules: DecideParams) -> Decision:
     if base.get("failed"):
         return verdict(None, "none", f"The untuned base was not evaluated ({base['failed']}): without it no method "
                                      "can be judged.", numbers)
+    nothing = blind(comparison)
+    if nothing:
+        return verdict(None, "inconclusive", nothing, numbers,
+                       settle=f"A scorer that sees the replies ({SEEING_SCORER.get(comparison.get('scorer', ''), 'rouge_l or chrf')}), "
+                              "then `dvc repro` (the evaluate stages and the report rerun; training does not).")
     reasons, eligible, unclear = [], [], []
     for name, r in rows.items():
         if name == BASE:
@@ -258,19 +287,25 @@ def items_needed(comparison: dict, pairs: list[tuple[str, dict]], margin: float)
         if p.get("only_a") is None:  # over seeds: no table of items; the seeds' spread does not shrink with items
             parts.append(f"{m}: {interval(p)} over {p['seeds'][0]} seeds; more seeds narrow it where items cannot")
             continue
-        only_a, only_b = p["only_a"] / p["n"], p["only_b"] / p["n"]
-        diff = only_a - only_b
+        if p.get("sd_points") is not None:  # a score in [0, 1]: its mean and per-item spread
+            diff, sd = p["diff_points"] / 100, p["sd_points"] / 100
+            size = lambda d: stats.items_for_scores(d, sd, bound)  # noqa: E731
+        else:
+            only_a, only_b = p["only_a"] / p["n"], p["only_b"] / p["n"]
+            diff = only_a - only_b
+
+            def size(d: float) -> int:  # at the observed discordance (at least what a gap of d needs)
+                discordant = max(only_a + only_b, abs(d))
+                return stats.items_for_power((discordant + d) / 2, (discordant - d) / 2, bound)
         if abs(diff - bound) < 0.01 - 1e-9:
-            gap = bound + (0.01 if diff >= bound else -0.01)
-            discordant = max(only_a + only_b, abs(gap))
-            n = stats.items_for_power((discordant + gap) / 2, (discordant - gap) / 2, bound)
+            n = size(bound + (0.01 if diff >= bound else -0.01))
             parts.append(f"{m}: the estimate sits within a point of the bound, so a larger test set decides it either "
                          f"way: about {n:,} test items for {stats.POWER:.0%} power if the true gap is 1 point from it "
                          f"(now {n_now})")
         else:
-            n = stats.items_for_power(only_a, only_b, bound)
+            n = size(diff)
             parts.append(f"{m}: about {n:,} test items for {stats.POWER:.0%} power at this difference and "
-                         f"discordance (now {n_now})")
+                         f"{'spread' if p.get('sd_points') is not None else 'discordance'} (now {n_now})")
         needed = max(needed, n)
     return parts, needed
 

@@ -13,6 +13,16 @@ from tuneoff.core.records import ComparisonRow, Pair, read_jsonl
 from tuneoff.decision import stats
 
 
+def scores(records: list[dict]) -> list[float | None]:
+    """Per item, what the main metric averages: the score in [0, 1] of a free-form or judged task
+    (None where the judge gave no grade), else 1.0 / 0.0 for right / wrong."""
+    return [x["score"] if "score" in x else float(bool(x["correct"])) for x in records]
+
+
+def continuous(records: list[dict]) -> bool:
+    return bool(records) and "score" in records[0]
+
+
 def read_items(path: Path) -> list[dict]:
     if not path.is_file():
         raise TuneoffError(f"{path} not found: run the stages before report")
@@ -38,9 +48,11 @@ def pair_over_seeds(a: str, b: str, runs: dict[str, list[list[dict]]]) -> Pair:
     every = [r for m in (a, b) for r in runs[m]]
     if any([x["expected"] for x in r] != [x["expected"] for x in every[0]] for r in every):
         raise TuneoffError(f"{a} and {b} were not all scored on the same test items: rerun their stages")
-    main = stats.paired_over_seeds([[float(x["correct"]) for x in r] for r in runs[a]],
-                                   [[float(x["correct"]) for x in r] for r in runs[b]])
-    exact = stats.paired_binary([bool(x["correct"]) for x in runs[a][0]], [bool(x["correct"]) for x in runs[b][0]])
+    graded = [i for i in range(len(every[0])) if all(v is not None for r in every for v in [scores(r)[i]])]
+    main = stats.paired_over_seeds([[scores(r)[i] for i in graded] for r in runs[a]],
+                                   [[scores(r)[i] for i in graded] for r in runs[b]])
+    first = [[scores(runs[m][0])[i] for i in graded] for m in (a, b)]
+    exact = stats.paired_scores(*first) if continuous(every[0]) else stats.paired_binary(*(list(map(bool, f)) for f in first))
     main["ci"] = [min(main["ci"][0], exact["ci"][0]), max(main["ci"][1], exact["ci"][1])]
     kept = [i for i in range(main["n"]) if all(r[i].get("loss") is not None for r in every)]
     loss = kept and stats.paired_over_seeds([[r[i]["loss"] for i in kept] for r in runs[a]],
@@ -68,24 +80,35 @@ def seed_spread(runs: dict[str, list[list[dict]]], seeds: list[int]) -> dict:
     """Each method's main metric per training seed and their standard deviation, in points."""
     out = {}
     for method, records in runs.items():
-        scores = [100 * sum(bool(x["correct"]) for x in r) / len(r) for r in records]
-        out[method] = {"seeds": seeds, "main_points": [round(v, 2) for v in scores],
-                       "sd_points": round(statistics.stdev(scores), 2)}
+        means = [100 * statistics.mean(v for v in scores(r) if v is not None) for r in records]
+        out[method] = {"seeds": seeds, "main_points": [round(v, 2) for v in means],
+                       "sd_points": round(statistics.stdev(means), 2)}
     return out
 
 
 def one_pair(a: str, b: str, items: dict[str, list[dict]], bootstrap_samples: int, seed: int) -> Pair:
-    """a - b on the items both were scored on (each model's predictions.jsonl records)."""
+    """a - b on the items both were scored on (each model's predictions.jsonl records): 0/1 scores with the
+    paired score interval, scores in [0, 1] (free-form, judged) with stats.paired_scores over the items both
+    have a score for (`ungraded`: the items a judge left without a grade in either, left out and counted)."""
     if [x["expected"] for x in items[a]] != [x["expected"] for x in items[b]]:
         raise TuneoffError(f"{a} and {b} were not scored on the same test items: rerun their evaluate stages")
-    main = stats.paired_binary([bool(x["correct"]) for x in items[a]], [bool(x["correct"]) for x in items[b]])
+    extra = {}
+    if continuous(items[a]):
+        both = [(x, y) for x, y in zip(scores(items[a]), scores(items[b])) if x is not None and y is not None]
+        if not both:
+            raise TuneoffError(f"{a} and {b}: no test item has a grade for both: see eval.json ungraded")
+        main = stats.paired_scores(*zip(*both))
+        main["only_a"], main["only_b"] = main["higher_a"], main["higher_b"]
+        extra = {"sd_points": round(100 * main["sd"], 3), "ungraded": len(items[a]) - len(both)}
+    else:
+        main = stats.paired_binary([bool(x["correct"]) for x in items[a]], [bool(x["correct"]) for x in items[b]])
     both = [(x["loss"], y["loss"]) for x, y in zip(items[a], items[b])
             if x.get("loss") is not None and y.get("loss") is not None]
     loss = stats.paired_mean(*zip(*both), samples=bootstrap_samples, seed=seed) if both else None
     return {"a": a, "b": b, "n": main["n"], "diff_points": round(100 * main["diff"], 2),
              "ci_points": [round(100 * main["ci"][0], 2), round(100 * main["ci"][1], 2)],
              "p_value": round(main["p_value"], 4), "only_a": main["only_a"], "only_b": main["only_b"],
-             "interval": main["method"],
+             "interval": main["method"], **extra,
              "loss": loss and {"diff": round(loss["diff"], 4), "ci": [round(x, 4) for x in loss["ci"]], "n": loss["n"],
                                "interval": loss["method"]}}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from pathlib import Path
 
 from tuneoff.core.errors import TuneoffError
@@ -13,14 +14,16 @@ from tuneoff.core.params import EstimateParams
 from tuneoff.core.records import EvalRecord, TaskComparison, TrainRecord, Tuning, read
 from tuneoff.decision import general
 from tuneoff.decision.costs import _predictions_table, run_costs
+from tuneoff.decision.decide import blind
 from tuneoff.decision.pairs import (
     form_pairs,
     paired,
     read_items,
+    scores,
     seed_runs,
     seed_spread,
 )
-from tuneoff.evaluation.metrics import MAIN_METRIC
+from tuneoff.evaluation.metrics import CONTINUOUS, FREE_FORM, MAIN_METRIC, SCALE
 
 # the seed article's task types, by the kind of task (and, for a user's JSONL, its scorer)
 TASK_TYPE = {"extraction": "format", "iso_codes": "knowledge", "csv": "classification", "json_fields": "format",
@@ -35,11 +38,12 @@ def read_json(path: Path) -> dict:
 
 def compare_task(task: str, methods: list[str], estimate_params: EstimateParams, prices: dict[str, float],
                  runs: Path = Path("runs"), prepared: Path = Path("data/prepared"), bootstrap_samples: int = 2000,
-                 seed: int = 0, more_seeds: tuple[int, ...] = ()) -> TaskComparison:
+                 seed: int = 0, more_seeds: tuple[int, ...] = (), sample_replies: int = 0) -> TaskComparison:
     """Rows for the untuned base and each method, the paired comparisons the decision uses, and the
     conditions that make them comparable. Each run's dollars (at `prices`) and the estimator's
     prediction for it are computed here, from what its train.json measured. With `more_seeds`
-    (bakeoff.more_seeds), the pairs cover every seed each method trained with."""
+    (bakeoff.more_seeds), the pairs cover every seed each method trained with. `sample_replies` test
+    items (decide.sample_replies) are kept with every model's reply, for a reviewer to read."""
     meta = read_json(prepared / task / "meta.json")
     rows, trains, items = [], {}, {}
     for method in [BASE, *methods]:
@@ -68,6 +72,7 @@ def compare_task(task: str, methods: list[str], estimate_params: EstimateParams,
         "main_metric": MAIN_METRIC[meta["scorer"]],
         "rows": rows,
         "pairs": paired(items, bootstrap_samples, seed, by_seed),
+        "samples": replies_sample(items, sample_replies, seed),
         "seeds": seed_spread(by_seed, [first.seed, *more_seeds]) if by_seed and first else None,
         "form_pairs": form_pairs(rows, runs / task, bootstrap_samples, seed),
         "general": general.general_ability(task, [r["method"] for r in rows if r["method"] != BASE
@@ -79,6 +84,17 @@ def compare_task(task: str, methods: list[str], estimate_params: EstimateParams,
             "same_tokens": len({t.tokens.real for t in trains.values()}) <= 1,
         },
     }
+
+
+def replies_sample(items: dict[str, list[dict]], k: int, seed: int) -> list[dict]:
+    """`k` test items drawn at random (seeded), each with its prompt (the last user turn), its references
+    and every model's reply with its score (0-1; right/wrong as 1/0): what the verdict rests on, to read."""
+    n = min(map(len, items.values()), default=0)
+    picked = sorted(random.Random(seed).sample(range(n), min(k, n)))
+    first = next(iter(items.values()), [])
+    return [{"item": i, "prompt": first[i]["input"], "references": first[i].get("references", [first[i]["expected"]]),
+             "replies": {m: {"reply": r[i]["produced"], "score": scores(r)[i]} for m, r in items.items()}}
+            for i in picked]
 
 
 def _quality(ev: EvalRecord) -> dict:
@@ -120,8 +136,11 @@ def _forms_note(c: dict) -> str:
 
 
 def _pairs_table(pairs: list[dict], metric: str) -> list[str]:
-    lines = [f"| a - b | {metric}, points [95% CI] | items right only in a / only in b | McNemar p "
-             "| test loss a - b [95% CI] |", "|---|---|---|---|---|"]
+    scored = any(p.get("sd_points") is not None for p in pairs)  # a score in [0, 1], not right or wrong
+    only, test = ("items scored higher by a / by b", "t test p") if scored else ("items right only in a / only in b",
+                                                                                  "McNemar p")
+    lines = [f"| a - b | {metric}, points [95% CI] | {only} | {test} | test loss a - b [95% CI] |",
+             "|---|---|---|---|---|"]
     for p in pairs:
         lo, hi = p["ci_points"]
         loss = p["loss"] and f"{p['loss']['diff']:+.3f} [{p['loss']['ci'][0]:+.3f}, {p['loss']['ci'][1]:+.3f}]"
@@ -147,6 +166,50 @@ def _rates_table(c: dict) -> list[str]:
         lines.append(f"| {r['method']} | {tuning['lr']:g} | {Tuning(**{k: v for k, v in tuning.items() if k != 'usd'}).line()} "
                      f"| {tuning['seconds']:.0f} | {usd(tuning['usd'])} | {usd(t['cost_usd'])} | {usd(t['cost_usd_final'])} |")
     return lines + [""]
+
+
+def _metric_head(c: dict) -> str:
+    return f"{c['main_metric']} (0-100)" if c.get("scorer") in CONTINUOUS else f"{c['main_metric']} %"
+
+
+def _interval_name(c: dict) -> str:
+    if c.get("scorer") in CONTINUOUS:
+        return ("for the score, a t interval on the per-item differences with one pseudo-item at each end of their "
+                "range, widened where its skew-corrected form reaches further")
+    return "Tango's paired score interval for the 0/1 metric, widened where its skewness-corrected form reaches further"
+
+
+def _free_form_table(c: dict) -> list[str]:
+    """Free-form replies: every metric they were scored on, per model (the main one decides)."""
+    scored = [r for r in c["rows"] if not r.get("failed")]
+    if c.get("scorer") not in CONTINUOUS or not scored:
+        return []
+    names = ["rouge_l", "chrf", "bleu", "exact_match"] if c["scorer"] in FREE_FORM else ["judge_grade", "exact_match"]
+    judged = c["scorer"] == "judge"
+    rows = [f"| {r['method']} | " + " | ".join(f"{100 * r['metrics'].get(k, 0.0):.1f}" for k in names)
+            + (f" | {r['metrics'].get('ungraded', 0)} |" if judged else " |") for r in scored]
+    return ["Every metric the replies were scored on, 0-100 (ROUGE-L and chrF per item against the best reference, "
+            "the mean over items; BLEU over the corpus, every reference)" + (", and the items the judge left "
+                                                                             "ungraded (left out of the pairs)" if judged else "") + ":", "",
+            f"| method | {' | '.join(names)} |" + (" ungraded |" if judged else ""),
+            "|---|" + "---:|" * (len(names) + judged), *rows, ""]
+
+
+def _replies(c: dict) -> list[str]:
+    """A sample of test items with every model's reply and its score: what the verdict rests on, to read."""
+    if not c.get("samples"):
+        return []
+    clip = lambda text: " ".join(str(text).split()).replace("|", "\\|")[:300]  # noqa: E731
+    lines = [f"Reading the replies: {len(c['samples'])} test items drawn at random, each model's reply and its "
+             f"{c['main_metric']} ({SCALE.get(c['main_metric'], 'points')}):", ""]
+    for s in c["samples"]:
+        lines += [f"Item {s['item']}: {clip(s['prompt'])}", "",
+                  "References: " + " / ".join(clip(r) for r in s["references"]), "",
+                  "| model | reply | score |", "|---|---|---:|"]
+        for m, r in s["replies"].items():
+            lines.append(f"| {m} | {clip(r['reply'])} | {'-' if r['score'] is None else format(100 * r['score'], '.1f')} |")
+        lines.append("")
+    return lines
 
 
 def _fields_table(c: dict) -> list[str]:
@@ -198,6 +261,8 @@ def claims(c: TaskComparison) -> list[dict]:
                     "evidence": f"{p['a']} - {p['b']}: {p['diff_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}]"})
 
     lora_vs_full, qlora_vs_lora = pairs.get((LORA.name, FULL.name)), pairs.get((QLORA.name, LORA.name))
+    if blind(c):  # a metric on which every model sits at 0 or 100 confirms no claim
+        lora_vs_full = qlora_vs_lora = None
     if lora_vs_full:
         if c["task_type"] == "knowledge":
             judged("LoRA 4-7 points behind full fine-tuning on knowledge tasks", lora_vs_full, -7, -4)
@@ -283,7 +348,7 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
         device = next((r["train"]["device"] for r in c["rows"] if r["train"]), "?")
         measure = next((r["train"]["memory_measure"] for r in c["rows"] if r["train"]), "?")
         lines += [f"## {c['task']}", "",
-                  f"| method | {c['main_metric']} % [95% CI] | - full, paired (points) | test loss | peak mem GiB "
+                  f"| method | {_metric_head(c)} [95% CI] | - full, paired (points) | test loss | peak mem GiB "
                   f"| train s | GPU-h | USD | trainable % | artifact MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(_fmt_row(r, c)) + " |" for r in c["rows"]]
@@ -308,8 +373,8 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
             head = {"decided": f"Recommendation: {d['method']}", "inconclusive": "Verdict: inconclusive",
                     "none": "Verdict: no method qualifies"}[d["verdict"]]
             lines += [f"**{head}.** {d['rationale']}", ""] + ([f"What would settle it: {d['settle']}", ""] if d["settle"] else [])
-        lines += ["Paired on the same test items (a - b; interval: Tango's paired score interval for the 0/1 metric, "
-                  "widened where its skewness-corrected form reaches further, docs/statistics.md; a BCa paired bootstrap "
+        lines += [f"Main metric: {c['main_metric']}, {SCALE.get(c['main_metric'], 'points')}.", "", *_free_form_table(c)]
+        lines += [f"Paired on the same test items (a - b; interval: {_interval_name(c)}, docs/statistics.md; a BCa paired bootstrap "
                   "for the per-example loss of the reference answer, where lower is better). Every number here is on "
                   "the test split; the QLoRA form that ships is chosen on the validation split.", "", *_pairs_table(c["pairs"], c["main_metric"]), "",
                   *(_seeds_note(c) or [f"Each method trained once (seed {cond['seed']}): the intervals are about these "
@@ -319,6 +384,7 @@ def markdown(comparisons: list[dict], decisions: dict | None = None, quantizatio
                       *_pairs_table(c["form_pairs"], c["main_metric"]), ""]
         lines += _rates_table(c)
         lines += _fields_table(c)
+        lines += _replies(c)
         lines += general.table(c.get("general"))
         checked = claims(c)
         if checked:
@@ -338,6 +404,15 @@ def _loss_log(runs: Path, task: str, method: str) -> list[dict]:
 COST_COLUMNS = ["peak_memory_gib", "train_seconds", "gpu_hours", "cost_usd", "trainable_percent", "artifact_mib"]
 COLUMNS = (["task", "method", "main_metric", "main", "ci_low", "ci_high", "gap_to_full_points", "test_loss"]
            + COST_COLUMNS + ["recommended"])
+
+
+REPLY_COLUMNS = ["task", "item", "prompt", "references", "model", "reply", "score"]
+
+
+def reply_rows(comparisons: list[dict]) -> list[list]:
+    """The sampled replies (replies_sample), one row per item and model, for a W&B Table."""
+    return [[c["task"], s["item"], s["prompt"], "\n".join(s["references"]), m, r["reply"], r["score"]]
+            for c in comparisons for s in c.get("samples", []) for m, r in s["replies"].items()]
 
 
 def comparison_rows(comparisons: list[dict], decisions: dict) -> list[dict]:
