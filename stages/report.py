@@ -42,10 +42,12 @@ def main() -> None:
     bakeoff = section(BakeoffParams, "bakeoff", data=data)
     rules = section(DecideParams, "decide", data=data)
     estimate_params = section(EstimateParams, "estimate", data=data)
-    prices = section(CostParams, "cost", data=data).price_per_hour
+    cost = section(CostParams, "cost", data=data)
+    prices = cost.price_per_hour
     comparisons = [compare_task(task, list(bakeoff.methods), estimate_params, prices,
                                 bootstrap_samples=rules.bootstrap_samples, seed=rules.seed,
-                                more_seeds=tuple(bakeoff.more_seeds), sample_replies=rules.sample_replies)
+                                more_seeds=tuple(bakeoff.more_seeds), sample_replies=rules.sample_replies,
+                                judge_prices=cost.judge_usd_per_million_tokens)
                    for task in bakeoff.tasks]
     decisions = {c["task"]: decide(c, rules) for c in comparisons}
     quantization = read_json(QUANTIZE) if bakeoff.nf4_methods else None
@@ -58,7 +60,7 @@ def main() -> None:
         for c in comparisons:
             d = decisions[c["task"]]
             plot(c, Path("runs"), tmp / f"{c['task']}.png", rules.max_gap_points, d["method"] or d["verdict"])
-    sections = {"bakeoff": bakeoff.model_dump(), "decide": rules.model_dump(), "cost": {"price_per_hour": prices},
+    sections = {"bakeoff": bakeoff.model_dump(), "decide": rules.model_dump(), "cost": cost.model_dump(),
                 "estimate": estimate_params.model_dump()}
     with stage_run("report", sections, data=data) as tracker:
         tracker.table("report/comparison", COLUMNS, [[row[c] for c in COLUMNS] for row in comparison_rows(comparisons, decisions)])

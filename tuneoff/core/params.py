@@ -181,12 +181,34 @@ class MergeParams(Section):
     save_dtype: Literal["float32", "bfloat16"]  # the merged model's weights on disk (merged and checked in float32)
 
 
+class JudgeParams(Section):
+    """`scorer: judge` (tuneoff/evaluation/judge.py): an OpenAI-compatible chat endpoint grades each reply."""
+
+    url: str = Field(min_length=1)  # the API's base URL; /chat/completions is appended
+    model: str = Field(min_length=1)
+    api_key_env: str  # the environment variable holding the API key; "" = send none (a local server)
+    lowest: int  # the rubric's scale: whole grades from lowest to highest, mapped to 0-100 points
+    highest: int
+    rubric: str = Field(min_length=1)  # the system prompt; {lowest} and {highest} are filled in
+    max_tokens: int = Field(gt=0)  # of the judge's answer
+    timeout_seconds: float = Field(gt=0)
+    concurrency: int = Field(gt=0)  # requests in flight at once
+    cache_dir: str = Field(min_length=1)  # grades kept per (judge, rubric, prompt, references, reply)
+
+    @model_validator(mode="after")
+    def _scale(self) -> "JudgeParams":
+        if self.highest <= self.lowest:
+            raise ValueError(f"highest ({self.highest}) must be above lowest ({self.lowest})")
+        return self
+
+
 class EvaluateParams(Section):
     batch_size: int = Field(gt=0)  # prompts per generate() call
     max_new_tokens: int = Field(gt=0)
     bootstrap_samples: int = Field(ge=100)
     seed: int
     dtype: Literal["auto", "float32", "bfloat16"]  # what models are scored in (measure.eval_dtype)
+    judge: JudgeParams
 
 
 class BenchmarkParams(Section):
@@ -214,6 +236,7 @@ class CostParams(Section):
     """Dollars = device-hours x the hourly price of the device the run used."""
 
     price_per_hour: dict[str, float]  # device name -> USD per hour; "cpu" for CPU runs
+    judge_usd_per_million_tokens: dict[Literal["input", "output"], float]  # what `scorer: judge`'s grades cost
 
     @model_validator(mode="after")
     def _has_cpu(self) -> "CostParams":

@@ -38,12 +38,14 @@ def read_json(path: Path) -> dict:
 
 def compare_task(task: str, methods: list[str], estimate_params: EstimateParams, prices: dict[str, float],
                  runs: Path = Path("runs"), prepared: Path = Path("data/prepared"), bootstrap_samples: int = 2000,
-                 seed: int = 0, more_seeds: tuple[int, ...] = (), sample_replies: int = 0) -> TaskComparison:
+                 seed: int = 0, more_seeds: tuple[int, ...] = (), sample_replies: int = 0,
+                 judge_prices: dict[str, float] | None = None) -> TaskComparison:
     """Rows for the untuned base and each method, the paired comparisons the decision uses, and the
     conditions that make them comparable. Each run's dollars (at `prices`) and the estimator's
     prediction for it are computed here, from what its train.json measured. With `more_seeds`
     (bakeoff.more_seeds), the pairs cover every seed each method trained with. `sample_replies` test
-    items (decide.sample_replies) are kept with every model's reply, for a reviewer to read."""
+    items (decide.sample_replies) are kept with every model's reply, for a reviewer to read. A judged task's
+    rows carry what its grades cost (`judge_usd`, at `judge_prices`: cost.judge_usd_per_million_tokens)."""
     meta = read_json(prepared / task / "meta.json")
     rows, trains, items = [], {}, {}
     for method in [BASE, *methods]:
@@ -60,6 +62,11 @@ def compare_task(task: str, methods: list[str], estimate_params: EstimateParams,
             continue
         train = trains[method] = read(TrainRecord, runs / task / method / "train.json")
         rows.append({"method": method, **_quality(ev), "train": run_costs(train, estimate_params, prices)})
+    for r in rows:
+        asked = r["metrics"].get("judge")
+        if asked and judge_prices:  # tokens the stage sent and read, at the price in params
+            r["judge_usd"] = round((asked["input_tokens"] * judge_prices["input"]
+                                    + asked["output_tokens"] * judge_prices["output"]) / 1e6, 6)
     full = next((r for r in rows if r["method"] == FULL.name and r["main"] is not None), None)
     for r in rows:
         r["gap_to_full_points"] = None if full is None or r["main"] is None else round(100 * (full["main"] - r["main"]), 2)
@@ -186,13 +193,23 @@ def _free_form_table(c: dict) -> list[str]:
         return []
     names = ["rouge_l", "chrf", "bleu", "exact_match"] if c["scorer"] in FREE_FORM else ["judge_grade", "exact_match"]
     judged = c["scorer"] == "judge"
+
+    def asked(r: dict) -> str:  # what the judge was asked for this model's replies, and what it cost
+        j = r["metrics"].get("judge") or {}
+        usd = "n/a" if r.get("judge_usd") is None else f"{r['judge_usd']:.4f}"
+        return (f" | {r['metrics'].get('ungraded', 0)} | {j.get('requests', 0)} ({j.get('cached', 0)} cached) | "
+                f"{j.get('input_tokens', 0):,} / {j.get('output_tokens', 0):,} | {usd} |")
+
     rows = [f"| {r['method']} | " + " | ".join(f"{100 * r['metrics'].get(k, 0.0):.1f}" for k in names)
-            + (f" | {r['metrics'].get('ungraded', 0)} |" if judged else " |") for r in scored]
-    return ["Every metric the replies were scored on, 0-100 (ROUGE-L and chrF per item against the best reference, "
-            "the mean over items; BLEU over the corpus, every reference)" + (", and the items the judge left "
-                                                                             "ungraded (left out of the pairs)" if judged else "") + ":", "",
-            f"| method | {' | '.join(names)} |" + (" ungraded |" if judged else ""),
-            "|---|" + "---:|" * (len(names) + judged), *rows, ""]
+            + (asked(r) if judged else " |") for r in scored]
+    head = " ungraded | judge requests | judge tokens in / out | judge USD |" if judged else ""
+    return ["Every metric the replies were scored on, 0-100" + (
+            " (the judge's grade mapped from its scale; the items it left ungraded, a failed request or an answer with "
+            "no grade on the scale, are counted here and left out of the pairs; its tokens and dollars are part of "
+            "evaluating each model, at cost.judge_usd_per_million_tokens)" if judged else
+            " (ROUGE-L and chrF per item against the best reference, the mean over items; BLEU over the corpus, every "
+            "reference)") + ":", "",
+            f"| method | {' | '.join(names)} |" + head, "|---|" + "---:|" * (len(names) + 4 * judged), *rows, ""]
 
 
 def _replies(c: dict) -> list[str]:

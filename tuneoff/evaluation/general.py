@@ -27,8 +27,7 @@ from tuneoff.core.errors import TuneoffError
 from tuneoff.core.methods import BASE
 from tuneoff.core.params import BenchmarkParams, EvaluateParams
 from tuneoff.evaluation.generate import generate, reply_limit
-from tuneoff.evaluation.metrics import score
-from tuneoff.evaluation.score import load_test
+from tuneoff.evaluation.score import load_test, score_replies
 
 TASKS_DIR = Path("data/general")  # relative to the project root, as are the YAMLs' data_files
 
@@ -74,8 +73,7 @@ def cross_task(net, tokenizer, other: str, limit: int, evaluate: EvaluateParams,
     n = min(limit, len(test.conversations))
     produced = generate(net, tokenizer, test.conversations[:n], evaluate.batch_size,
                         reply_limit(tokenizer, test.references[:n], evaluate.max_new_tokens), dev, f"cross-task {other}")
-    metrics, per_item = score(test.scorer, produced, test.all_references[:n], test.labels, evaluate.bootstrap_samples,
-                              evaluate.seed)
+    metrics, per_item = score_replies(test, produced, evaluate)
     return {"main_metric": metrics["main_metric"], "main": metrics["main"], "n": n,
             "correct": [bool(row["correct"]) for row in per_item]}
 

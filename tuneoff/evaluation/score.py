@@ -26,6 +26,7 @@ from tuneoff.core.params import EvaluateParams
 from tuneoff.core.records import read_jsonl
 from tuneoff.data.packing import IGNORE, tokenize_chat
 from tuneoff.evaluation.generate import reply_limit
+from tuneoff.evaluation.judge import grade_all
 from tuneoff.evaluation.metrics import score
 
 RECORD_COLUMNS = ["input", "expected", "produced", "correct", "loss"]  # the first keys of each record
@@ -146,14 +147,28 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
     return replies, sums, counts
 
 
+def score_replies(test: TestSet, predictions: list[str], params: EvaluateParams) -> tuple[dict, list[dict]]:
+    """metrics.score of these replies to the first len(predictions) items of `test`; a judge's grades are
+    fetched (or read from its cache) first, and what it was asked goes in metrics["judge"]."""
+    n = len(predictions)
+    rows = usage = None
+    if test.scorer == "judge":
+        prompts = [c[-1]["content"] for c in test.conversations[:n]]
+        rows, usage = grade_all(params.judge, prompts, test.all_references[:n], predictions)
+    metrics, per_item = score(test.scorer, predictions, test.all_references[:n], test.labels, params.bootstrap_samples,
+                              params.seed, rows=rows)
+    if usage is not None:
+        metrics["judge"] = usage
+    return metrics, per_item
+
+
 def score_model(model, tokenizer, test: TestSet, params: EvaluateParams, dev: torch.device, label: str) -> Scored:
     """Generate, score and compute each reference's loss (answer_and_losses)."""
     start = time.perf_counter()
     limit = reply_limit(tokenizer, [r for refs in test.all_references for r in refs], params.max_new_tokens)
     predictions, sums, counts = answer_and_losses(model, tokenizer, test, params.batch_size, limit, dev, label)
     generate_seconds = time.perf_counter() - start
-    metrics, per_item = score(test.scorer, predictions, test.all_references, test.labels, params.bootstrap_samples,
-                              params.seed)
+    metrics, per_item = score_replies(test, predictions, params)
     # an item with no reference token (an empty answer) has no loss: null
     losses = [round(total / n, 6) if n else None for total, n in zip(sums, counts)]
     items = zip(test.conversations, test.references, test.all_references, predictions, per_item, losses)
