@@ -156,7 +156,7 @@ def test_the_plain_t_interval_fails_where_most_items_tie():
 @pytest.mark.parametrize("n", [30, 300])
 def test_identical_replies_keep_an_honest_width(n):
     # every reply the same (all items tie) or every item moved by the same amount: the sample variance is
-    # 0, the pseudo-items keep the width n items allow: t x sqrt(2 / ((n + 1) n)), +-9.5 points at 30, +-2.3 at 300
+    # 0, the pseudo-items keep the width n items allow: t x sqrt(2 / ((n + 1) n)), +-9.5 points at 30, +-0.9 at 300
     scores = [i % 7 / 7 for i in range(n)]
     same = stats.paired_scores(scores, scores)
     half = float(stats.scipy_stats.t.ppf(0.975, n - 1)) * (2 / ((n + 1) * n)) ** 0.5
