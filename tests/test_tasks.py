@@ -240,3 +240,17 @@ def test_several_references_per_prompt_are_one_item_and_no_prompt_crosses_splits
         assert item.get("references", [item["messages"][-1]["content"]]) == [f"it is {i} v{k}" for k in range(1 + i % 5)]
     assert len(parts["train"]) == len(records) - sum(1 + int(p.split()[1]) % 5 + (p == "describe 3")
                                                      for p in prompts["val"] + prompts["test"])
+
+
+def test_the_built_in_free_form_task_has_several_references_per_prompt():
+    from tuneoff.core.params import RestaurantsTask
+    from tuneoff.data.tasks import prompt
+
+    task = build_task(RestaurantsTask(kind="restaurants", n_prompts=60, scorer="rouge_l"), PREP)
+    per_prompt = {}
+    for ex in task.examples:
+        per_prompt.setdefault(prompt(ex), []).append(ex["messages"][-1]["content"])
+    assert task.scorer == "rouge_l" and len(per_prompt) == 60 and all(3 <= len(v) <= 8 for v in per_prompt.values())
+    parts, _ = split(task.examples, PREP, "tasks.restaurants")
+    assert len(parts["test"]) == len(parts["val"]) == 6  # 10% of the prompts each
+    assert sum(len(ex.get("references", [1])) for ex in parts["val"] + parts["test"]) + len(parts["train"]) == len(task.examples)

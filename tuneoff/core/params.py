@@ -59,6 +59,12 @@ class IsoCodesTask(Section):
     n_facts: int = Field(gt=0)
 
 
+class RestaurantsTask(Section):
+    kind: Literal["restaurants"]
+    n_prompts: int = Field(gt=0)
+    scorer: Literal["rouge_l", "chrf"]
+
+
 class JsonlTask(Section):
     kind: Literal["jsonl"]
     path: str
@@ -86,7 +92,7 @@ class HfDiskTask(Section):
 
 
 TaskParams = Annotated[
-    Union[ExtractionTask, IsoCodesTask, JsonlTask, CsvTask, HfDiskTask], Field(discriminator="kind")
+    Union[ExtractionTask, IsoCodesTask, RestaurantsTask, JsonlTask, CsvTask, HfDiskTask], Field(discriminator="kind")
 ]
 
 

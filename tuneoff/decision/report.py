@@ -27,7 +27,7 @@ from tuneoff.evaluation.metrics import CONTINUOUS, FREE_FORM, MAIN_METRIC, SCALE
 
 # the seed article's task types, by the kind of task (and, for a user's JSONL, its scorer)
 TASK_TYPE = {"extraction": "format", "iso_codes": "knowledge", "csv": "classification", "json_fields": "format",
-             "exact": "generation"}
+             "exact": "generation", "restaurants": "generation"}
 
 
 def read_json(path: Path) -> dict:

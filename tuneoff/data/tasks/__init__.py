@@ -16,8 +16,9 @@ from tuneoff.core.params import (
     IsoCodesTask,
     JsonlTask,
     PrepareParams,
+    RestaurantsTask,
 )
-from tuneoff.data.tasks import extraction, iso_codes, loaders
+from tuneoff.data.tasks import extraction, iso_codes, loaders, restaurants
 
 SPLITS = ("train", "val", "test")
 
@@ -25,7 +26,7 @@ SPLITS = ("train", "val", "test")
 @dataclass(frozen=True)
 class Task:
     examples: list[dict]  # {"messages": [...], "split"?: "train"|"val"|"test"}
-    scorer: str  # "json_fields" | "exact" | "label"
+    scorer: str  # "json_fields" | "exact" | "label" | "rouge_l" | "chrf" | "judge"
     labels: list[str] = field(default_factory=list)  # closed label set, for "label" tasks
 
 
@@ -35,6 +36,8 @@ def build_task(params, prep: PrepareParams) -> Task:
         return Task(extraction.generate(params.n_examples, prep.seed), "json_fields")
     if isinstance(params, IsoCodesTask):
         return Task(iso_codes.generate(params.n_facts, prep.seed, prep.val_fraction), "exact")
+    if isinstance(params, RestaurantsTask):
+        return Task(restaurants.generate(params.n_prompts, prep.seed), params.scorer)
     if isinstance(params, JsonlTask):
         examples = loaders.load_jsonl(Path(params.path), params.system_prompt)
         if params.test_path:
