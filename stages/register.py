@@ -31,6 +31,7 @@ from tuneoff.core.params import (
 from tuneoff.core.records import Comparison, read, read_jsonl
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.decision.decide import replaces_champion
+from tuneoff.decision.pairs import continuous, scores
 from tuneoff.decision.registry import model_card, register
 from tuneoff.evaluation.score import load_test, score_model
 from tuneoff.modeling.merge import adapter_dir, deployment, load_shipped
@@ -44,8 +45,8 @@ def test_sha256(task: str) -> str:
     return hashlib.sha256((Path("data/prepared") / task / "test.jsonl").read_bytes()).hexdigest()
 
 
-def score_production(task: str, production: dict, params: EvaluateParams) -> list[bool]:
-    """Per-item correctness of the published production model on the current test split."""
+def score_production(task: str, production: dict, params: EvaluateParams) -> list[float | None]:
+    """Per-item score of the published production model on the current test split (1/0 for right/wrong)."""
     folder = PRODUCTION / task
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise TuneoffError(f"{folder}/ holds no model, but registry/registry.json names production v{production['version']}: "
@@ -55,7 +56,7 @@ def score_production(task: str, production: dict, params: EvaluateParams) -> lis
                                   measure.eval_dtype(params.dtype, dev))
     scored = score_model(net, tokenizer, load_test(Path("data/prepared") / task), params, dev,
                          f"register {task}: production v{production['version']}")
-    return [bool(r["correct"]) for r in scored.records]
+    return scores(scored.records)
 
 
 @user_errors
@@ -87,13 +88,14 @@ def main() -> None:
         row = next(r for r in comparison["rows"] if r["method"] == method)
         deployed = deployment(task, method)
         test_hash = test_sha256(task)
-        challenger = [bool(item["correct"]) for item in read_jsonl(Path("runs") / task / method / "predictions.jsonl")]
+        records = read_jsonl(Path("runs") / task / method / "predictions.jsonl")
+        challenger = scores(records)
 
         def judge(production: dict | None) -> tuple[bool, str]:
             if production is None:
                 return True, "first version of this model"
             promote, reason = replaces_champion(challenger, score_production(task, production, evaluate),
-                                                rules.max_gap_points)
+                                                rules.max_gap_points, continuous(records))
             if production.get("test_sha256") != test_hash:
                 reason += (f" (the test split changed since production v{production['version']} was registered; "
                            "both were scored on the current one here)")

@@ -360,3 +360,12 @@ def test_a_metric_every_model_scores_zero_on_decides_nothing():
     assert "accuracy cannot tell these models apart on this task" in d["rationale"] and "rouge_l or chrf" in d["rationale"]
     assert "full - base -0.800 [-0.900, -0.700]" in d["rationale"] and "test items" not in d["settle"]
     assert not [x for x in claims(c) if "LoRA within" in x["claim"] or "QLoRA within" in x["claim"]]
+
+
+def test_a_free_form_challenger_is_weighed_on_its_scores():
+    champion = [0.40 + 0.001 * (i % 50) for i in range(400)]
+    better = [min(x + 0.05, 1.0) for x in champion]  # 5 points of ROUGE-L better on every item
+    promote, why = replaces_champion(better, champion, 2.0, continuous=True)
+    assert promote and "challenger - production +5.0 points" in why
+    promote, why = replaces_champion(champion, better, 2.0, continuous=True)
+    assert not promote and "production is better" in why

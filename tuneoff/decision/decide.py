@@ -246,11 +246,15 @@ def oriented(comparison: TaskComparison, a: str, b: str) -> Pair:
     return {**p, "a": a, "b": b, "diff_points": 0.0 - p["diff_points"], "ci_points": [-p["ci_points"][1], -p["ci_points"][0]]}
 
 
-def replaces_champion(challenger: list[bool], champion: list[bool], margin: float) -> tuple[bool, str]:
+def replaces_champion(challenger: list, champion: list, margin: float, continuous: bool = False) -> tuple[bool, str]:
     """Whether a challenger replaces the production model, both scored on the same test items: only when
     its paired interval lies wholly above -margin and it scored at least as well; a champion that is
-    better on these items, or a difference this run cannot size, keeps production where it is."""
-    p = stats.paired_binary(challenger, champion)
+    better on these items, or a difference this run cannot size, keeps production where it is. Per item
+    right/wrong, or with `continuous` a score in [0, 1] (None: ungraded, the item left out)."""
+    if continuous:
+        p = stats.paired_scores(*zip(*[(x, y) for x, y in zip(challenger, champion) if x is not None and y is not None]))
+    else:
+        p = stats.paired_binary([bool(x) for x in challenger], [bool(x) for x in champion])
     lo, hi = (100 * x for x in p["ci"])
     what = f"challenger - production {100 * p['diff']:+.1f} points [{lo:+.1f}, {hi:+.1f}] on the same {p['n']} test items"
     if stats.non_inferiority([lo, hi], margin) == "non-inferior" and p["diff"] >= 0:
