@@ -118,6 +118,7 @@ def mr(prompt: str) -> str:
 
 def test_free_form_replies_with_several_references_get_a_verdict_on_rouge_l(project, monkeypatch):
     from stages import evaluate, prepare, report, train
+    from tuneoff.decision.report import REPLY_COLUMNS, reply_rows
 
     monkeypatch.chdir(project)
     for task, items in DATA.items():
@@ -172,5 +173,7 @@ def test_free_form_replies_with_several_references_get_a_verdict_on_rouge_l(proj
     assert "| method | rouge_l (0-100) [95% CI] |" in text and "| method | rouge_l | chrf | bleu | exact_match |" in text
     assert "Main metric: rouge_l, ROUGE-L F1 against the best reference, 0-100." in text
     assert "items scored higher by a / by b | t test p |" in text
+    rows = reply_rows(comparison["tasks"])  # the W&B Table report/replies: each sampled item, per model
+    assert len(rows) == 2 * 3 * 2 and all(len(r) == len(REPLY_COLUMNS) for r in rows)
     sample = comparison["tasks"][0]["samples"][0]
     assert "Reading the replies: 3 test items" in text and "References: " + " / ".join(sample["references"]) in text
