@@ -123,7 +123,8 @@ def aggregate(scorer: str, rows: list[dict], predictions: list[str], references:
         metrics["extra_keys"] = sum(bool(r["extra_keys"]) for r in rows)  # replies with a key their reference lacks
     elif scorer == "label":
         metrics["accuracy"] = sum(r["correct"] for r in rows) / n
-        metrics["macro_f1"] = macro_f1([p.strip() for p in predictions], [r.strip() for r in references])
+        # a text the data labels twice is one item with two labels: F1 counts the first
+        metrics["macro_f1"] = macro_f1([p.strip() for p in predictions], [references_of(r)[0].strip() for r in references])
         metrics["in_label_set"] = sum(p.strip() in set(labels) for p in predictions) / n
     else:
         metrics["exact_match"] = sum(r["correct"] for r in rows) / n
@@ -162,6 +163,7 @@ def score(scorer: str, predictions: list[str], references: list[str | list[str]]
                           bootstrap_samples, seed)
     metrics.update(main_metric=main, main=metrics[main], ci_low=lo, ci_high=hi)
     if scorer == "label":
-        metrics["confusions"] = Counter(f"{r.strip()} -> {p.strip()}" for p, r in zip(predictions, references)
-                                        if p.strip() != r.strip()).most_common(10)
+        firsts = [references_of(r)[0].strip() for r in references]
+        metrics["confusions"] = Counter(f"{r} -> {p.strip()}" for p, r, row in zip(predictions, firsts, rows)
+                                        if not row["correct"]).most_common(10)
     return metrics, rows
