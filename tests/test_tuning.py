@@ -3,12 +3,13 @@ and the lowest val loss trains the whole budget, exactly as that rate alone woul
 the method's cost; one rate runs no pilot."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import yaml
-from conftest import ROOT, make_project, run
+from conftest import ROOT
 from safetensors.torch import load_file
 
 from tuneoff.core.params import CostParams, EstimateParams, read_params, section
@@ -19,9 +20,27 @@ from tuneoff.decision.decide import rates_note
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_base):
-    project = make_project(tmp_path_factory.mktemp("tuning"), tiny_base)
-    run(["dvc", "repro", "-q", "prepare@extraction"], project)
-    return project
+    """A folder with params.yaml (the extraction task, small), the tiny base, and prepare run in process."""
+    from stages import prepare
+
+    path = tmp_path_factory.mktemp("tuning")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tasks"]["extraction"]["n_examples"] = 60
+    params["prepare"].update(seq_len=256, max_val_examples=8, max_test_examples=8)
+    params["train"]["common"].update(batch_size=2, token_budget=1500, log_every=2)
+    params["evaluate"].update(max_new_tokens=8, bootstrap_samples=100)
+    params["tracking"]["enabled"] = False
+    params["checkpoint"]["every_steps"] = 0
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / "models").mkdir()
+    (path / "models/base").symlink_to(tiny_base)
+    here = os.getcwd()
+    os.chdir(path)
+    try:
+        prepare.main("extraction")
+    finally:
+        os.chdir(here)
+    return path
 
 
 def train_lora(project, monkeypatch, lr) -> tuple[dict, dict]:
@@ -32,7 +51,6 @@ def train_lora(project, monkeypatch, lr) -> tuple[dict, dict]:
     params["train"]["lora"]["lr"] = lr
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(project)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     out = train_stage.main("extraction", "lora")
     return json.loads((out / "train.json").read_text()), load_file(next((out / "model").glob("*.safetensors")))
 
