@@ -30,7 +30,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from flows.bakeoff import sh
+from flows.shell import sh
 from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.params import PublishParams, section
 

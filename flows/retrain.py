@@ -18,7 +18,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.bakeoff import bakeoff, sh
+from flows.bakeoff import bakeoff
+from flows.shell import sh
 from flows.publish import dvc_remote
 from tuneoff.core.params import RetrainParams, read_params, section
 

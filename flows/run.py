@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from flows.bakeoff import STAGE_SECONDS, bakeoff
+from flows.bakeoff import bakeoff
+from flows.shell import STAGE_SECONDS
 from flows.server import ensure_server
 from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.params import BakeoffParams, section

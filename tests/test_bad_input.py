@@ -291,7 +291,8 @@ def test_a_bug_is_one_line_naming_its_traceback_and_the_flow_does_not_retry_it(t
     fails the same way every time: one line naming it and where its traceback is, and no retry."""
     from prefect.states import Failed
 
-    from flows.bakeoff import CommandFailed, transient
+    from flows.bakeoff import transient
+    from flows.shell import CommandFailed
     from tuneoff.core.errors import user_errors
 
     @user_errors
@@ -320,7 +321,8 @@ def test_a_network_or_storage_error_keeps_its_traceback_and_the_flow_retries_it(
     import requests
     from prefect.states import Failed
 
-    from flows.bakeoff import CommandFailed, transient
+    from flows.bakeoff import transient
+    from flows.shell import CommandFailed
     from tuneoff.core.errors import user_errors
 
     for error in (requests.exceptions.ConnectionError("Connection reset by peer"), TimeoutError("read timed out"),

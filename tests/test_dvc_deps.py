@@ -97,3 +97,26 @@ def test_the_library_never_imports_stages_flows_or_the_cli():
                                                   if n.split(".")[0] in ("stages", "flows") or n == "tuneoff.cli")
                  for p in library}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_no_import_circle_among_the_projects_modules():
+    """No module reaches itself through the imports of ours it makes (function-level imports too): a
+    circle makes the import order matter and a move break the other side (flows/publish.py once took
+    `sh` from flows/bakeoff.py, which imports publish)."""
+    files = [p for top in OURS for p in (ROOT / top).rglob("*.py")]
+    edges = {p: {module_file(m) for name in imported(p) for m in with_parents(name)} - {None, p} for p in files}
+    path: list[Path] = []
+
+    def visit(p: Path, done: set[Path]) -> None:
+        assert p not in path, "import circle: " + " -> ".join(str(q.relative_to(ROOT)) for q in path[path.index(p):] + [p])
+        if p in done:
+            return
+        path.append(p)
+        for q in edges.get(p, ()):
+            visit(q, done)
+        path.pop()
+        done.add(p)
+
+    done: set[Path] = set()
+    for p in files:
+        visit(p, done)

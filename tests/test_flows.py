@@ -535,7 +535,7 @@ def test_a_failing_stage_ends_the_run_with_its_name_and_one_line(project, server
 def test_stage_output_shows_a_progress_bar_once_in_its_last_state(tmp_path, capsys):
     """What reaches the run's log (and the terminal): each line once, a progress bar's redraws only
     as its final state; the whole output, redraws too, is what sh returns; each stage is timed."""
-    from flows.bakeoff import STAGE_SECONDS, sh
+    from flows.shell import STAGE_SECONDS, sh
 
     text = "Running stage 'x':\n\r 1/3\r 2/3\r 3/3\ndone\n"
     (tmp_path / "stage.txt").write_text(text, newline="")
@@ -545,7 +545,8 @@ def test_stage_output_shows_a_progress_bar_once_in_its_last_state(tmp_path, caps
 
 
 def test_a_token_in_a_url_reaches_no_error_log_or_failed_json(tmp_path, monkeypatch):
-    from flows.bakeoff import CommandFailed, record_failure
+    from flows.bakeoff import record_failure
+    from flows.shell import CommandFailed
 
     url = "https://ci-bot:ghp_SECRET123@git.example.com/team/repo.git"
     error = CommandFailed(("git", "clone", "--quiet", url, "/tmp/unit"), 128, "/tmp",
