@@ -369,3 +369,15 @@ def test_a_free_form_challenger_is_weighed_on_its_scores():
     assert promote and "challenger - production +5.0 points" in why
     promote, why = replaces_champion(champion, better, 2.0, continuous=True)
     assert not promote and "production is better" in why
+
+
+def test_over_seeds_a_score_is_paired_on_its_values():
+    from tuneoff.decision.pairs import pair_over_seeds
+
+    def run(shift, ungraded=()):
+        return [{"expected": f"a{i}", "correct": False, "score": None if i in ungraded else 0.3 + shift + 0.01 * (i % 7),
+                 "loss": 1.0} for i in range(200)]
+
+    pair = pair_over_seeds("lora", "full", {"lora": [run(0.10), run(0.12, ungraded=(5,))], "full": [run(0.0), run(0.01)]})
+    assert pair["n"] == 199 and pair["seeds"] == [2, 2] and pair["diff_points"] == pytest.approx(10.5, abs=0.01)
+    assert pair["ci_points"][0] < 10.5 < pair["ci_points"][1] and pair["loss"]["n"] == 200

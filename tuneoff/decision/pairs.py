@@ -48,13 +48,13 @@ def pair_over_seeds(a: str, b: str, runs: dict[str, list[list[dict]]]) -> Pair:
     every = [r for m in (a, b) for r in runs[m]]
     if any([x["expected"] for x in r] != [x["expected"] for x in every[0]] for r in every):
         raise TuneoffError(f"{a} and {b} were not all scored on the same test items: rerun their stages")
-    graded = [i for i in range(len(every[0])) if all(v is not None for r in every for v in [scores(r)[i]])]
-    main = stats.paired_over_seeds([[scores(r)[i] for i in graded] for r in runs[a]],
-                                   [[scores(r)[i] for i in graded] for r in runs[b]])
-    first = [[scores(runs[m][0])[i] for i in graded] for m in (a, b)]
+    values = {m: [scores(r) for r in runs[m]] for m in (a, b)}  # per seed, per item
+    graded = [i for i in range(len(every[0])) if all(v[i] is not None for m in (a, b) for v in values[m])]
+    main = stats.paired_over_seeds(*([[v[i] for i in graded] for v in values[m]] for m in (a, b)))
+    first = [[values[m][0][i] for i in graded] for m in (a, b)]
     exact = stats.paired_scores(*first) if continuous(every[0]) else stats.paired_binary(*(list(map(bool, f)) for f in first))
     main["ci"] = [min(main["ci"][0], exact["ci"][0]), max(main["ci"][1], exact["ci"][1])]
-    kept = [i for i in range(main["n"]) if all(r[i].get("loss") is not None for r in every)]
+    kept = [i for i in range(len(every[0])) if all(r[i].get("loss") is not None for r in every)]
     loss = kept and stats.paired_over_seeds([[r[i]["loss"] for i in kept] for r in runs[a]],
                                             [[r[i]["loss"] for i in kept] for r in runs[b]])
     return {"a": a, "b": b, "n": main["n"], "seeds": main["seeds"], "diff_points": round(100 * main["diff"], 2),
