@@ -75,7 +75,7 @@ def main(task: str, model: str) -> None:
             test_loss=round(scored.test_loss, 6), max_new_tokens=scored.max_new_tokens,
             timing=EvalTiming(load_seconds=round(load_seconds, 3), generate_seconds=round(scored.generate_seconds, 3),
                               examples_per_second=round(scored.examples_per_second, 3),
-                              stage_seconds=measure.process_seconds()))
+                              stage_seconds=measure.process_seconds(), read_off=scored.read_off))
         write_json(out / "eval.json", record.model_dump(exclude_none=True))
         tracker.summary(flat({"eval": {k: v for k, v in metrics.items() if k != "confusions"}
                                        | {"test_loss": scored.test_loss}}))

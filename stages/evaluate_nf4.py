@@ -114,7 +114,7 @@ def main(task: str, method: str) -> None:
             max_new_tokens=deployed.max_new_tokens,
             timing=EvalTiming(load_seconds=round(load_seconds[chosen], 3), generate_seconds=round(deployed.generate_seconds, 3),
                               examples_per_second=round(deployed.examples_per_second, 3),
-                              stage_seconds=measure.process_seconds()))
+                              stage_seconds=measure.process_seconds(), read_off=deployed.read_off))
         write_json(out / "eval.json", record.model_dump(exclude_none=True))
         tracker.summary(flat({"eval": {k: v for k, v in deployed.metrics.items() if k != "confusions"}
                                        | {"test_loss": deployed.test_loss, "deployed_form": chosen, "forms": summary}}))

@@ -106,7 +106,7 @@ def test_answers_and_losses_from_one_prompt_pass_match_generate_and_each_item_al
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
     cpu = torch.device("cpu")
-    replies, sums, counts = answer_and_losses(model, tokenizer, test, 3, 12, cpu, "test")
+    replies, sums, counts, _ = answer_and_losses(model, tokenizer, test, 3, 12, cpu, "test")
     assert replies == generate(model, tokenizer, test.conversations, 3, 12, cpu, "test")
     with torch.no_grad():
         for chat, total, n in zip(chats, sums, counts):
@@ -116,3 +116,45 @@ def test_answers_and_losses_from_one_prompt_pass_match_generate_and_each_item_al
             assert n == int(keep.sum())  # every assistant turn: the two-turn item's first one too
             alone = float(F.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep], reduction="sum"))
             assert total == pytest.approx(alone, rel=1e-4)
+
+
+def test_replies_read_off_the_reference_pass_are_the_replies_generate_gives(tiny_base, tokenizer):
+    """An item whose reference the model's teacher-forced argmax reproduces through its end is not
+    generated (issue 44): its reply is read off the loss pass. On a tiny model fitted to six iso_codes
+    items, two more it never saw and one fitted item asked with a longer reference than it learned, the
+    replies, scores and losses are the same with and without reading off, and generate()'s, item for item;
+    some items take each path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneoff.data.packing import IGNORE
+    from tuneoff.data.tasks import iso_codes
+    from tuneoff.evaluation.generate import generate
+    from tuneoff.evaluation.score import TestSet, answer_and_losses, split_item
+
+    chats = [ex["messages"] for ex in iso_codes.generate(8, 0, 0.1) if ex["split"] == "train"][::2]
+    fitted, unseen = chats[:6], chats[6:8]
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    items = [split_item(tokenizer, c[:-1], c[-1]["content"]) for c in fitted]
+    width = max(len(ids) for ids, _, _ in items)
+    ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x, _, _ in items])
+    targets = torch.tensor([[IGNORE] + t + [IGNORE] * (width - len(t) - 1) for _, t, _ in items])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(150):
+        loss = model(input_ids=ids, labels=torch.where(targets == IGNORE, -100, ids)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    longer = [*fitted[0][:-1], {"role": "assistant", "content": fitted[0][-1]["content"] + " (ISO)"}]
+    test_chats = fitted + unseen + [longer]
+    test = TestSet("exact", [], [c[:-1] for c in test_chats], [c[-1]["content"] for c in test_chats],
+                   [[c[-1]["content"]] for c in test_chats])
+    cpu = torch.device("cpu")
+    read = answer_and_losses(model, tokenizer, test, 4, 16, cpu, "read off")
+    generated = answer_and_losses(model, tokenizer, test, 4, 16, cpu, "generated", read_off=False)
+    assert read[0] == generated[0] == generate(model, tokenizer, test.conversations, 4, 16, cpu, "generate")
+    assert read[1:3] == generated[1:3]
+    assert generated[3] == 0 and 0 < read[3] < len(test_chats)
+    assert sum(r == c[-1]["content"] for r, c in zip(read[0], fitted)) == read[3]  # read off exactly where right

@@ -144,6 +144,7 @@ class EvalTiming(Record):
     generate_seconds: float
     examples_per_second: float
     stage_seconds: float | None = None  # the whole process, start-up and imports included (measure.process_seconds)
+    read_off: int | None = None  # replies greedy decoding would give read off the reference's loss pass, not generated
 
 
 class EvalRecord(Record):

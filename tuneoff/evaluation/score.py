@@ -61,6 +61,7 @@ class Scored:
     test_loss: float  # mean loss over every reference token (token-weighted, as train's eval_loss)
     generate_seconds: float
     max_new_tokens: int  # the reply limit generation used (generate.reply_limit)
+    read_off: int  # replies read off the teacher-forced pass, not generated (answer_and_losses)
 
     @property
     def examples_per_second(self) -> float:
@@ -89,17 +90,24 @@ def _padded(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_tokens: int, dev: torch.device,
-                      label: str) -> tuple[list[str], list[float], list[int]]:
-    """Each item's greedy reply, and its reference's summed loss and loss-token count, in test order.
+                      label: str, read_off: bool = True) -> tuple[list[str], list[float], list[int], int]:
+    """Each item's greedy reply, and its reference's summed loss and loss-token count, in test order,
+    and how many replies were read off the teacher-forced pass instead of generated.
 
     Per batch of prompts (sorted by length, left-padded as generate() pads them): the prompt less its
     last token runs once into a KV cache; the last prompt token and the reference run on a copy of it
     (teacher-forced: the reference's loss); generate() then continues from the cache, so it computes
     only the last prompt token before it decodes. Loss positions inside the prompt (an earlier assistant
-    turn) are scored in the first pass. The loss is computed in float32 from the model's logits."""
+    turn) are scored in the first pass. The loss is computed in float32 from the model's logits.
+
+    An item whose reference greedy decoding would reproduce (greedy_from_reference: the argmax at every
+    reference position is the reference token, through its end) is not generated: its reply is the
+    reference, read off the pass that computed its loss. As a model learns its task most items take this
+    path; `read_off=False` generates every item (the test compares the two)."""
     items = [split_item(tokenizer, c, r) for c, r in zip(test.conversations, test.references)]
     order = sorted(range(len(items)), key=lambda i: items[i][2])
     replies, sums, counts = [""] * len(items), [0.0] * len(items), [0] * len(items)
+    read_off_items = 0
     pad = tokenizer.pad_token_id
     model.eval()
     for first in tqdm(range(0, len(order), batch_size), desc=label, unit="batch", file=sys.stderr,
@@ -123,10 +131,10 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
         out = model(input_ids=head, attention_mask=head_mask, position_ids=head_pos, use_cache=True,
                     logits_to_keep=keep.to(dev) if keep.any() else 1)
         cache, losses = out.cache, [(keep, out.logits if keep.any() else None)]
-        keep = tail_targets != IGNORE
+        tail_keep = tail_targets != IGNORE
         out = model(input_ids=tail, attention_mask=torch.cat([head_mask, tail_mask], 1), position_ids=tail_pos,
-                    cache=copy.deepcopy(cache), use_cache=True, logits_to_keep=keep.to(dev))
-        losses.append((keep, out.logits))
+                    cache=copy.deepcopy(cache), use_cache=True, logits_to_keep=tail_keep.to(dev))
+        losses.append((tail_keep, out.logits))
         for (keep, logits), wanted in zip(losses, (head_targets, tail_targets)):
             if logits is None:
                 continue
@@ -137,14 +145,44 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
                 sums[idx[row]] += loss
                 counts[idx[row]] += 1
 
-        prompt = torch.cat([head, tail[:, :1]], 1)
-        generated = model.generate(input_ids=prompt, attention_mask=torch.cat([head_mask, tail_mask[:, :1]], 1),
+        known = greedy_from_reference(tail_keep, out.logits, tail_targets, tokenizer.eos_token_id, max_new_tokens)
+        for row, tokens in enumerate(known):
+            if tokens is not None:
+                replies[idx[row]] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        todo = [row for row, tokens in enumerate(known) if tokens is None or not read_off]
+        read_off_items += len(idx) - len(todo)
+        if not todo:
+            continue
+        rows = torch.tensor(todo, device=dev)
+        cache.batch_select_indices(rows)
+        prompt = torch.cat([head, tail[:, :1]], 1)[rows]
+        generated = model.generate(input_ids=prompt, attention_mask=torch.cat([head_mask, tail_mask[:, :1]], 1)[rows],
                                    cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
                                    temperature=None, top_p=None, top_k=None, pad_token_id=pad,
                                    eos_token_id=tokenizer.eos_token_id)
-        for i, row in zip(idx, generated[:, prompt.shape[1] :]):
-            replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    return replies, sums, counts
+        for row, reply in zip(todo, generated[:, prompt.shape[1] :]):
+            replies[idx[row]] = tokenizer.decode(reply, skip_special_tokens=True).strip()
+    return replies, sums, counts, read_off_items
+
+
+def greedy_from_reference(keep: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, eos: int,
+                          max_new_tokens: int) -> list[list[int] | None]:
+    """Per row, greedy decoding's reply tokens where the teacher-forced pass already gives them: when the
+    argmax at every reference position, through its first `eos`, is the reference token, greedy decoding
+    would produce exactly the reference and stop there. None where it would not (a different argmax, no
+    eos in the reference, or a reply longer than max_new_tokens): that row is generated. `logits` are the
+    kept positions' (keep: [rows, positions]) in row-major order, `targets` the tokens they predict."""
+    rows = keep.nonzero()[:, 0].tolist()
+    wanted, argmax = targets[keep].tolist(), logits.argmax(-1).tolist()
+    per_row: list[list[tuple[int, int]]] = [[] for _ in range(keep.shape[0])]
+    for row, w, a in zip(rows, wanted, argmax):
+        per_row[row].append((w, a))
+    out = []
+    for pairs in per_row:
+        end = next((j for j, (w, _) in enumerate(pairs) if w == eos), None)
+        right = end is not None and end + 1 <= max_new_tokens and all(w == a for w, a in pairs[: end + 1])
+        out.append([w for w, _ in pairs[:end]] if right else None)
+    return out
 
 
 def score_replies(test: TestSet, predictions: list[str], params: EvaluateParams) -> tuple[dict, list[dict]]:
@@ -166,7 +204,7 @@ def score_model(model, tokenizer, test: TestSet, params: EvaluateParams, dev: to
     """Generate, score and compute each reference's loss (answer_and_losses)."""
     start = time.perf_counter()
     limit = reply_limit(tokenizer, [r for refs in test.all_references for r in refs], params.max_new_tokens)
-    predictions, sums, counts = answer_and_losses(model, tokenizer, test, params.batch_size, limit, dev, label)
+    predictions, sums, counts, read_off = answer_and_losses(model, tokenizer, test, params.batch_size, limit, dev, label)
     generate_seconds = time.perf_counter() - start
     metrics, per_item = score_replies(test, predictions, params)
     # an item with no reference token (an empty answer) has no loss: null
@@ -176,4 +214,4 @@ def score_model(model, tokenizer, test: TestSet, params: EvaluateParams, dev: to
                 "loss": loss, **row, **({"references": refs} if len(refs) > 1 else {})}
                for conv, ref, refs, pred, row, loss in items]  # then the scorer's own fields
     test_loss = sum(sums) / max(sum(counts), 1)
-    return Scored(metrics, records, test_loss, generate_seconds, limit)
+    return Scored(metrics, records, test_loss, generate_seconds, limit, read_off)
