@@ -9,7 +9,9 @@ and predictions.jsonl: per test item, in test.jsonl order, input, expected, prod
 and `loss` (the reference answer's mean per-token loss; null for an item with no loss token),
 so a person can read the failures and a paired comparison can line the items up. The same loaded
 model is then scored on the general benchmarks and the other tasks (tuneoff/evaluation/general.py):
-runs/<task>/<model>/benchmark.json and benchmark-items.json. One process does both, so the model
+runs/<task>/<model>/benchmark.json and benchmark-items.json. The base is the same model for every
+task, so only the first task's evaluate_base scores its general benchmarks; the others' files say
+where they are (`benchmarks_of`). One process does both, so the model
 loads once and the stage's start-up (imports, W&B, DVC) is paid once.
 """
 
@@ -49,7 +51,8 @@ def main(task: str, model: str) -> None:
     check_task(task, data)
     params = section(EvaluateParams, "evaluate", data=data)
     benchmarks = section(BenchmarkParams, "benchmarks", data=data)
-    others = [t for t in section(BakeoffParams, "bakeoff", data=data).tasks if t != task]
+    tasks = section(BakeoffParams, "bakeoff", data=data).tasks
+    others = [t for t in tasks if t != task]
     test = load_test(Path("data/prepared") / task)
     source = FLOAT_BASE if model == BASE else deployable_dir(task, model)
     if not (source / "config.json").is_file():
@@ -64,7 +67,12 @@ def main(task: str, model: str) -> None:
         load_seconds = time.perf_counter() - start
         scored = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{model}")
         metrics = scored.metrics
-        ability, items = general_ability(net, tokenizer, model, others, benchmarks, params, dev)
+        if model == BASE and task != tasks[0]:  # the same model on the same items: scored once, by the first task's stage
+            ability, items = general_ability(net, tokenizer, model, others, benchmarks.model_copy(update={"tasks": []}),
+                                             params, dev)
+            ability["benchmarks_of"] = items["benchmarks_of"] = tasks[0]
+        else:
+            ability, items = general_ability(net, tokenizer, model, others, benchmarks, params, dev)
 
         out = Path("runs") / task / model
         write_jsonl(out / "predictions.jsonl", scored.records)
@@ -84,7 +92,10 @@ def main(task: str, model: str) -> None:
     print(f"evaluate@{task}-{model}: {metrics['main_metric']} {metrics['main']:.3f} "
           f"[{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] on {metrics['n']} test examples, "
           f"test loss {scored.test_loss:.3f} -> {out}/eval.json")
-    print(f"evaluate@{task}-{model}: general ability {ability_line(ability)} -> {out}/benchmark.json")
+    if "benchmarks_of" in ability:
+        print(f"evaluate@{task}-{model}: general ability: the base's, scored by evaluate_base@{tasks[0]}")
+    else:
+        print(f"evaluate@{task}-{model}: general ability {ability_line(ability)} -> {out}/benchmark.json")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
-"""DVC stage `evaluate_nf4@<task>-<method>`: score QLoRA in each form it could be deployed in.
+"""DVC stage `evaluate_nf4@<task>-<method>`: score QLoRA in the form it is deployed in.
 
 A QLoRA adapter learned the NF4 weights, so merging it into the float base changes answers. Two
-forms (tuneoff/modeling/merge.py SCORED_FORMS) are scored on the whole test set: nf4-merged
-(merge_nf4's standalone float32 model of the function that trained, which merge_nf4 checked
-against the adapter on models/base-nf4) and float-merged (merge's model on the float base). The
-adapter on the 4-bit base (form nf4) computes nf4-merged's function, so it is not generated from
-again: on a CPU its 4-bit layers made it the slowest of the three to score. The deployed form is
-chosen on the validation split (the best main metric there, then the lower loss of the references; a
-tie goes to the form that computes what trained, merge.deployed_form), so the test split, which the
-verdict reads, scores each form once and chooses nothing.
+forms (tuneoff/modeling/merge.py SCORED_FORMS) could ship: nf4-merged (merge_nf4's standalone
+float32 model of the function that trained, which merge_nf4 checked against the adapter on
+models/base-nf4) and float-merged (merge's model on the float base). The adapter on the 4-bit base
+(form nf4) computes nf4-merged's function, so it is not scored again: on a CPU its 4-bit layers made
+it the slowest of the three. Each form is scored on the validation split, and the one that ships is
+chosen there (the best main metric, then the lower loss of the references; a tie goes to the form
+that computes what trained, merge.deployed_form). The test split, which the verdict reads, scores
+the chosen form, and chooses nothing; `evaluate.all_forms_on_test` scores every form on it too (the
+report then pairs them), and with `bakeoff.more_seeds` nf4-merged is always scored there (the other
+seeds are scored as trained, and pair with it).
 
-Writes runs/<task>/<method>/eval.json: `forms` (each form's n, main, CI, test loss and speed on
-test, and its `val` main and loss),
-`deployed_form`, and the deployed form's `metrics`, `test_loss` and `timing` where evaluate
-writes them for the other models; predictions-<form>.jsonl for each form, and predictions.jsonl
-= the deployed form's (records as in stages/evaluate.py, with each reference's `loss`). The
-deployed form is then scored on the general benchmarks and the other tasks, as stages/evaluate.py
-scores the other models: benchmark.json and benchmark-items.json.
+Writes runs/<task>/<method>/eval.json: `forms` (each form's `val` main and loss, and, where scored
+on test, its n, main, CI, test loss and speed there), `deployed_form`, and the deployed form's
+`metrics`, `test_loss` and `timing` where evaluate writes them for the other models; forms/<form>.jsonl
+for each form scored on test, and predictions.jsonl = the deployed form's (records as in
+stages/evaluate.py, with each reference's `loss`). The deployed form is then scored on the general
+benchmarks and the other tasks, as stages/evaluate.py scores the other models: benchmark.json and
+benchmark-items.json.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tuneoff.evaluation.general import ability_line, general_ability
 from tuneoff.evaluation.score import RECORD_COLUMNS, load_test, score_model
 from tuneoff.modeling.merge import (
     SCORED_FORMS,
+    TRAINED_FORM,
     deployed_form,
     form_deployment,
 )
@@ -62,7 +65,8 @@ def main(task: str, method: str) -> None:
     check_task(task, data)
     params = section(EvaluateParams, "evaluate", data=data)
     benchmarks = section(BenchmarkParams, "benchmarks", data=data)
-    others = [t for t in section(BakeoffParams, "bakeoff", data=data).tasks if t != task]
+    bakeoff = section(BakeoffParams, "bakeoff", data=data)
+    others = [t for t in bakeoff.tasks if t != task]
     test, val = (load_test(Path("data/prepared") / task, split) for split in ("test", "val"))
     forms = {form: form_deployment(task, method, form) for form in SCORED_FORMS}
     for form, where in forms.items():
@@ -74,40 +78,44 @@ def main(task: str, method: str) -> None:
     with stage_run("evaluate_nf4", config, task=task, method=method, data=data) as tracker:
         dev = measure.device()
         tokenizer = AutoTokenizer.from_pretrained(NF4_BASE)
-        scored, on_val, load_seconds = {}, {}, {}
+        scored, on_val, load_seconds, loaded = {}, {}, {}, {}
 
-        def load(form: str):  # one form's model, timed
-            start = time.perf_counter()
-            net = AutoModelForCausalLM.from_pretrained(forms[form].path, dtype=measure.eval_dtype(params.dtype, dev))
-            load_seconds[form] = time.perf_counter() - start
-            return net.to(dev).eval()
-
-        for form in forms:  # one model in memory at a time
-            net = load(form)
-            on_val[form] = score_model(net, tokenizer, val, params, dev, f"evaluate {task}/{method} {form} (val)")
-            scored[form] = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{method} {form}")
-            if form != SCORED_FORMS[-1]:
-                del net
+        def use(form: str):  # the form's model, loaded once and timed; one model in memory at a time
+            if form not in loaded:
+                loaded.clear()
                 gc.collect()
+                start = time.perf_counter()
+                net = AutoModelForCausalLM.from_pretrained(forms[form].path, dtype=measure.eval_dtype(params.dtype, dev))
+                load_seconds[form] = time.perf_counter() - start
+                loaded[form] = net.to(dev).eval()
+            return loaded[form]
+
+        on_test = set(SCORED_FORMS) if params.all_forms_on_test else set()
+        if bakeoff.more_seeds:  # the other seeds are scored as trained; the first seed pairs with them as trained
+            on_test.add(TRAINED_FORM)
+        for form in forms:
+            on_val[form] = score_model(use(form), tokenizer, val, params, dev, f"evaluate {task}/{method} {form} (val)")
+            if form in on_test:
+                scored[form] = score_model(use(form), tokenizer, test, params, dev, f"evaluate {task}/{method} {form}")
         chosen = deployed_form({form: (s.metrics["main"], -s.test_loss) for form, s in on_val.items()})
-        if chosen != SCORED_FORMS[-1]:  # the last form scored is still loaded
-            del net
-            gc.collect()
-            net = load(chosen)
+        if chosen not in scored:
+            scored[chosen] = score_model(use(chosen), tokenizer, test, params, dev, f"evaluate {task}/{method} {chosen}")
+        net = use(chosen)
         ability, items = general_ability(net, tokenizer, method, others, benchmarks, params, dev)
 
         out = Path("runs") / task / method
         deployed = scored[chosen]
         for form, s in scored.items():
-            write_jsonl(out / f"predictions-{form}.jsonl", s.records)
+            write_jsonl(out / "forms" / f"{form}.jsonl", s.records)
         write_jsonl(out / "predictions.jsonl", deployed.records)
         write_json(out / "benchmark-items.json", items)
         write_json(out / "benchmark.json", ability)
-        summary = {form: {"n": s.metrics["n"], "main": s.metrics["main"], "ci_low": s.metrics["ci_low"],
-                          "ci_high": s.metrics["ci_high"], "test_loss": round(s.test_loss, 6),
-                          "examples_per_second": round(s.examples_per_second, 3),
-                          "val": {"n": on_val[form].metrics["n"], "main": on_val[form].metrics["main"],
-                                  "loss": round(on_val[form].test_loss, 6)}} for form, s in scored.items()}
+        summary = {form: {**({"n": scored[form].metrics["n"], "main": scored[form].metrics["main"],
+                              "ci_low": scored[form].metrics["ci_low"], "ci_high": scored[form].metrics["ci_high"],
+                              "test_loss": round(scored[form].test_loss, 6),
+                              "examples_per_second": round(scored[form].examples_per_second, 3)} if form in scored else {}),
+                          "val": {"n": v.metrics["n"], "main": v.metrics["main"], "loss": round(v.test_loss, 6)}}
+                   for form, v in on_val.items()}
         record = EvalRecord(
             task=task, model=method, evaluated=str(forms[chosen].path), scorer=test.scorer, deployed_form=chosen,
             metrics=deployed.metrics, test_loss=round(deployed.test_loss, 6), forms=summary,
@@ -121,10 +129,11 @@ def main(task: str, method: str) -> None:
         tracker.summary(flat({"benchmark": ability}))
         tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in deployed.records])
     for form, s in summary.items():
+        on_test = (f"test {s['main']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}], loss {s['test_loss']:.3f}"
+                   if "main" in s else "not scored on test (evaluate.all_forms_on_test)")
         print(f"evaluate_nf4@{task}-{method}: {form:<12} val {deployed.metrics['main_metric']} {s['val']['main']:.3f}, "
-              f"loss {s['val']['loss']:.3f}; test {s['main']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}], "
-              f"loss {s['test_loss']:.3f}" + ("  <- deployed (chosen on val)" if form == chosen else ""))
-    print(f"evaluate_nf4@{task}-{method}: {summary[chosen]['n']} test examples per form -> {out}/eval.json")
+              f"loss {s['val']['loss']:.3f}; {on_test}" + ("  <- deployed (chosen on val)" if form == chosen else ""))
+    print(f"evaluate_nf4@{task}-{method}: {summary[chosen]['n']} test examples -> {out}/eval.json")
     print(f"evaluate_nf4@{task}-{method}: general ability of {chosen} {ability_line(ability)} -> {out}/benchmark.json")
 
 

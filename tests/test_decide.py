@@ -138,6 +138,21 @@ def test_a_method_shown_to_lose_general_ability_is_out_over_the_limit(tmp_path):
     assert on_bench["status"] == "does not hold" and on_bench["evidence"].startswith("lora - full: -29.0 points")
 
 
+def test_the_base_scored_once_pairs_with_every_task(tmp_path):
+    """The base's general benchmarks are scored by the first task's evaluate_base only; another task's
+    base file names it (benchmarks_of), and that task's methods pair with those items."""
+    from tuneoff.decision.general import general_ability
+
+    for task, model, written in (("u", "base", {"benchmarks": {"bench": scores(200)}, "cross_task": {}}),
+                                 ("t", "base", {"benchmarks": {}, "cross_task": {}, "benchmarks_of": "u"}),
+                                 ("t", "full", {"benchmarks": {"bench": scores(150)}, "cross_task": {}})):
+        (tmp_path / task / model).mkdir(parents=True)
+        (tmp_path / task / model / "benchmark-items.json").write_text(json.dumps(written))
+    general = general_ability("t", ["full"], tmp_path)
+    assert general["scores"]["bench"]["base"]["score"] == 0.5
+    assert next(p for p in general["pairs"] if p["a"] == "full")["diff_points"] == -12.5
+
+
 def test_no_benchmarks_leave_no_general_section(tmp_path):
     """benchmarks.tasks: [] and cross_task_limit: 0: the stages write empty scores; nothing is shown or judged."""
     from tuneoff.decision.general import claims as general_claims

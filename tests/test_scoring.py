@@ -93,12 +93,11 @@ def test_answers_and_losses_from_one_prompt_pass_match_generate_and_each_item_al
     from tuneoff.data.packing import tokenize_chat
     from tuneoff.data.tasks import extraction
     from tuneoff.evaluation.generate import generate
-    from tuneoff.evaluation.score import TestSet, answer_and_losses
+    from tuneoff.evaluation.score import TestSet, answer_and_losses, shared_prefix, split_item
 
-    chats = [ex["messages"] for ex in extraction.generate(7, 3)]
-    chats.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-                  {"role": "user", "content": "Order ORD-12345 is late."}, {"role": "assistant", "content": "{}"}])
-    test = TestSet("exact", [], [c[:-1] for c in chats], [c[-1]["content"] for c in chats], [[c[-1]["content"]] for c in chats])
+    extraction_chats = [ex["messages"] for ex in extraction.generate(7, 3)]
+    two_turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                 {"role": "user", "content": "Order ORD-12345 is late."}, {"role": "assistant", "content": "{}"}]
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     if adapter:
         from peft import LoraConfig, get_peft_model
@@ -106,16 +105,23 @@ def test_answers_and_losses_from_one_prompt_pass_match_generate_and_each_item_al
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
     cpu = torch.device("cpu")
-    replies, sums, counts, _ = answer_and_losses(model, tokenizer, test, 3, 12, cpu, "test")
-    assert replies == generate(model, tokenizer, test.conversations, 3, 12, cpu, "test")
-    with torch.no_grad():
-        for chat, total, n in zip(chats, sums, counts):
-            ids, trainable = tokenize_chat(tokenizer, chat)
-            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
-            keep = torch.tensor(trainable[1:])  # position t predicts token t+1
-            assert n == int(keep.sum())  # every assistant turn: the two-turn item's first one too
-            alone = float(F.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep], reduction="sum"))
-            assert total == pytest.approx(alone, rel=1e-4)
+    # with the two-turn item the items share the template's first token; without it, the system prompt too
+    for chats in (extraction_chats + [two_turns], extraction_chats):
+        test = TestSet("exact", [], [c[:-1] for c in chats], [c[-1]["content"] for c in chats],
+                       [[c[-1]["content"]] for c in chats])
+        shared = shared_prefix([split_item(tokenizer, c[:-1], c[-1]["content"]) for c in chats])
+        system_turn = len(tokenize_chat(tokenizer, chats[0][:1])[0])
+        assert shared == 1 if two_turns in chats else shared > system_turn
+        replies, sums, counts, _ = answer_and_losses(model, tokenizer, test, 3, 12, cpu, "test")
+        assert replies == generate(model, tokenizer, test.conversations, 3, 12, cpu, "test")
+        with torch.no_grad():
+            for chat, total, n in zip(chats, sums, counts):
+                ids, trainable = tokenize_chat(tokenizer, chat)
+                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+                keep = torch.tensor(trainable[1:])  # position t predicts token t+1
+                assert n == int(keep.sum())  # every assistant turn: the two-turn item's first one too
+                alone = float(F.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep], reduction="sum"))
+                assert total == pytest.approx(alone, rel=1e-4)
 
 
 def test_replies_read_off_the_reference_pass_are_the_replies_generate_gives(tiny_base, tokenizer):

@@ -214,6 +214,7 @@ class EvaluateParams(Section):
     bootstrap_samples: int = Field(ge=100)
     seed: int
     dtype: Literal["auto", "float32", "bfloat16"]  # what models are scored in (measure.eval_dtype)
+    all_forms_on_test: bool  # QLoRA: every deployable form on the test split, not only the one chosen on val
     judge: JudgeParams
 
 

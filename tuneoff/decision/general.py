@@ -31,6 +31,8 @@ def general_ability(task: str, methods: list[str], runs: Path = Path("runs")) ->
         return json.loads(path.read_text()) if path.is_file() else None
 
     base = items(BASE)
+    if base is not None and "benchmarks_of" in base:  # the base's benchmarks, scored once for every task
+        base = json.loads((runs / base["benchmarks_of"] / BASE / "benchmark-items.json").read_text())
     if base is None:
         return None
     scored = {m: found for m in methods if (found := items(m)) is not None}

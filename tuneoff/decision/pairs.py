@@ -70,7 +70,7 @@ def seed_runs(task_runs: Path, methods: list[str], more_seeds: list[int]) -> dic
     the others, which merge_nf4 checks compute the same). Empty without more seeds."""
     if not more_seeds:
         return {}
-    first = {m: "predictions-nf4-merged.jsonl" if METHODS[m].quantized else "predictions.jsonl" for m in methods}
+    first = {m: "forms/nf4-merged.jsonl" if METHODS[m].quantized else "predictions.jsonl" for m in methods}
     return {m: [read_items(task_runs / m / first[m]),
                 *(read_items(task_runs / m / "seeds" / str(s) / "predictions.jsonl") for s in more_seeds)]
             for m in methods}
@@ -114,14 +114,14 @@ def one_pair(a: str, b: str, items: dict[str, list[dict]], bootstrap_samples: in
 
 
 def form_pairs(rows: list[ComparisonRow], task_runs: Path, bootstrap_samples: int, seed: int) -> list[Pair]:
-    """For a method scored in several deployable forms (QLoRA), each other form against the deployed
-    one, on the same items: what deploying it another way would change."""
+    """For a method scored on test in several deployable forms (QLoRA with evaluate.all_forms_on_test),
+    each other form against the deployed one, on the same items: what deploying it another way would change."""
     out = []
     for r in rows:
         if not r.get("forms"):
             continue
         deployed = f"{r['method']} {r['deployed_form']}"
-        items = {f"{r['method']} {form}": read_items(task_runs / r["method"] / f"predictions-{form}.jsonl")
-                 for form in r["forms"]}
+        items = {f"{r['method']} {form}": read_items(task_runs / r["method"] / "forms" / f"{form}.jsonl")
+                 for form, scores in r["forms"].items() if "main" in scores}
         out += [one_pair(other, deployed, items, bootstrap_samples, seed) for other in items if other != deployed]
     return out

@@ -132,14 +132,17 @@ def _forms_note(c: dict) -> str:
     row = next((r for r in c["rows"] if r.get("forms")), None)
     if row is None:
         return ""
+    on_test = {name: f for name, f in row["forms"].items() if "main" in f}
     forms = "; ".join(f"{name} {100 * f['main']:.1f}% [{100 * f['ci_low']:.1f}, {100 * f['ci_high']:.1f}]"
-                      for name, f in row["forms"].items())
+                      for name, f in on_test.items())
     chosen_on = "; ".join(f"{name} {100 * f['val']['main']:.1f}%, loss {f['val']['loss']:.3f}"
                           for name, f in row["forms"].items() if f.get("val"))
-    return (f" {row['method']} was scored on the whole test set as the function that trained and merged into the "
-            f"float base: {forms} (its adapter on the 4-bit base computes nf4-merged's function: merge-nf4.json). "
-            f"Deployed: {row['deployed_form']}, chosen on the validation split ({chosen_on}: the best score, then "
-            "the lower loss; a tie goes to nf4-merged), so the test split chose nothing.")
+    scored = (f"was scored on the test set in each form it could ship in: {forms}" if len(on_test) > 1 else
+              f"was scored on the test set in the form that ships ({forms}; `evaluate.all_forms_on_test` scores "
+              "the others there too)")
+    return (f" {row['method']} {scored}; its adapter on the 4-bit base computes nf4-merged's function "
+            f"(merge-nf4.json). Deployed: {row['deployed_form']}, chosen on the validation split ({chosen_on}: the "
+            "best score, then the lower loss; a tie goes to nf4-merged), so the test split chose nothing.")
 
 
 def _pairs_table(pairs: list[dict], metric: str) -> list[str]:

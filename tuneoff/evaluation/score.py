@@ -94,8 +94,9 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
     """Each item's greedy reply, and its reference's summed loss and loss-token count, in test order,
     and how many replies were read off the teacher-forced pass instead of generated.
 
-    Per batch of prompts (sorted by length, left-padded as generate() pads them): the prompt less its
-    last token runs once into a KV cache; the last prompt token and the reference run on a copy of it
+    The prompt tokens every item shares (shared_prefix: the chat template's opening and a system prompt)
+    run once, into a KV cache each batch starts from. Per batch of prompts (sorted by length, left-padded
+    after that prefix): the rest of the prompt less its last token runs into the cache; the last prompt token and the reference run on a copy of it
     (teacher-forced: the reference's loss); generate() then continues from the cache, so it computes
     only the last prompt token before it decodes. Loss positions inside the prompt (an earlier assistant
     turn) are scored in the first pass. The loss is computed in float32 from the model's logits.
@@ -110,15 +111,19 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
     read_off_items = 0
     pad = tokenizer.pad_token_id
     model.eval()
+    shared = shared_prefix(items)
+    prefix = torch.tensor([items[0][0][:shared]], device=dev)
+    prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache if shared else None
     for first in tqdm(range(0, len(order), batch_size), desc=label, unit="batch", file=sys.stderr,
                       mininterval=1 if sys.stderr.isatty() else 15):
         idx = order[first : first + batch_size]
         ids, targets, starts = zip(*(items[i] for i in idx))
-        # the prompts less their last token, left-padded; positions count each row's real tokens
-        head = _padded([x[: s - 1] for x, s in zip(ids, starts)], pad, left=True)
-        head_mask = _padded([[1] * (s - 1) for s in starts], 0, left=True)
-        head_targets = _padded([list(t[: s - 1]) for t, s in zip(targets, starts)], IGNORE, left=True)
-        head_pos = (head_mask.cumsum(1) - 1).clamp(min=0)
+        # the prompts after the shared prefix, less their last token, left-padded; positions continue the prefix's
+        head = _padded([x[shared : s - 1] for x, s in zip(ids, starts)], pad, left=True)
+        head_mask = _padded([[1] * (s - 1 - shared) for s in starts], 0, left=True)
+        head_targets = _padded([list(t[shared : s - 1]) for t, s in zip(targets, starts)], IGNORE, left=True)
+        head_pos = shared + (head_mask.cumsum(1) - 1).clamp(min=0)
+        head_mask = torch.cat([torch.ones(len(idx), shared, dtype=head_mask.dtype), head_mask], 1)
         # the last prompt token and the reference, right-padded, positions continuing
         tail = _padded([x[s - 1 :] for x, s in zip(ids, starts)], pad, left=False)
         tail_mask = _padded([[1] * (len(x) - s + 1) for x, s in zip(ids, starts)], 0, left=False)
@@ -127,8 +132,12 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
         head, head_mask, head_pos, tail, tail_mask, tail_pos = (
             t.to(dev) for t in (head, head_mask, head_pos, tail, tail_mask, tail_pos))
 
+        cache = None
+        if shared:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(idx))
         keep = head_targets != IGNORE
-        out = model(input_ids=head, attention_mask=head_mask, position_ids=head_pos, use_cache=True,
+        out = model(input_ids=head, attention_mask=head_mask, position_ids=head_pos, cache=cache, use_cache=True,
                     logits_to_keep=keep.to(dev) if keep.any() else 1)
         cache, losses = out.cache, [(keep, out.logits if keep.any() else None)]
         tail_keep = tail_targets != IGNORE
@@ -155,7 +164,7 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
             continue
         rows = torch.tensor(todo, device=dev)
         cache.batch_select_indices(rows)
-        prompt = torch.cat([head, tail[:, :1]], 1)[rows]
+        prompt = torch.cat([prefix.expand(len(idx), -1), head, tail[:, :1]], 1)[rows]
         generated = model.generate(input_ids=prompt, attention_mask=torch.cat([head_mask, tail_mask[:, :1]], 1)[rows],
                                    cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
                                    temperature=None, top_p=None, top_k=None, pad_token_id=pad,
@@ -163,6 +172,20 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
         for row, reply in zip(todo, generated[:, prompt.shape[1] :]):
             replies[idx[row]] = tokenizer.decode(reply, skip_special_tokens=True).strip()
     return replies, sums, counts, read_off_items
+
+
+def shared_prefix(items: list[tuple[list[int], list[int], int]]) -> int:
+    """How many leading tokens every item's prompt shares (the chat template's opening, a system prompt),
+    short of each prompt's last two tokens (the batch's pass before the reference keeps one) and of the
+    first loss position: computed once per test set, not once per item. 0 for a single item."""
+    if len(items) < 2:
+        return 0
+    first = items[0][0]
+    limit = min(min(start - 2, next((p for p, t in enumerate(targets) if t != IGNORE), start)) for _, targets, start in items)
+    shared = 0
+    while shared < limit and all(ids[shared] == first[shared] for ids, _, _ in items):
+        shared += 1
+    return shared
 
 
 def greedy_from_reference(keep: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, eos: int,

@@ -29,6 +29,7 @@ from tuneoff.modeling import quantize
 # also serves without bitsandbytes), the float merge last
 FORMS = ("nf4-merged", "nf4", "float-merged")
 SCORED_FORMS = ("nf4-merged", "float-merged")  # nf4 computes nf4-merged's function, which is scored
+TRAINED_FORM = "nf4-merged"  # the function that trained, as a standalone model
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,9 @@ LAST = ["Garcia", "Smith", "Khan", "Wang", "Muller", "Patel", "Lopez", "Rossi", 
         "Tanaka", "Ivanova", "Okafor", "Schmidt", "Silva", "Ahmed", "Nair", "Dubois", "Kim", "Novak"]
 OPENERS = ["Hi,", "Hello team,", "Hey there.", "Good morning,", "", "To whom it may concern,"]
 
-SYSTEM_PROMPT = (
-    "Extract the support request as JSON with keys name, order_id, product, "
-    "issue (" + "|".join(ISSUES) + "), urgency (low|normal|high). "
-    "Use null for a missing value. Reply with the JSON only."
-)
+# Short on purpose: the fields' values (issue types, urgency levels, null for what is missing) are what
+# fine-tuning teaches, and every token here is paid again by each example, in training and in scoring.
+SYSTEM_PROMPT = "Extract the ticket as JSON: name, order_id, product, issue, urgency."
 
 
 def _example(rng: random.Random) -> dict:
