@@ -113,6 +113,7 @@ def make_project(dest: Path, tiny_base: Path) -> Path:
             shutil.copy2(ROOT / rel, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["base_model"].update(source="path", path=str(tiny_base))
+    params["bakeoff"]["tasks"] = ["extraction", "iso_codes"]  # a JSON record exercises more of scoring than a label
     params["tasks"]["extraction"]["n_examples"] = 60
     params["tasks"]["iso_codes"]["n_facts"] = 30
     params["prepare"].update(seq_len=256, max_val_examples=8, max_test_examples=8)

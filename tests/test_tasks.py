@@ -23,6 +23,20 @@ def test_extraction_is_deterministic_json_with_the_promised_fields():
             assert record["order_id"] in ex["messages"][1]["content"]
 
 
+def test_triage_labels_extractions_messages_with_their_issue_type():
+    """The default run's classification task: extraction's messages, answered with the issue type alone,
+    scored as labels from a closed set that its system prompt names."""
+    from tuneoff.core.params import TriageTask
+
+    task = build_task(TriageTask(kind="triage", n_examples=40), PREP)
+    assert task.scorer == "label" and task.labels == list(extraction.ISSUES)
+    records = extraction.generate(40, PREP.seed)
+    for ex, record in zip(task.examples, records):
+        assert ex["messages"][1] == record["messages"][1]
+        assert ex["messages"][-1]["content"] == json.loads(record["messages"][-1]["content"])["issue"]
+        assert all(label in ex["messages"][0]["content"] for label in extraction.ISSUES)
+
+
 def test_iso_codes_test_asks_trained_facts_in_a_held_out_phrasing():
     examples = iso_codes.generate(60, 0, 0.1)
     train = [ex for ex in examples if ex["split"] == "train"]

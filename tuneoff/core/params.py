@@ -54,6 +54,11 @@ class ExtractionTask(Section):
     n_examples: int = Field(gt=0)
 
 
+class TriageTask(Section):
+    kind: Literal["triage"]
+    n_examples: int = Field(gt=0)
+
+
 class IsoCodesTask(Section):
     kind: Literal["iso_codes"]
     n_facts: int = Field(gt=0)
@@ -92,7 +97,7 @@ class HfDiskTask(Section):
 
 
 TaskParams = Annotated[
-    Union[ExtractionTask, IsoCodesTask, RestaurantsTask, JsonlTask, CsvTask, HfDiskTask], Field(discriminator="kind")
+    Union[ExtractionTask, TriageTask, IsoCodesTask, RestaurantsTask, JsonlTask, CsvTask, HfDiskTask], Field(discriminator="kind")
 ]
 
 

@@ -26,7 +26,7 @@ from tuneoff.decision.pairs import (
 from tuneoff.evaluation.metrics import CONTINUOUS, FREE_FORM, MAIN_METRIC, SCALE
 
 # the seed article's task types, by the kind of task (and, for a user's JSONL, its scorer)
-TASK_TYPE = {"extraction": "format", "iso_codes": "knowledge", "csv": "classification", "json_fields": "format",
+TASK_TYPE = {"extraction": "format", "triage": "classification", "iso_codes": "knowledge", "csv": "classification", "json_fields": "format",
              "exact": "generation", "restaurants": "generation"}
 
 

@@ -5,7 +5,11 @@ comparison between methods reads (predictions.jsonl).
 Both come from one pass over each batch's prompts: the prompt's keys and values are computed once,
 then the reference is read on a copy of them (its loss) and the answer generated from them. Scoring
 the reference on its own packed rows, as the train loop does, would compute every prompt a second
-time: on extraction the prompt is ~70% of an item's tokens.
+time: on extraction the prompt is ~70% of an item's tokens. The prompt tokens every item shares (the
+chat template's opening, a system prompt) run once per test set. Where the reference pass shows that
+greedy decoding would return the reference, the reply is read off it and not generated; a CPU decodes
+at a cost about proportional to the rows decoded, so each batch generates only its other items, from
+the cache it already has.
 """
 
 from __future__ import annotations

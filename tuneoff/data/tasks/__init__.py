@@ -17,6 +17,7 @@ from tuneoff.core.params import (
     JsonlTask,
     PrepareParams,
     RestaurantsTask,
+    TriageTask,
 )
 from tuneoff.data.tasks import extraction, iso_codes, loaders, restaurants
 
@@ -34,6 +35,8 @@ def build_task(params, prep: PrepareParams) -> Task:
     """The examples and scorer for one `tasks.<name>` entry of params.yaml."""
     if isinstance(params, ExtractionTask):
         return Task(extraction.generate(params.n_examples, prep.seed), "json_fields")
+    if isinstance(params, TriageTask):
+        return Task(extraction.triage(params.n_examples, prep.seed), "label", list(extraction.ISSUES))
     if isinstance(params, IsoCodesTask):
         return Task(iso_codes.generate(params.n_facts, prep.seed, prep.val_fraction), "exact")
     if isinstance(params, RestaurantsTask):
