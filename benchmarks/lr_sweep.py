@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GRIDS = {"full": [3e-6, 1e-5, 3e-5, 1e-4, 3e-4], "lora": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-         "qlora": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}  # 100x each, in half-decade steps
+GRIDS = {"full": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+         "qlora": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}  # 100x each, in half-decade steps; LoRA's ~10-30x full's
 
 
 def point(project: Path, task: str, method: str, rate: float) -> dict:
