@@ -35,8 +35,9 @@ def record(project: Path, minutes: float, emulated: bool) -> dict:
     params = (project / "params.yaml").read_text()
     seed = next(int(line.split(":")[1].split("#")[0]) for line in params.split("train:", 1)[1].splitlines()
                 if line.strip().startswith("seed:"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True,
-                            text=True).stdout.strip()
+    log = subprocess.run(["git", "log", "--format=%h %s"], cwd=project, capture_output=True, text=True).stdout
+    # the code's commit: the latest that is not a run's own record (flows/publish.py commits those)
+    commit = next(line.split()[0] for line in log.splitlines() if " tuneoff bake-off: " not in f" {line.split(' ', 1)[1]}")
     tasks = {}
     for c in comparison["tasks"]:
         d = decisions[c["task"]]

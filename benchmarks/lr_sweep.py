@@ -2,7 +2,7 @@
 project's token budget: where each method's best rate lies, and so what params.yaml defaults to.
 
     .venv/bin/python benchmarks/lr_sweep.py --project PROJECT --tasks extraction iso_codes banking77 \
-        --out benchmarks/results/lr_sweep.json --plots docs/lr-sweep
+        --out benchmarks/results/lr_sweep.jsonl --plots docs/lr-sweep
 
 `--project` has run prepare for each task and quantize (a `make run` project, with banking77 prepared
 by `dvc repro prepare@banking77`). Every point trains the way the train stage does (the project's
@@ -84,6 +84,7 @@ def plot(points: list[dict], task: str, out: Path) -> None:
         ax.set_xlabel("learning rate")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    loss_ax.set_yscale("log")  # a diverged rate's loss would flatten the others'
     loss_ax.legend()
     fig.suptitle(f"{task}: learning rate sweep at {points[0]['token_budget']:,} tokens")
     fig.tight_layout()
