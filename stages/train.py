@@ -198,7 +198,10 @@ def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: tor
         where += f" ({total / 2**30:.1f} GiB, peak {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB allocated)"
     rows = min(common.micro_batch_size or common.batch_size, common.batch_size)  # rows per forward and backward
     advice = [f"set train.common.micro_batch_size under {rows} (the same steps, run in parts)"] if rows > 1 else []
-    advice.append(f"lower train.common.batch_size (now {common.batch_size} rows of {seq_len} tokens)")
+    if common.batch_size > 1:
+        advice.append(f"lower train.common.batch_size (now {common.batch_size} rows of {seq_len} tokens)")
+    else:  # one row a step: only a shorter row is smaller
+        advice.append(f"lower prepare.seq_len (now one row of {seq_len} tokens a step)")
     if not common.gradient_checkpointing:
         advice.append("set train.common.gradient_checkpointing: true")
     if not method_named(method).quantized:

@@ -345,11 +345,15 @@ def test_a_network_or_storage_error_keeps_its_traceback_and_the_flow_retries_it(
 def test_out_of_memory_names_the_setting_to_change():
     from stages.train import out_of_memory
 
-    common = section(CommonTrainParams, "train", "common", path=ROOT / "params.yaml")
+    common = section(CommonTrainParams, "train", "common", path=ROOT / "params.yaml").model_copy(update={"batch_size": 3})
     message = out_of_memory("full", common, 448, torch.device("cpu"))
     assert message == ("out of memory training full on cpu: set train.common.micro_batch_size under 3 (the same "
                        "steps, run in parts), or lower train.common.batch_size (now 3 rows of 448 tokens), or set "
                        "train.common.gradient_checkpointing: true, or train qlora (4-bit base); `tuneoff estimate` "
+                       "compares the options before a run")
+    one_row = out_of_memory("lora", common.model_copy(update={"batch_size": 1}), 448, torch.device("cpu"))
+    assert one_row == ("out of memory training lora on cpu: lower prepare.seq_len (now one row of 448 tokens a step), "
+                       "or set train.common.gradient_checkpointing: true, or train qlora (4-bit base); `tuneoff estimate` "
                        "compares the options before a run")
 
 
