@@ -30,7 +30,7 @@ def project(tmp_path_factory, tiny_base):
     project = make_project(tmp_path_factory.mktemp("distributed"), tiny_base)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["bakeoff"]["tasks"] = ["extraction"]
-    # 15 steps of 2 rows: 1 row per process; lr 1e-3 so that the loss falls (6.39 -> 5.56 for full)
+    # 13 steps of 2 rows: 1 row per process; lr 1e-3 so that the loss falls
     params["train"]["common"].update(token_budget=5000, log_every=1, eval_every=4, precision="fp32")
     params["train"]["full"]["lr"] = 1e-3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -76,7 +76,8 @@ def test_two_processes_train_as_one(project, method):
     run (adapter weights 0.004-0.010 apart, of at most 0.13) as two processes do."""
     one = train(project, method, 1, lora__dropout=0.0)
     two = train(project, method, 2, lora__dropout=0.0)
-    assert len(two["train_loss"]) == 15 and two["train_loss"][-1] < 0.99 * two["train_loss"][0]  # it trains
+    assert len(two["train_loss"]) == len(one["train_loss"]) >= 10  # the same steps, logged every step
+    assert two["train_loss"][-1] < 0.99 * two["train_loss"][0]  # it trains
     rtol = 1e-3 if method == "qlora" else 1e-5
     torch.testing.assert_close(two["train_loss"], one["train_loss"], rtol=rtol, atol=0)
     torch.testing.assert_close(two["val_loss"], one["val_loss"], rtol=rtol, atol=0)
