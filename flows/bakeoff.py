@@ -226,10 +226,21 @@ def uncached_outs(repo_dir: Path, targets: list[str]) -> set[str]:
                 if not out.use_cache}
 
 
+def out_files(work: Path, outs: set[str]) -> list[str]:
+    """The files of these outputs, relative to `work`: an output itself, or each file in an output folder."""
+    found = []
+    for out in sorted(outs):
+        path = work / out
+        found += [out] if path.is_file() else sorted(str(f.relative_to(work)) for f in path.rglob("*") if f.is_file())
+    return found
+
+
 def collect(work: Path, targets: list[str]) -> dict:
-    """The dvc.lock entries of `targets`, and their uncached outputs (metrics, plots) as base64."""
+    """The dvc.lock entries of `targets`, and their uncached outputs (metrics, plots, a folder of records)
+    as base64, file by file."""
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
-    files = {path: base64.b64encode((work / path).read_bytes()).decode() for path in uncached_outs(work, targets)}
+    files = {path: base64.b64encode((work / path).read_bytes()).decode()
+             for path in out_files(work, uncached_outs(work, targets))}
     return {"lock": {t: lock[t] for t in targets}, "files": files}
 
 
@@ -237,7 +248,10 @@ def apply(result: dict, sent: list[str]) -> None:
     """Bring a worker's results into this workspace: the dvc.lock entries of the stages it was sent
     and their uncached outputs, each written atomically, then their cached outputs (dvc pull).
     Anything else in the result (another stage's entry, another file) refuses it whole."""
-    extra = sorted(set(result["lock"]) - set(sent)) + sorted(set(result["files"]) - uncached_outs(Path.cwd(), sent))
+    outs = uncached_outs(Path.cwd(), sent)
+    extra = sorted(set(result["lock"]) - set(sent)) + sorted(
+        path for path in result["files"]
+        if ".." in Path(path).parts or not any(path == out or path.startswith(f"{out}/") for out in outs))
     if extra:
         raise RuntimeError(f"unit result refused: it holds {extra}, which the stages it was sent do not write")
     lock_path = Path("dvc.lock")

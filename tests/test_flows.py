@@ -417,9 +417,11 @@ def test_a_unit_result_brings_back_only_what_its_stages_write(project, monkeypat
     lock = (project / "dvc.lock").read_text()
     sent = ["train@extraction-lora", "merge@extraction-lora", "evaluate@extraction-lora"]
     entry = yaml.safe_load(lock)["stages"]["train@extraction-lora"]
+    escape = "runs/extraction/lora/eval.json/../../../params.yaml"  # under an output's path, out of it
     for result in ({"lock": {"train@extraction-lora": entry, "report": entry}, "files": {}},
-                   {"lock": {"train@extraction-lora": entry}, "files": {"params.yaml": base64.b64encode(b"x").decode()}}):
-        with pytest.raises(RuntimeError, match=r"unit result refused: it holds \['(report|params.yaml)'\]"):
+                   {"lock": {"train@extraction-lora": entry}, "files": {"params.yaml": base64.b64encode(b"x").decode()}},
+                   {"lock": {"train@extraction-lora": entry}, "files": {escape: base64.b64encode(b"x").decode()}}):
+        with pytest.raises(RuntimeError, match=r"unit result refused: it holds \['(report|params.yaml|runs/.*)'\]"):
             apply(result, sent)
     assert (project / "dvc.lock").read_text() == lock
 
