@@ -2,7 +2,7 @@
 benchmarks/results/default_run.json (a JSON list) from the finished project.
 
     .venv/bin/python benchmarks/default_run.py --project PROJECT --minutes 18.4 [--avx2-emulated] \
-        [--out benchmarks/results/default_run.json]
+        [--note "..."] [--out benchmarks/results/default_run.json]
 
 `--minutes` is the wall time of `make run` after set-up, as the caller measured it (`/usr/bin/time`).
 Each record: the commit, the CPU (model, whether it has AVX-512 and AMX, and whether AVX2 was emulated by
@@ -29,7 +29,7 @@ def cpu() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
 
 
-def record(project: Path, minutes: float, emulated: bool) -> dict:
+def record(project: Path, minutes: float, emulated: bool, note: str = "") -> dict:
     comparison = json.loads((project / "reports/comparison.json").read_text())
     decisions = json.loads((project / "registry/decision.json").read_text())
     params = (project / "params.yaml").read_text()
@@ -54,7 +54,8 @@ def record(project: Path, minutes: float, emulated: bool) -> dict:
                         for m, r in rows.items()},
         }
     return {"commit": commit, "seed": seed, "cpu": {**cpu(), "avx2_emulated": emulated},
-            "minutes_after_setup": minutes, "stage_seconds": comparison.get("stage_seconds"), "tasks": tasks}
+            "minutes_after_setup": minutes, **({"note": note} if note else {}),
+            "stage_seconds": comparison.get("stage_seconds"), "tasks": tasks}
 
 
 def main() -> None:
@@ -63,10 +64,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, required=True, help="`make run`'s wall time after set-up")
     parser.add_argument("--avx2-emulated", action="store_true",
                         help="the run restricted PyTorch, oneDNN and MKL to AVX2 on a CPU that has more")
+    parser.add_argument("--note", default="", help="how this run differs from a fresh clone's (cached stages, load)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/default_run.json")
     args = parser.parse_args()
     runs = json.loads(args.out.read_text()) if args.out.is_file() else []
-    runs.append(record(args.project, args.minutes, args.avx2_emulated))
+    runs.append(record(args.project, args.minutes, args.avx2_emulated, args.note))
     args.out.write_text(json.dumps(runs, indent=1) + "\n")
     for task, t in runs[-1]["tasks"].items():
         print(f"{task}: {t['verdict']}" + (f", {t['recommended']} {t['recommended_points']}%" if t["recommended"] else ""))

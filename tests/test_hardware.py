@@ -33,6 +33,7 @@ def workspace(root, model: str, seq_len: int = 448, rows: int = 12) -> None:
 
 def params(**hardware) -> dict:
     data = read_params(ROOT / "params.yaml")
+    data["train"]["common"]["batch_size"] = 3  # the sizes below are at 3 rows of 448 tokens a step
     for unit, wanted in hardware.items():
         data["dispatch"]["hardware"][unit].update(wanted)
     return data

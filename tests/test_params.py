@@ -157,7 +157,7 @@ def test_every_missing_key_is_named_at_once():
 def test_an_exponent_without_a_point_is_a_float(tmp_path):
     """`lr: 1e-3` is a float to DVC (YAML 1.2), so it is one here too (PyYAML alone reads a string)."""
     path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text().replace("lr: 1.0e-3", "lr: 1e-3", 1))
+    path.write_text(re.sub(r"(\n  lora:\n    lr: )\S+", r"\g<1>1e-3", (ROOT / "params.yaml").read_text()))
     assert section(LoraParams, "train", "lora", path=path).lr == 0.001
 
 
