@@ -100,9 +100,9 @@ def answer_and_losses(model, tokenizer, test: TestSet, batch_size: int, max_new_
 
     The prompt tokens every item shares (shared_prefix: the chat template's opening and a system prompt)
     run once, into a KV cache each batch starts from. Per batch of prompts (sorted by length, left-padded
-    after that prefix): the rest of the prompt less its last token runs into the cache; the last prompt token and the reference run on a copy of it
-    (teacher-forced: the reference's loss); generate() then continues from the cache, so it computes
-    only the last prompt token before it decodes. Loss positions inside the prompt (an earlier assistant
+    after that prefix): the rest of the prompt less its last token runs into the cache; the last prompt
+    token and the reference run on a copy of it (teacher-forced: the reference's loss); generate() then
+    continues from the cache, so it computes only the last prompt token before it decodes. Loss positions inside the prompt (an earlier assistant
     turn) are scored in the first pass. The loss is computed in float32 from the model's logits.
 
     An item whose reference greedy decoding would reproduce (greedy_from_reference: the argmax at every
