@@ -25,6 +25,7 @@ def project(tmp_path_factory, tiny_base):
 
     path = tmp_path_factory.mktemp("tuning")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["bakeoff"]["tasks"] = ["extraction"]
     params["tasks"]["extraction"]["n_examples"] = 60
     params["prepare"].update(seq_len=256, max_val_examples=8, max_test_examples=8)
     params["train"]["common"].update(batch_size=2, token_budget=1500, log_every=2)
