@@ -155,7 +155,7 @@ class AdapterBody(BaseModel):
     replace: bool = False
 
 
-# -- the app ------------------------------------------------------------------------------------
+# -- limits, and the guard that applies them before a body is read ----------------------------------
 
 @dataclass
 class Limits:
@@ -199,172 +199,139 @@ class Guard:
         await self.app(scope, counted, send)
 
 
-def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_roots: list[Path],
-               admin_token: str | None, api_key: str | None) -> FastAPI:
-    # one thread, so the tokenizer is never used from two at once; not the event loop's, so a long
-    # prompt does not hold up other requests (/health)
-    tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tuneoff-tokenize")
+# -- generation: a body checked and tokenized into engine requests, their results as responses -----
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        engine.start()
-        yield
-        engine.stop()
-        tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+def usage(results: list[Completion]) -> dict:
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    app = FastAPI(title="tuneoff serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: HttpRequest, e: ApiError):
-        return error_response(e.status, e.message, e.kind, e.param, e.code, e.headers, **e.extra)
+def model_not_found(e: UnknownModel, param: str) -> ApiError:
+    return ApiError(404, str(e), "not_found_error", param, "model_not_found", available=e.available)
 
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(request: HttpRequest, e: RequestValidationError):
-        return error_response(400, "; ".join(_describe(err) for err in e.errors()), "invalid_request_error")
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: HttpRequest, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
-                              "invalid_request_error", headers=getattr(e, "headers", None))
+class Generator:
+    """/v1/completions and /v1/chat/completions: each body routed to its adapter, checked against
+    the limits, tokenized and queued on the engine; the answer as one response or as server-sent events."""
 
-    @app.exception_handler(Exception)
-    async def _internal(request: HttpRequest, e: Exception):
-        error = internal_error(e, f"{request.method} {request.url.path}")
-        return error_response(error.status, error.message, error.kind)
+    def __init__(self, model: MultiLoraModel, engine: Engine, limits: Limits):
+        self.model, self.engine, self.limits = model, engine, limits
+        # one thread, so the tokenizer is never used from two at once; not the event loop's, so a long
+        # prompt does not hold up other requests (/health)
+        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tuneoff-tokenize")
 
-    def route(name: str) -> str | None:
-        try:
-            return model.resolve(name)
-        except UnknownModel as e:
-            raise ApiError(404, str(e), "not_found_error", "model", "model_not_found", available=e.available) from None
+    def close(self) -> None:
+        self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
-    def check_chars(texts: list[str], param: str) -> None:
-        chars = sum(len(text) for text in texts)
-        if chars > limits.max_prompt_chars:
-            raise ApiError(400, f"the prompt is {chars} characters, over this server's limit of "
-                           f"{limits.max_prompt_chars} (tuneoff serve --max-prompt-chars)", param=param)
-
-    def encode(texts: list[str], special: bool) -> list[list[int]]:
-        return model.tokenizer(texts, add_special_tokens=special)["input_ids"]
-
-    def encode_chat(conversation: list[dict]) -> list[int]:
-        return encode([chat_prompt(model.tokenizer, conversation)], special=False)[0]  # the template holds them
-
-    async def tokenized(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, fn, *args)
-
-    def budget(prompt_ids: list[int], asked: int | None, default: int) -> int:
-        """The request's max_tokens, checked against the server's cap and the model's context."""
-        if asked is not None and asked > limits.max_new_tokens:
-            raise ApiError(400, f"max_tokens {asked} is above this server's limit of {limits.max_new_tokens} "
-                           "(tuneoff serve --max-new-tokens)", param="max_tokens")
-        room = None if model.context is None else model.context - len(prompt_ids)
-        if room is not None and room < 1:
-            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; the model's context is {model.context}",
-                           param="messages")
-        wanted = asked if asked is not None else min(default, room if room is not None else default)
-        if room is not None and wanted > room:
-            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens and max_tokens {wanted}: more than the "
-                           f"model's context of {model.context}", param="max_tokens")
-        return wanted
-
-    def submit(request: Request):
-        try:
-            return asyncio.wrap_future(engine.submit(request))
-        except QueueFull as e:
-            raise ApiError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
-        except EngineStopped as e:
-            raise ApiError(503, str(e), "server_error") from None
-
-    async def outcome(future) -> Completion:
-        try:
-            return await future
-        except UnknownModel as e:  # the adapter was removed while the request waited
-            raise ApiError(404, str(e), "not_found_error", "model", "model_not_found", available=e.available) from None
-        except EngineStopped as e:
-            raise ApiError(503, str(e), "server_error") from None
-        except Exception as e:  # e.g. an adapter folder that no longer loads, a batch that failed
-            raise internal_error(e, "a generation") from None
-
-    def usage(results: list[Completion]) -> dict:
-        prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    @app.get("/health")
-    async def health():
-        if not engine.alive:
-            return error_response(503, "the engine thread is not running", "server_error")
-        return {"status": "ok", "base": model.base_name, "adapters": len(model.names()) - 1,
-                "resident": len(model.resident)}
-
-    @app.get("/v1/models")
-    async def models():
-        created = int(engine.started_at)
-        return {"object": "list", "data": [
-            {"id": row["id"], "object": "model", "created": created, "owned_by": "tuneoff",
-             "root": row["id"] if not row["adapter"] else model.base_name,
-             "parent": model.base_name if row["adapter"] else None, "resident": row["resident"],
-             **({"method": row["method"], "note": row["note"]} if row["adapter"] else {})}
-            for row in model.listing()]}
-
-    @app.get("/stats")
-    async def stats():
-        return engine.stats()
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        adapter = route(body.model)
+    async def complete(self, body: CompletionBody):
+        adapter = self.route(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        check_chars(prompts, "prompt")
+        self.check_chars(prompts, "prompt")
         requests = []
         # a raw prompt gets the tokenizer's own special tokens, as vLLM does
-        for ids in await tokenized(encode, prompts, True):
+        for ids in await self.tokenized(self.encode, prompts, True):
             if not ids:
                 raise ApiError(400, "prompt: empty", param="prompt")
-            requests.append(Request(adapter, ids, budget(ids, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS),
-                                    body.stops(), Sampling(body.temperature, body.top_p), body.min_tokens))
+            max_tokens = self.budget(ids, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+            requests.append(Request(adapter, ids, max_tokens, body.stops(), Sampling(body.temperature, body.top_p),
+                                    body.min_tokens))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return stream(requests[0], body, rid, created, "text_completion",
-                          lambda text, finish: {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+            return self.stream(requests[0], body, rid, created, "text_completion",
+                               lambda text, finish: {"index": 0, "text": text, "logprobs": None,
+                                                     "finish_reason": finish})
         try:
-            futures = [submit(r) for r in requests]
-            results = await asyncio.gather(*(outcome(f) for f in futures))
+            futures = [self.submit(r) for r in requests]
+            results = await asyncio.gather(*(self.outcome(f) for f in futures))
         except BaseException:  # a prompt refused (queue full) or failed: the others' answers would go to no one
-            engine.withdraw(requests)
+            self.engine.withdraw(requests)
             raise
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                             for i, r in enumerate(results)], "usage": usage(results)}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
-        adapter = route(body.model)
-        if not model.tokenizer.chat_template:
-            raise ApiError(400, f"the base model {model.base_dir} has no chat template: use /v1/completions")
-        check_chars([m.text() for m in body.messages], "messages")
-        ids = await tokenized(encode_chat, [{"role": m.role, "content": m.text()} for m in body.messages])
+    async def chat(self, body: ChatBody):
+        adapter = self.route(body.model)
+        if not self.model.tokenizer.chat_template:
+            raise ApiError(400, f"the base model {self.model.base_dir} has no chat template: use /v1/completions")
+        self.check_chars([m.text() for m in body.messages], "messages")
+        ids = await self.tokenized(self.encode_chat, [{"role": m.role, "content": m.text()} for m in body.messages])
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        request = Request(adapter, ids, budget(ids, asked, limits.max_new_tokens), body.stops(),
+        request = Request(adapter, ids, self.budget(ids, asked, self.limits.max_new_tokens), body.stops(),
                           Sampling(body.temperature, body.top_p), body.min_tokens)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return stream(request, body, rid, created, "chat.completion.chunk",
-                          lambda text, finish: {"index": 0, "delta": {} if finish else {"content": text},
-                                                "finish_reason": finish},
-                          first={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        result = await outcome(submit(request))
+            return self.stream(request, body, rid, created, "chat.completion.chunk",
+                               lambda text, finish: {"index": 0, "delta": {} if finish else {"content": text},
+                                                     "finish_reason": finish},
+                               first={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        result = await self.outcome(self.submit(request))
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason}], "usage": usage([result])}
 
-    def stream(request: Request, body: GenerationBody, rid: str, created: int, kind: str, choice, first=None):
+    def route(self, name: str) -> str | None:
+        try:
+            return self.model.resolve(name)
+        except UnknownModel as e:
+            raise model_not_found(e, "model") from None
+
+    def check_chars(self, texts: list[str], param: str) -> None:
+        chars = sum(len(text) for text in texts)
+        if chars > self.limits.max_prompt_chars:
+            raise ApiError(400, f"the prompt is {chars} characters, over this server's limit of "
+                           f"{self.limits.max_prompt_chars} (tuneoff serve --max-prompt-chars)", param=param)
+
+    def encode(self, texts: list[str], special: bool) -> list[list[int]]:
+        return self.model.tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+    def encode_chat(self, conversation: list[dict]) -> list[int]:
+        # the template holds the special tokens
+        return self.encode([chat_prompt(self.model.tokenizer, conversation)], special=False)[0]
+
+    async def tokenized(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, fn, *args)
+
+    def budget(self, prompt_ids: list[int], asked: int | None, default: int) -> int:
+        """The request's max_tokens, checked against the server's cap and the model's context."""
+        cap, context = self.limits.max_new_tokens, self.model.context
+        if asked is not None and asked > cap:
+            raise ApiError(400, f"max_tokens {asked} is above this server's limit of {cap} "
+                           "(tuneoff serve --max-new-tokens)", param="max_tokens")
+        room = None if context is None else context - len(prompt_ids)
+        if room is not None and room < 1:
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}",
+                           param="messages")
+        wanted = asked if asked is not None else min(default, room if room is not None else default)
+        if room is not None and wanted > room:
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens and max_tokens {wanted}: more than the "
+                           f"model's context of {context}", param="max_tokens")
+        return wanted
+
+    def submit(self, request: Request):
+        try:
+            return asyncio.wrap_future(self.engine.submit(request))
+        except QueueFull as e:
+            raise ApiError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
+        except EngineStopped as e:
+            raise ApiError(503, str(e), "server_error") from None
+
+    async def outcome(self, future) -> Completion:
+        try:
+            return await future
+        except UnknownModel as e:  # the adapter was removed while the request waited
+            raise model_not_found(e, "model") from None
+        except EngineStopped as e:
+            raise ApiError(503, str(e), "server_error") from None
+        except Exception as e:  # e.g. an adapter folder that no longer loads, a batch that failed
+            raise internal_error(e, "a generation") from None
+
+    def stream(self, request: Request, body: GenerationBody, rid: str, created: int, kind: str, choice, first=None):
         """Server-sent events: the text as it is generated, then the finish reason, then [DONE]."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
-        future = submit(request)  # before the 200 goes out, so a full queue is still a 503
+        future = self.submit(request)  # before the 200 goes out, so a full queue is still a 503
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         def event(choices: list, **extra) -> str:
@@ -386,7 +353,7 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
                 while not pieces.empty():  # text handed over just before the end
                     yield event([choice(pieces.get_nowait(), None)])
                 try:
-                    result = await outcome(future)
+                    result = await self.outcome(future)
                 except ApiError as e:  # the 200 is out: the error is an event, and the stream still ends
                     yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind}}) + "\n\n"
                     yield "data: [DONE]\n\n"
@@ -396,44 +363,85 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
                     yield event([], usage=usage([result]))
                 yield "data: [DONE]\n\n"
             finally:  # a client that left stops costing tokens
-                engine.withdraw([request])
+                self.engine.withdraw([request])
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    # -- admin: load and unload adapters at run time ---------------------------------------------
 
-    def require_admin(authorization: str | None) -> None:
-        if not admin_token:
-            raise ApiError(403, f"the admin endpoint is disabled: start the server with {ADMIN_TOKEN_ENV} set",
-                           "permission_error")
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise ApiError(401, f"admin endpoint: send the header 'Authorization: Bearer <{ADMIN_TOKEN_ENV}>'",
-                           "authentication_error", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), admin_token.encode()):
-            raise ApiError(403, "admin endpoint: wrong token", "permission_error")
+def add_generation_routes(app: FastAPI, generator: Generator) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        return await generator.complete(body)
 
-    async def on_engine(fn, *args):
-        try:
-            return await asyncio.wrap_future(engine.call(fn, *args))
-        except EngineStopped as e:
-            raise ApiError(503, str(e), "server_error") from None
-        except UnknownModel as e:
-            raise ApiError(404, str(e), "not_found_error", "name", "model_not_found", available=e.available) from None
-        except AdapterConflict as e:
-            raise ApiError(409, str(e), "conflict_error", "name") from None
-        except TuneoffError as e:
-            raise ApiError(400, str(e), param="path") from None
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody):
+        return await generator.chat(body)
 
+
+# -- status: health, the model list, the engine's counters --------------------------------------
+
+def add_status_routes(app: FastAPI, model: MultiLoraModel, engine: Engine) -> None:
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return error_response(503, "the engine thread is not running", "server_error")
+        return {"status": "ok", "base": model.base_name, "adapters": len(model.names()) - 1,
+                "resident": len(model.resident)}
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(engine.started_at)
+        return {"object": "list", "data": [
+            {"id": row["id"], "object": "model", "created": created, "owned_by": "tuneoff",
+             "root": row["id"] if not row["adapter"] else model.base_name,
+             "parent": model.base_name if row["adapter"] else None, "resident": row["resident"],
+             **({"method": row["method"], "note": row["note"]} if row["adapter"] else {})}
+            for row in model.listing()]}
+
+    @app.get("/stats")
+    async def stats():
+        return engine.stats()
+
+
+# -- admin: load and unload adapters at run time ------------------------------------------------
+
+def require_admin(authorization: str | None, admin_token: str | None) -> None:
+    if not admin_token:
+        raise ApiError(403, f"the admin endpoint is disabled: start the server with {ADMIN_TOKEN_ENV} set",
+                       "permission_error")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, f"admin endpoint: send the header 'Authorization: Bearer <{ADMIN_TOKEN_ENV}>'",
+                       "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), admin_token.encode()):
+        raise ApiError(403, "admin endpoint: wrong token", "permission_error")
+
+
+async def on_engine(engine: Engine, fn, *args):
+    """`fn(*args)` on the engine's thread, between batches; its errors as the admin endpoint's."""
+    try:
+        return await asyncio.wrap_future(engine.call(fn, *args))
+    except EngineStopped as e:
+        raise ApiError(503, str(e), "server_error") from None
+    except UnknownModel as e:
+        raise model_not_found(e, "name") from None
+    except AdapterConflict as e:
+        raise ApiError(409, str(e), "conflict_error", "name") from None
+    except TuneoffError as e:
+        raise ApiError(400, str(e), param="path") from None
+
+
+def add_admin_routes(app: FastAPI, model: MultiLoraModel, engine: Engine, adapter_roots: list[Path],
+                     admin_token: str | None) -> None:
     @app.get("/admin/adapters")
     async def admin_list(authorization: str | None = Header(None)):
-        require_admin(authorization)
+        require_admin(authorization, admin_token)
         return {"adapters": [row for row in model.listing() if row["adapter"]], "max_resident": model.max_resident,
                 "adapter_roots": [str(r) for r in adapter_roots]}
 
     @app.post("/admin/adapters", status_code=201)
     async def admin_load(body: AdapterBody, authorization: str | None = Header(None)):
-        require_admin(authorization)
+        require_admin(authorization, admin_token)
         try:
             name = check_name(body.name, model.base_name)
         except TuneoffError as e:
@@ -443,17 +451,61 @@ def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_ro
         except TuneoffError as e:
             raise ApiError(400, str(e), param="path") from None
         spec = AdapterSpec(name, path, adapter_method(path), "admin")
-        await on_engine(model.add, spec, body.replace)
+        await on_engine(engine, model.add, spec, body.replace)
         log.info("admin: adapter %s %s from %s", name, "replaced" if body.replace else "added", path)
         return next(row for row in model.listing() if row["id"] == name)
 
     @app.delete("/admin/adapters/{name}")
     async def admin_unload(name: str, authorization: str | None = Header(None)):
-        require_admin(authorization)
-        spec = await on_engine(model.remove, name)
+        require_admin(authorization, admin_token)
+        spec = await on_engine(engine, model.remove, name)
         log.info("admin: adapter %s removed", name)
         return {"id": name, "deleted": True, "path": str(spec.path)}
 
+
+# -- errors in OpenAI's shape -------------------------------------------------------------------
+
+async def _api_error(request: HttpRequest, e: ApiError):
+    return error_response(e.status, e.message, e.kind, e.param, e.code, e.headers, **e.extra)
+
+
+async def _bad_request(request: HttpRequest, e: RequestValidationError):
+    return error_response(400, "; ".join(_describe(err) for err in e.errors()), "invalid_request_error")
+
+
+async def _http_error(request: HttpRequest, e: StarletteHTTPException):
+    return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
+                          "invalid_request_error", headers=getattr(e, "headers", None))
+
+
+async def _internal(request: HttpRequest, e: Exception):
+    error = internal_error(e, f"{request.method} {request.url.path}")
+    return error_response(error.status, error.message, error.kind)
+
+
+ERROR_HANDLERS = {ApiError: _api_error, RequestValidationError: _bad_request, StarletteHTTPException: _http_error,
+                  Exception: _internal}
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+def create_app(model: MultiLoraModel, engine: Engine, limits: Limits, adapter_roots: list[Path],
+               admin_token: str | None, api_key: str | None) -> FastAPI:
+    generator = Generator(model, engine, limits)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+        generator.close()
+
+    app = FastAPI(title="tuneoff serve", lifespan=lifespan, exception_handlers=ERROR_HANDLERS, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    add_status_routes(app, model, engine)
+    add_generation_routes(app, generator)
+    add_admin_routes(app, model, engine, adapter_roots, admin_token)
     return app
 
 
