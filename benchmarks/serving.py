@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,14 +52,12 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tuneoff.serving.server import free_port  # noqa: E402
+
 TASKS, METHODS = ("extraction", "iso_codes"), ("lora", "qlora")
 TOKEN = "bench-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def memory_of(pid: int) -> dict:

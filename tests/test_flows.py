@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,11 @@ import pytest
 import yaml
 from conftest import ROOT, make_project, run
 
+from tuneoff.serving.server import free_port
+
 pytestmark = pytest.mark.slow
 POOL = "gpu"
 UNITS = ("base", "full", "lora", "qlora")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str, every: float = 1.0):

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import torch
 from tuneoff.core.errors import TuneoffError
 from tuneoff.evaluation.generate import generate
 from tuneoff.serving.catalog import AdapterSpec, check_name, from_registry
+from tuneoff.serving.server import free_port
 
 TOKEN = "test-admin-token"
 API_KEY = "test-api-key"
@@ -65,12 +65,6 @@ def adapters(tiny_base, tmp_path_factory) -> Path:
     (root / "not_an_adapter").mkdir()
     (root / "not_an_adapter" / "notes.txt").write_text("hello")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (auto: bfloat16 on a GPU that has it, else float32)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default, one per core)")
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 free now (the OS picks it), for a server started next; another process may take it first."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
