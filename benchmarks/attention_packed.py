@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
+from tuneoff.data.packing import example_spans  # noqa: E402
 from tuneoff.training import attention  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     if sum(lengths) < args.seq_len:
         lengths.append(args.seq_len - sum(lengths))
     position_ids = torch.cat([torch.arange(n) for n in lengths]).expand(args.rows, -1)
-    spans = attention.spans(position_ids)
+    spans = example_spans(position_ids)
     segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     causal = torch.ones(args.seq_len, args.seq_len, dtype=torch.bool).tril()
     mask = ((segment[:, None] == segment[None, :]) & causal).expand(args.rows, 1, -1, -1)

@@ -56,8 +56,9 @@ def worker(method: str, mode: str, project: Path, task: str, steps: int) -> dict
     import stages.train  # noqa: F401  (the stage's imports: torch, transformers, peft, wandb's seam)
     from tuneoff.core import measure
     from tuneoff.core.params import CommonTrainParams, read_params, section
+    from tuneoff.data.rows import load_rows
     from tuneoff.modeling import methods
-    from tuneoff.training.loop import load_rows, plan_steps, train
+    from tuneoff.training.loop import plan_steps, train
 
     data = read_params(ROOT / "params.yaml")
     common = section(CommonTrainParams, "train", "common", data=data)
@@ -112,9 +113,10 @@ def predict(project: Path, task: str, method: str, steps: int | None) -> tuple[d
         read_params,
         section,
     )
+    from tuneoff.data.rows import load_rows
     from tuneoff.estimator import estimate
     from tuneoff.modeling import methods
-    from tuneoff.training.loop import load_rows, plan_steps
+    from tuneoff.training.loop import plan_steps
 
     data = read_params(ROOT / "params.yaml")
     common = section(CommonTrainParams, "train", "common", data=data)

@@ -11,7 +11,7 @@ loop's options against the estimator on a real architecture's shape, and the bak
 2. Each case (method, precision, optimizer, gradient checkpointing) runs in a fresh process
    (benchmarks/gpu_memory.py's worker): the model built from the architecture's config with random
    weights as tuneoff's methods.build would hold it (QLoRA: NF4 + double quantization), then `--steps`
-   steps of the loop's step (train.batch_loss, clipping, the loop's make_optimizer) on synthetic packed
+   steps of the loop's step (loss.batch_loss, clipping, the loop's make_optimizer) on synthetic packed
    rows. Measured: peak allocated memory (against the estimator's peak_tensor_bytes), tokens/s over
    the steps after the first, and MFU (model FLOPs per token, tuneoff/estimator/throughput.py, times
    tokens/s over the GPU's bf16 peak in params.yaml estimate.devices). A case the estimator says does

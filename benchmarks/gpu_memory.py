@@ -1,5 +1,5 @@
 """The estimator against a GPU: a real architecture's shape with random weights (nothing downloaded),
-a few training steps per method with tuneoff's loss (tuneoff.training.loop.batch_loss) on synthetic packed
+a few training steps per method with tuneoff's loss (tuneoff.modeling.loss.batch_loss) on synthetic packed
 rows, measured peak memory and tokens/s beside the prediction.
 
     python benchmarks/gpu_memory.py                       # Llama 3 8B's shape: full, LoRA r16, QLoRA r16
@@ -126,7 +126,7 @@ def worker(args) -> dict:
     from tuneoff.core import measure
     from tuneoff.estimator import memory
     from tuneoff.estimator.architectures import resolve
-    from tuneoff.training.loop import batch_loss
+    from tuneoff.modeling.loss import batch_loss
 
     dev = torch.device(args.device)
     precision = args.precision or ("bf16" if dev.type == "cuda" else "fp32")

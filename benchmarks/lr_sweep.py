@@ -38,9 +38,10 @@ def point(project: Path, task: str, method: str, rate: float) -> dict:
     from tuneoff.core import measure
     from tuneoff.core.methods import method as method_named
     from tuneoff.core.params import CommonTrainParams, EvaluateParams, read_params, section
+    from tuneoff.data.rows import load_rows
     from tuneoff.evaluation.score import load_test, score_model
     from tuneoff.modeling import methods
-    from tuneoff.training.loop import load_rows, train
+    from tuneoff.training.loop import train
 
     data = read_params(project / "params.yaml")
     common = section(CommonTrainParams, "train", "common", data=data)

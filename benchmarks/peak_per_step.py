@@ -28,12 +28,12 @@ sys.path.insert(0, str(ROOT))
 from tuneoff.core import measure
 from tuneoff.core.methods import method as method_named
 from tuneoff.core.params import CommonTrainParams, read_params, section  # noqa: E402
+from tuneoff.data.rows import load_rows
 from tuneoff.modeling import methods
+from tuneoff.modeling.loss import batch_loss
 from tuneoff.training import allocator
 from tuneoff.training.loop import (  # noqa: E402
-    batch_loss,
     cpu_paths,
-    load_rows,
     make_optimizer,
     plan_steps,
     return_freed_memory,

@@ -302,6 +302,7 @@ def apply_variant(variant: str, precision: str) -> str:
 
     import torch
 
+    from tuneoff.modeling import loss
     from tuneoff.training import loop as train
 
     if variant in ("bf16", "fp32"):
@@ -322,7 +323,8 @@ def apply_variant(variant: str, precision: str) -> str:
                 out.logits = out.logits[logits_to_keep]
                 return out
 
-        train.batch_loss = lambda model, *args: batch_loss(FullLogits(model), *args)
+        # the loop's steps and its val passes (loss.eval_loss) both
+        train.batch_loss = loss.batch_loss = lambda model, *args: batch_loss(FullLogits(model), *args)
     elif variant == "masked-attention":  # the model keeps transformers' SDPA, over whole packed rows
         train.attention.packed = contextlib.nullcontext
     elif variant == "1-thread":

@@ -64,9 +64,9 @@ def peak_gib(unit: str, tasks: list[str], data: dict) -> float:
     """The predicted GPU peak of the unit's train stage, the largest over `tasks` (their prepared rows
     set the step shapes). The base unit only evaluates the float base, so it is sized as LoRA, which
     holds that base plus a training step."""
+    from tuneoff.data.rows import load_rows
     from tuneoff.estimator import estimate
     from tuneoff.modeling.methods import PARAMS_BY_METHOD
-    from tuneoff.training.loop import load_rows
 
     method = METHODS[LORA.name if unit == BASE else unit]
     common = section(CommonTrainParams, "train", "common", data=data)

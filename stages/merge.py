@@ -27,6 +27,7 @@ from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.methods import FLOAT_BASE, METHODS, NF4_BASE
 from tuneoff.core.params import MergeParams, check_task, read_params, section
 from tuneoff.core.tracking import flat, stage_run
+from tuneoff.data.rows import load_rows
 from tuneoff.modeling import quantize
 from tuneoff.modeling.merge import (
     adapter_dir,
@@ -35,7 +36,6 @@ from tuneoff.modeling.merge import (
     load_adapter_model,
     logits_on,
 )
-from tuneoff.training.loop import load_rows
 
 STAGES = {"float-merged": "merge", "nf4-merged": "merge_nf4"}
 

@@ -21,9 +21,10 @@ from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.methods import FLOAT_BASE, NF4_BASE
 from tuneoff.core.params import BakeoffParams, QuantizeParams, read_params, section
 from tuneoff.core.tracking import flat, stage_run
+from tuneoff.data.rows import load_rows
 from tuneoff.modeling import quantize
+from tuneoff.modeling.loss import eval_loss
 from tuneoff.modeling.merge import logits_on
-from tuneoff.training.loop import eval_loss, load_rows
 
 METRICS = Path("models/quantize.json")
 

@@ -40,10 +40,11 @@ from tuneoff.core.records import (
     TrainRecord,
 )
 from tuneoff.core.tracking import NoTracker, flat, stage_run
+from tuneoff.data.rows import load_rows
 from tuneoff.modeling import methods
 from tuneoff.training import allocator, distributed, tune
 from tuneoff.training.checkpoint import Checkpointer, fingerprint
-from tuneoff.training.loop import load_rows, step_shapes, train
+from tuneoff.training.loop import step_shapes, train
 
 
 @user_errors

@@ -18,7 +18,7 @@ import torch
 from tuneoff.core import measure
 from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import CommonTrainParams, FullParams, LoraParams, QloraParams
-from tuneoff.data.packing import IGNORE
+from tuneoff.data.packing import IGNORE, example_spans
 from tuneoff.estimator import architectures, estimate, memory, throughput
 from tuneoff.modeling import methods
 from tuneoff.training import attention, dropout
@@ -109,7 +109,7 @@ def saved_bytes(model, rows, batch, autocast: bool, per_example: bool = False) -
     idx = torch.arange(batch)  # a copy, as the training loop's batch indexing makes
     ids, pos, targets = (rows[k][idx] for k in ("input_ids", "position_ids", "targets"))
     context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
-    spans = {"packed_spans": attention.spans(pos)} if per_example else {}
+    spans = {"packed_spans": example_spans(pos)} if per_example else {}
     with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context,
           dropout.cheaper(model), attention.packed(model) if per_example else contextlib.nullcontext()):
         model(input_ids=ids, position_ids=pos, logits_to_keep=targets != IGNORE, use_cache=False, **spans)

@@ -6,7 +6,8 @@ import torch
 from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import FullParams, LoraParams, QloraParams
 from tuneoff.modeling import methods
-from tuneoff.training.loop import batch_loss, eval_loss, plan_steps
+from tuneoff.modeling.loss import batch_loss, eval_loss
+from tuneoff.training.loop import plan_steps
 
 CPU = torch.device("cpu")
 LORA = dict(lr=1e-3, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])

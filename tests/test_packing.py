@@ -3,7 +3,7 @@ import contextlib
 import torch
 from transformers import AutoModelForCausalLM
 
-from tuneoff.data.packing import IGNORE, pack, tokenize_chat
+from tuneoff.data.packing import IGNORE, example_spans, pack, tokenize_chat
 from tuneoff.data.tasks import extraction
 
 CHAT = [
@@ -80,7 +80,7 @@ def test_per_example_attention_matches_the_masked_row(tiny_base, tokenizer):
     packed = pack(examples, seq_len=sum(len(ids) for ids, _ in examples) + 7, pad_id=tokenizer.pad_token_id)
     assert len(packed.input_ids) == 1 and int(packed.real_tokens[0]) < packed.input_ids.shape[1]
     inputs = {"input_ids": packed.input_ids.long(), "position_ids": packed.position_ids.long(), "use_cache": False}
-    spans = attention.spans(packed.position_ids)
+    spans = example_spans(packed.position_ids)
     assert len(spans[0]) == 4 and spans[0][-1][1] == packed.input_ids.shape[1]  # 3 examples + the padding
 
     results = []
@@ -133,8 +133,8 @@ def test_batch_loss_on_one_row_of_real_tokens_matches_the_padded_rows(tiny_base,
     """With per-example attention, batch_loss joins the batch's rows into one row of their real tokens
     (no compute on padding): the loss, its token count and the gradients are those of the padded rows
     under transformers' masked SDPA."""
+    from tuneoff.modeling.loss import batch_loss
     from tuneoff.training import attention
-    from tuneoff.training.loop import batch_loss
 
     examples = [tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(7, 3)]
     packed = pack(examples, seq_len=max(len(ids) for ids, _ in examples) * 2 + 5, pad_id=tokenizer.pad_token_id)
@@ -180,8 +180,8 @@ def test_packed_losses_match_each_example_alone(tiny_base, tokenizer):
     equals the token-weighted mean of each example's loss computed alone, unpacked."""
     import torch.nn.functional as F
 
+    from tuneoff.modeling.loss import batch_loss, eval_loss
     from tuneoff.training import attention
-    from tuneoff.training.loop import batch_loss, eval_loss
 
     examples = [tokenize_chat(tokenizer, ex["messages"]) for ex in extraction.generate(8, 5)]
     packed = pack(examples, seq_len=max(len(ids) for ids, _ in examples) * 2 + 3, pad_id=tokenizer.pad_token_id)

@@ -101,3 +101,13 @@ def pack(tokenized: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: in
         # padding is its own segment (positions restart at 0), so it never joins an example
         position_ids[r, at:] = torch.arange(seq_len - at, dtype=torch.int32)
     return Packed(input_ids, position_ids, targets, real, example, len(items), truncated, dropped)
+
+
+def example_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) of each example: its position ids restart at 0. Trailing padding
+    is a span of its own (pack restarts its positions too), so every position is covered."""
+    out = []
+    for row in position_ids.tolist():
+        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+        out.append(list(zip(starts, starts[1:])))
+    return out

@@ -106,7 +106,7 @@ def one_pass(setup: memory.Setup, pass_rows: int) -> memory.Setup:
 
 
 def joined_rows(setup: memory.Setup, step_tokens: int) -> memory.Setup:
-    """The shape a pass's activations take: with per-example attention (a CPU), train.batch_loss joins
+    """The shape a pass's activations take: with per-example attention (a CPU), loss.batch_loss joins
     the pass's rows into one row of their real tokens; `step_tokens` is the most any pass has."""
     return replace(setup, batch_size=1, seq_len=step_tokens) if setup.attention == "per-example" else setup
 

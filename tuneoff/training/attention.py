@@ -5,7 +5,7 @@ example boundaries and builds a block-diagonal mask over the whole row, so SDPA 
 masks away, attention between every pair of the row's positions: a 448-token row holding four
 examples does about four times the attention work it needs (and, with a mask, grouped-query
 attention copies its key/value heads). `packed_attention` runs SDPA causally on each example's span
-instead, from spans the train loop computes once per batch on the host. Same result
+instead, from spans the loss computes once per batch on the host (modeling/loss.py batch_loss). Same result
 (tests/test_packing.py compares logits and gradients); what it gains depends on how many examples
 share a row (docs/performance.md has the measurements). Used on a CPU only: on a GPU, one small
 kernel launch per example per layer was not measured against the masked SDPA it would replace.
@@ -24,17 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-NAME = "tuneoff_packed"
-
-
-def spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the [start, end) of each example: its position ids restart at 0. Trailing padding
-    is a span of its own (packing.py restarts its positions too), so every position is covered."""
-    out = []
-    for row in position_ids.tolist():
-        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
-        out.append(list(zip(starts, starts[1:])))
-    return out
+from tuneoff.modeling.loss import PACKED_ATTENTION
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -67,15 +57,15 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     return torch.stack(rows).to(dtype), None
 
 
-AttentionInterface.register(NAME, packed_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the mask only the no-spans fallback reads
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)  # the mask only the no-spans fallback reads
 
 
 @contextlib.contextmanager
 def packed(model):
     """Use packed_attention in `model` (a transformers or PEFT model) for the duration."""
     before = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
+    model.set_attn_implementation(PACKED_ATTENTION)
     try:
         yield model
     finally:

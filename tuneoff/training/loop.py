@@ -1,9 +1,6 @@
 """The one training loop every method shares.
 
-Batches are packed rows (see packing.py). The loss is the mean cross-entropy over assistant
-tokens, and the output layer only runs on those positions (`logits_to_keep` with a boolean
-mask): SmolLM2's 49,152 x 576 vocabulary projection is about a fifth of its FLOPs per token,
-and prompt positions carry no loss.
+Batches are packed rows (see packing.py); the loss is modeling/loss.py's, over assistant tokens.
 
 With `train.common.micro_batch_size`, a step's rows run forward and backward in micro-batches and
 their gradients add up (gradient accumulation): each micro-batch's summed loss is divided by the
@@ -25,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from tuneoff.core import measure
@@ -35,12 +30,9 @@ from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import CommonTrainParams
 from tuneoff.core.tracking import NoTracker
 from tuneoff.data.packing import IGNORE
+from tuneoff.modeling.loss import batch_loss, eval_loss, unwrap
 from tuneoff.training import allocator, attention, distributed, dropout
 from tuneoff.training.checkpoint import Checkpointer
-
-
-def load_rows(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v.long() for k, v in load_file(path).items()}
 
 
 def plan_steps(real_tokens: torch.Tensor, batch_size: int, token_budget: int, seed: int) -> list[torch.Tensor]:
@@ -75,64 +67,6 @@ def step_shapes(rows: dict[str, torch.Tensor], common: CommonTrainParams) -> dic
             "micro_batch_rows": max(len(idx) for idx in passes),
             "max_step_tokens": max(int(rows["real_tokens"][idx].sum()) for idx in passes),
             "max_supervised_positions": max(int((rows["targets"][idx] != IGNORE).sum()) for idx in passes)}
-
-
-def autocast(dev: torch.device, precision: str):
-    """bf16 autocasts matmuls over float32 master weights. fp32 and bf16-pure run as the weights are:
-    bf16-pure's weights, gradients and optimizer states are bf16 themselves (methods.build), as
-    torchtune trains a full fine-tune on one GPU.
-
-    How a bf16-pure update keeps its precision: fused torch AdamW (and bitsandbytes' 8-bit AdamW)
-    computes each update in float32 from the bf16 weight, gradient and states, and rounds the new
-    values to the nearest bf16 once per step (on a CPU, bit for bit a float64 step rounded once). An
-    update under half a bf16 step of its weight (1/512 to 1/256 of the weight) is lost; there is no
-    stochastic rounding or compensated summation to carry it over. tests/test_loop_options.py measures instead that
-    bf16-pure's train losses stay close to bf16 autocast's on the tiny model."""
-    if precision == "bf16":
-        return torch.autocast(dev.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def batch_loss(model, rows: dict[str, torch.Tensor], idx, dev, precision,
-               reduction: str = "sum") -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the loss positions of rows[idx], and how many there are.
-    reduction="none" gives one loss per position instead, in the row-major order of
-    `rows["targets"][idx] != IGNORE` (both paths below keep that order)."""
-    ids, pos, targets = (rows[k][idx] for k in ("input_ids", "position_ids", "targets"))
-    n = int((targets != IGNORE).sum())  # counted on the host: no device sync
-    extra = {}
-    if unwrap(model).config._attn_implementation == attention.NAME:
-        # attention per example (attention.py, the loop on a CPU) needs no row boundaries: the batch
-        # becomes one row of its real tokens, so no compute goes to the rows' trailing padding
-        real = torch.arange(ids.shape[1]) < rows["real_tokens"][idx, None]
-        ids, pos, targets = (t[real][None] for t in (ids, pos, targets))
-        extra["packed_spans"] = attention.spans(pos)
-    ids, pos, targets = (t.to(dev, non_blocking=True) for t in (ids, pos, targets))
-    keep = targets != IGNORE
-    with autocast(dev, precision):
-        # use_cache=False matters: transformers only reads position-id restarts as example
-        # boundaries when there is no KV cache
-        logits = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **extra).logits
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
-    return loss, n
-
-
-def unwrap(model):
-    """The model inside DDP's wrapper (FSDP shards a model in place: no wrapper)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-@torch.no_grad()
-def eval_loss(model, rows: dict[str, torch.Tensor], batch_size: int, dev, precision) -> float:
-    """Token-weighted mean loss over every row."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(rows["input_ids"]), batch_size):
-        loss, n = batch_loss(model, rows, torch.arange(start, min(start + batch_size, len(rows["input_ids"]))), dev, precision)
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's AdamW defaults, given to bitsandbytes' too
