@@ -10,6 +10,11 @@ train_seed (train_seed_nf4 for qlora) once per extra seed.
 
 What ships: full ships its weights; lora its adapter merged into the float base; qlora the best
 of its deployable forms on the test set (tuneoff/modeling/merge.py FORMS).
+
+A new arm (say LoRA on every linear layer) is a row here and its sections in params.yaml:
+train.<name> (an adapter's rank and targets), estimate.utilisation.{cpu,cuda}.<name>,
+dispatch.hardware.<name>, and the bakeoff lists it runs in. Everything else reads this table
+(tests/test_method_table.py adds one and runs it through the report).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ class Method:
     name: str
     adapter: bool  # a LoRA adapter on a frozen base; otherwise every weight trains
     quantized: bool  # the frozen base is the 4-bit copy the quantize stage makes
-    title: str  # how the report names it
     colour: str  # its colour in every chart
 
     @property
@@ -55,9 +59,9 @@ class Method:
         return self.stages(task)[0]
 
 
-FULL = Method("full", adapter=False, quantized=False, title="full fine-tuning", colour="C0")
-LORA = Method("lora", adapter=True, quantized=False, title="LoRA", colour="C1")
-QLORA = Method("qlora", adapter=True, quantized=True, title="QLoRA", colour="C2")
+FULL = Method("full", adapter=False, quantized=False, colour="C0")
+LORA = Method("lora", adapter=True, quantized=False, colour="C1")
+QLORA = Method("qlora", adapter=True, quantized=True, colour="C2")
 METHODS = {m.name: m for m in (FULL, LORA, QLORA)}
 COLOURS = {BASE: "grey", **{m.name: m.colour for m in METHODS.values()}}
 

@@ -24,12 +24,13 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from tuneoff.core.errors import TuneoffError
-from tuneoff.core.methods import METHODS
+from tuneoff.core.methods import BASE, METHODS
 
 PARAMS_FILE = Path("params.yaml")
 # task names become folders (data/prepared/<task>, runs/<task>) and registry names (<task>-model)
@@ -180,6 +181,28 @@ class LoraParams(MethodParams):
 QloraParams = LoraParams  # QLoRA trains the same adapters; the 4-bit base comes from the quantize stage
 
 
+def params_of(method: str) -> type[MethodParams]:
+    """The section `train.<method>` reads: an adapter's rank and targets, or the rate alone."""
+    return LoraParams if METHODS[method].adapter else FullParams
+
+
+def names(keep) -> type:
+    """The Literal of the methods `keep(method)` admits, in the table's order (tuneoff/core/methods.py)."""
+    return Literal[tuple(m.name for m in METHODS.values() if keep(m))]
+
+
+FloatMethod = names(lambda m: not m.quantized)  # trains on models/base (dvc.yaml's train stage)
+Nf4Method = names(lambda m: m.quantized)  # trains on models/base-nf4 (train_nf4)
+AdapterMethod = names(lambda m: m.adapter)
+FloatAdapterMethod = names(lambda m: m.adapter and not m.quantized)
+WholeMethod = names(lambda m: not m.adapter)  # every weight trains
+
+
+def per_method(name: str, field, units=()) -> type[Section]:
+    """A section with one `field` per method of the table (and per name in `units`), all required."""
+    return create_model(name, __base__=Section, **{u: field for u in (*units, *METHODS)})
+
+
 class QuantizeParams(Section):
     quant_type: Literal["nf4", "fp4"]
     double_quant: bool  # quantize the per-block scales too (~0.4 bits/parameter saved)
@@ -268,10 +291,7 @@ class OverheadParams(Section):
     cuda: float = Field(ge=0)  # GiB the CUDA context and libraries take outside torch's allocator
 
 
-class MethodUtilisation(Section):
-    full: float = Field(gt=0, le=1)
-    lora: float = Field(gt=0, le=1)
-    qlora: float = Field(gt=0, le=1)
+MethodUtilisation = per_method("MethodUtilisation", (Annotated[float, Field(gt=0, le=1)], ...))
 
 
 class DeviceUtilisation(Section):
@@ -357,11 +377,7 @@ class UnitHardware(Section):
     node_selector: dict[str, str]  # node labels besides the GPU's own (a node pool, spot); {} = none
 
 
-class UnitsHardware(Section):
-    base: UnitHardware
-    full: UnitHardware
-    lora: UnitHardware
-    qlora: UnitHardware
+UnitsHardware = per_method("UnitsHardware", (UnitHardware, ...), units=(BASE,))
 
 
 class DispatchParams(Section):
@@ -408,10 +424,10 @@ class BakeoffParams(Section):
     """
 
     tasks: list[TaskName] = Field(min_length=1)
-    float_methods: list[Literal["full", "lora"]]
-    nf4_methods: list[Literal["qlora"]]
-    adapter_methods: list[Literal["lora", "qlora"]]
-    float_adapter_methods: list[Literal["lora"]]
+    float_methods: list[FloatMethod]
+    nf4_methods: list[Nf4Method]
+    adapter_methods: list[AdapterMethod]
+    float_adapter_methods: list[FloatAdapterMethod]
     # more training seeds besides train.common.seed: each method trains and is scored again with each
     # (train_seed / train_seed_nf4), and the report's paired intervals take the spread between runs in
     more_seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
@@ -452,7 +468,7 @@ class SweepParams(Section):
     """`tuneoff sweep`: a rank x target-module grid for one adapter method, as DVC experiments."""
 
     task: TaskName
-    method: Literal["lora", "qlora"]
+    method: AdapterMethod
     ranks: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
     target_sets: list[TargetSet] = Field(min_length=1)
     alpha_per_rank: float = Field(gt=0)  # alpha = alpha_per_rank x rank (the defaults: 32 / 16 = 2)
@@ -460,11 +476,11 @@ class SweepParams(Section):
 
 
 class FullRung(Section):
-    method: Literal["full"]
+    method: WholeMethod
 
 
 class AdapterRung(Section):
-    method: Literal["lora", "qlora"]
+    method: AdapterMethod
     rank: int = Field(gt=0)
     targets: TargetSet
 

@@ -18,12 +18,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tuneoff.core.errors import TuneoffError
-from tuneoff.core.methods import FULL, LORA, QLORA
+from tuneoff.core.methods import METHODS
 from tuneoff.core.methods import method as method_named
-from tuneoff.core.params import FullParams, LoraParams, QloraParams
+from tuneoff.core.params import LoraParams, params_of
 from tuneoff.modeling import quantize
 
-PARAMS_BY_METHOD = {FULL.name: FullParams, LORA.name: LoraParams, QLORA.name: QloraParams}
+PARAMS_BY_METHOD = {name: params_of(name) for name in METHODS}
 DTYPES = {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp32": torch.float32}
 
 
