@@ -114,7 +114,7 @@ def predict(project: Path, task: str, method: str, steps: int | None) -> tuple[d
         section,
     )
     from tuneoff.data.rows import load_rows
-    from tuneoff.estimator import estimate
+    from tuneoff.estimator import train_stage
     from tuneoff.modeling import methods
     from tuneoff.training.loop import plan_steps
 
@@ -124,10 +124,10 @@ def predict(project: Path, task: str, method: str, steps: int | None) -> tuple[d
     if steps is not None:
         plan = plan_steps(rows["real_tokens"], common.batch_size, common.token_budget, common.seed)[:steps]
         common = common.model_copy(update={"token_budget": int(sum(int(rows["real_tokens"][i].sum()) for i in plan))})
-    return estimate.for_train_stage(method, section(methods.PARAMS_BY_METHOD[method], "train", method, data=data),
-                                    common, "fp32", "cpu", "cpu", project / METHODS[method].base, rows,
-                                    section(EstimateParams, "estimate", data=data),
-                                    section(CostParams, "cost", data=data).price_per_hour)
+    return train_stage.for_train_stage(method, section(methods.PARAMS_BY_METHOD[method], "train", method, data=data),
+                                       common, "fp32", "cpu", "cpu", project / METHODS[method].base, rows,
+                                       section(EstimateParams, "estimate", data=data),
+                                       section(CostParams, "cost", data=data).price_per_hour)
 
 
 def stage_runs(project: Path) -> list[dict]:

@@ -2,7 +2,7 @@
 and `memory_request` of infra/k8s/gpu-pool-job-template.json, from params.yaml `dispatch.hardware`.
 
 A unit that names no GPU gets the first of `dispatch.gpus` (smallest first) that holds the peak the
-estimator predicts for its train stage (tuneoff/estimator/estimate.py for_train_stage, the same
+estimator predicts for its train stage (tuneoff/estimator/train_stage.py for_train_stage, the same
 prediction train.json records) with `estimate.tight_fraction` of the card to spare, as `tuneoff
 estimate` calls a fit that is not tight. That peak is per GPU: with `train.common.devices` above 1 the
 train stage runs one process on each of that many GPUs (FSDP shards a full fine-tune between them), so
@@ -65,7 +65,7 @@ def peak_gib(unit: str, tasks: list[str], data: dict) -> float:
     set the step shapes). The base unit only evaluates the float base, so it is sized as LoRA, which
     holds that base plus a training step."""
     from tuneoff.data.rows import load_rows
-    from tuneoff.estimator import estimate
+    from tuneoff.estimator import train_stage
     from tuneoff.modeling.methods import PARAMS_BY_METHOD
 
     method = METHODS[LORA.name if unit == BASE else unit]
@@ -77,8 +77,8 @@ def peak_gib(unit: str, tasks: list[str], data: dict) -> float:
     for task in tasks:
         rows = load_rows(Path("data/prepared") / task / "train.safetensors")
         try:
-            est, _ = estimate.for_train_stage(method.name, params, common, precision, "cuda", "", method.base, rows,
-                                              estimate_params, {})
+            est, _ = train_stage.for_train_stage(method.name, params, common, precision, "cuda", "", method.base,
+                                                 rows, estimate_params, {})
         except TuneoffError as e:
             raise TuneoffError(f"{e}; name a GPU in params.yaml dispatch.hardware.{unit}.gpu") from None
         peaks.append((est["peak_tensor_bytes"] + est["overhead_bytes"]) / GIB)

@@ -19,7 +19,7 @@ from tuneoff.core import measure
 from tuneoff.core.errors import TuneoffError
 from tuneoff.core.params import CommonTrainParams, FullParams, LoraParams, QloraParams
 from tuneoff.data.packing import IGNORE, example_spans
-from tuneoff.estimator import architectures, estimate, memory, throughput
+from tuneoff.estimator import architectures, estimate, memory, throughput, train_stage
 from tuneoff.modeling import methods
 from tuneoff.training import attention, dropout
 
@@ -302,12 +302,12 @@ def test_train_stage_estimate(tiny_base, tokenizer):
     params = section(EstimateParams, "estimate", path=ROOT / "params.yaml")
     prices = section(CostParams, "cost", path=ROOT / "params.yaml").price_per_hour
     lora = LoraParams(lr=1e-3, rank=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"])
-    est, timing = estimate.for_train_stage("lora", lora, common, "fp32", "cpu", "cpu", tiny_base, rows, params, prices)
+    est, timing = train_stage.for_train_stage("lora", lora, common, "fp32", "cpu", "cpu", tiny_base, rows, params, prices)
     model = methods.build("lora", lora, tiny_base, "fp32", CPU, False)
     assert (est["params"]["trainable"], est["params"]["total"]) == methods.trainable_and_total(model)
     assert est["peak_memory_bytes"] == est["peak_tensor_bytes"] + int(params.overhead_gib.cpu * 2**30)
     assert est["measure"] == "cpu_peak_rss" and timing["train_seconds"] > 0
-    again, _ = estimate.for_train_stage("lora", lora, common, "fp32", "cpu", "cpu", tiny_base, rows, params, prices)
+    again, _ = train_stage.for_train_stage("lora", lora, common, "fp32", "cpu", "cpu", tiny_base, rows, params, prices)
     assert again == est  # a function of the config and data: reruns write the same train.json
 
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuneoff.core.errors import TuneoffError
-from tuneoff.core.methods import METHODS
 from tuneoff.core.params import EstimateParams
 from tuneoff.core.records import TrainRecord, read
 from tuneoff.estimator import memory, throughput
@@ -109,22 +108,6 @@ def joined_rows(setup: memory.Setup, step_tokens: int) -> memory.Setup:
     """The shape a pass's activations take: with per-example attention (a CPU), loss.batch_loss joins
     the pass's rows into one row of their real tokens; `step_tokens` is the most any pass has."""
     return replace(setup, batch_size=1, seq_len=step_tokens) if setup.attention == "per-example" else setup
-
-
-def for_train_stage(method: str, params, common, precision: str, dev_type: str, device_name: str, base: Path,
-                    train_rows: dict, estimate_params: EstimateParams, prices: dict[str, float]) -> tuple[dict, dict]:
-    """What the estimator predicts for a train stage before it runs, from its params and prepared rows."""
-    from tuneoff.training.distributed import strategy
-    from tuneoff.training.loop import step_shapes
-
-    config = json.loads((Path(base) / "config.json").read_text())
-    shapes = step_shapes(train_rows, common)
-    setup = setup_for_run(method, params if METHODS[method].adapter else None, common.batch_size,
-                          common.gradient_checkpointing, precision, common.optimizer, dev_type, shapes["seq_len"],
-                          shapes["max_supervised_positions"], config, common.devices,
-                          strategy(common, method, dev_type == "cuda") if common.devices > 1 else None)
-    return predict(from_config(config, str(base)), setup, shapes["steps"], shapes["micro_batch_rows"],
-                   shapes["max_step_tokens"], device_name, estimate_params, prices)
 
 
 def for_record(record: TrainRecord, estimate_params: EstimateParams, prices: dict[str, float],
