@@ -113,14 +113,17 @@ class Context:
         if micro < 0:
             raise TuneoffError(f"--micro-batch-size {micro}: must be at least 0")
         rows = min(micro or batch, batch)  # what one forward and backward pass holds activations for
-        targets = a.target_modules.split(",") if a.target_modules else (lora.target_modules if lora else ["q_proj"])
+        lora_fields = {"rank": None, "target_modules": None, "dropout": None}  # full fine-tuning has none
+        if lora:
+            targets = a.target_modules.split(",") if a.target_modules else lora.target_modules
+            lora_fields = {"rank": a.rank or lora.rank, "target_modules": memory.expand_targets(targets),
+                           "dropout": lora.dropout}
         return memory.Setup(
             method=method, batch_size=rows, seq_len=self.seq_len, precision=precision, device=self.kind,
             optimizer=a.optimizer or self.common.optimizer,
             gradient_checkpointing=(self.common.gradient_checkpointing if a.gradient_checkpointing is None
                                     else a.gradient_checkpointing),
-            rank=a.rank or (lora.rank if lora else 16), target_modules=memory.expand_targets(targets),
-            dropout=lora.dropout if lora else 0.0, supervised_positions=max(1, round(fraction * rows * self.seq_len)),
+            **lora_fields, supervised_positions=max(1, round(fraction * rows * self.seq_len)),
             attention=a.attention, double_quant=self.double_quant, gpus=a.gpus, sharded=True, accumulates=rows < batch)
 
     def positions(self) -> float | None:
@@ -204,9 +207,10 @@ def _model(shape: architectures.Shape) -> dict:
 
 def _setup(setup: memory.Setup) -> dict:
     d = asdict(setup)
-    d["target_modules"] = list(setup.target_modules)
     d["supervised_positions"] = setup.positions
-    if not setup.adapter:
+    if setup.adapter:
+        d["target_modules"] = list(setup.target_modules)
+    else:
         for key in ("rank", "target_modules", "dropout"):
             d.pop(key)
     return d

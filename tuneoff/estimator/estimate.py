@@ -89,9 +89,9 @@ def setup_for_run(method: str, lora, batch_rows: int, gradient_checkpointing: bo
     quant = base_config.get("quantization_config") or {}
     return memory.Setup(method=method, batch_size=batch_rows, seq_len=seq_len, precision=precision,
                         device=device_kind, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-                        rank=lora.rank if lora else 16,
-                        target_modules=memory.expand_targets(lora.target_modules) if lora else ("q_proj", "v_proj"),
-                        dropout=lora.dropout if lora else 0.0, supervised_positions=supervised_positions,
+                        rank=lora.rank if lora else None,
+                        target_modules=memory.expand_targets(lora.target_modules) if lora else None,
+                        dropout=lora.dropout if lora else None, supervised_positions=supervised_positions,
                         attention="per-example" if device_kind == "cpu" else "packed",
                         double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), gpus=devices,
                         sharded=strategy in ("fsdp", "deepspeed"), accumulates=False)

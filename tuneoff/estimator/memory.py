@@ -90,9 +90,9 @@ class Setup:
     device: Literal["cpu", "cuda"]
     optimizer: Optimizer
     gradient_checkpointing: bool
-    rank: int  # LoRA; ignored by full
-    target_modules: tuple[str, ...]  # LoRA; ignored by full
-    dropout: float  # LoRA dropout; ignored by full
+    rank: int | None  # LoRA's: None for full (which ignores any)
+    target_modules: tuple[str, ...] | None  # LoRA's: None for full (which ignores any)
+    dropout: float | None  # LoRA's dropout: None for full (which ignores any)
     supervised_positions: int | None  # K: positions per step the output layer runs on; None = all
     # packed: rows under SDPA's block-diagonal mask (tuneoff on a GPU); per-example: causal SDPA on each
     # example's span of a packed row (tuneoff on a CPU, attention.py); causal: SDPA's is_causal on whole rows
@@ -108,9 +108,12 @@ class Setup:
                                     ("attention", self.attention, ("packed", "per-example", "causal")), ("device", self.device, ("cpu", "cuda"))):
             if value not in allowed:
                 raise TuneoffError(f"{key} {value!r}: allowed: {list(allowed)}")
-        if min(self.batch_size, self.seq_len, self.rank, self.gpus) < 1:
+        if self.adapter and None in (self.rank, self.target_modules, self.dropout):
+            raise TuneoffError(f"method {self.method}: an adapter needs its rank, target modules and dropout "
+                               f"(train.{self.method})")
+        if min(self.batch_size, self.seq_len, self.gpus) < 1 or self.rank is not None and self.rank < 1:
             raise TuneoffError("batch size, sequence length, rank and gpus must be at least 1")
-        unknown = [m for m in self.target_modules if m not in (*LAYER_LINEARS, "lm_head")]
+        unknown = [m for m in self.target_modules or () if m not in (*LAYER_LINEARS, "lm_head")]
         if self.adapter and (unknown or not self.target_modules):
             raise TuneoffError(f"target modules {unknown or '[]'}: allowed: {[*LAYER_LINEARS, 'lm_head']} (or all-linear)")
 
@@ -389,7 +392,7 @@ def activations(shape: Shape, setup: Setup) -> tuple[dict[str, int], int, int]:
         top.add("output layer input", K * shape.hidden * (compute if autocast else y_bytes))
         if autocast:
             head_copies.append(shape.vocab * shape.hidden * compute)
-    if "lm_head" in setup.target_modules and not full:
+    if not full and "lm_head" in setup.target_modules:
         _adapter(top, setup, K, shape.hidden, shape.vocab, y_bytes, True, "k", compute, adapter, autocast, head_copies,
                  "output layer")
     items["autocast weight copies"] += sum(head_copies)
