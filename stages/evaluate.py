@@ -38,7 +38,7 @@ from tuneoff.core.params import (
 from tuneoff.core.records import EvalRecord, EvalTiming
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.evaluation.general import ability_line, general_ability
-from tuneoff.evaluation.score import RECORD_COLUMNS, load_test, score_model
+from tuneoff.evaluation.score import RECORD_COLUMNS, Scored, TestSet, load_test, score_model
 from tuneoff.modeling.merge import deployable_dir
 
 
@@ -74,21 +74,7 @@ def main(task: str, model: str) -> None:
         else:
             ability, items = general_ability(net, tokenizer, model, others, benchmarks, params, dev)
 
-        out = Path("runs") / task / model
-        write_jsonl(out / "predictions.jsonl", scored.records)
-        write_json(out / "benchmark-items.json", items)
-        write_json(out / "benchmark.json", ability)
-        record = EvalRecord(
-            task=task, model=model, evaluated=str(source), scorer=test.scorer, metrics=metrics,
-            test_loss=round(scored.test_loss, 6), max_new_tokens=scored.max_new_tokens,
-            timing=EvalTiming(load_seconds=round(load_seconds, 3), generate_seconds=round(scored.generate_seconds, 3),
-                              examples_per_second=round(scored.examples_per_second, 3),
-                              stage_seconds=measure.process_seconds(), read_off=scored.read_off))
-        write_json(out / "eval.json", record.model_dump(exclude_none=True))
-        tracker.summary(flat({"eval": {k: v for k, v in metrics.items() if k != "confusions"}
-                                       | {"test_loss": scored.test_loss}}))
-        tracker.summary(flat({"benchmark": ability}))
-        tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in scored.records])
+        out = write_outputs(task, model, source, test, scored, load_seconds, ability, items, tracker)
     print(f"evaluate@{task}-{model}: {metrics['main_metric']} {metrics['main']:.3f} "
           f"[{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] on {metrics['n']} test examples, "
           f"test loss {scored.test_loss:.3f} -> {out}/eval.json")
@@ -96,6 +82,29 @@ def main(task: str, model: str) -> None:
         print(f"evaluate@{task}-{model}: general ability: the base's, scored by evaluate_base@{tasks[0]}")
     else:
         print(f"evaluate@{task}-{model}: general ability {ability_line(ability)} -> {out}/benchmark.json")
+
+
+def write_outputs(task: str, model: str, evaluated: Path, test: TestSet, scored: Scored, load_seconds: float,
+                  ability: dict, items: dict, tracker, **form_fields) -> Path:
+    """runs/<task>/<model>/ predictions.jsonl, benchmark-items.json, benchmark.json and eval.json of the model
+    loaded from `evaluated` and scored as `scored`, and their summary to `tracker`; returns the folder.
+    `form_fields`: evaluate_nf4's deployed_form and forms, in eval.json and the summary too."""
+    out = Path("runs") / task / model
+    write_jsonl(out / "predictions.jsonl", scored.records)
+    write_json(out / "benchmark-items.json", items)
+    write_json(out / "benchmark.json", ability)
+    record = EvalRecord(
+        task=task, model=model, evaluated=str(evaluated), scorer=test.scorer, metrics=scored.metrics,
+        test_loss=round(scored.test_loss, 6), max_new_tokens=scored.max_new_tokens,
+        timing=EvalTiming(load_seconds=round(load_seconds, 3), generate_seconds=round(scored.generate_seconds, 3),
+                          examples_per_second=round(scored.examples_per_second, 3),
+                          stage_seconds=measure.process_seconds(), read_off=scored.read_off), **form_fields)
+    write_json(out / "eval.json", record.model_dump(exclude_none=True))
+    tracker.summary(flat({"eval": {k: v for k, v in scored.metrics.items() if k != "confusions"}
+                                   | {"test_loss": scored.test_loss, **form_fields}}))
+    tracker.summary(flat({"benchmark": ability}))
+    tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in scored.records])
+    return out
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from stages.evaluate import write_outputs
 from tuneoff.core import measure
-from tuneoff.core.atomic import write_json, write_jsonl
+from tuneoff.core.atomic import write_jsonl
 from tuneoff.core.errors import TuneoffError, user_errors
 from tuneoff.core.methods import METHODS, NF4_BASE
 from tuneoff.core.params import (
@@ -42,10 +43,9 @@ from tuneoff.core.params import (
     read_params,
     section,
 )
-from tuneoff.core.records import EvalRecord, EvalTiming
-from tuneoff.core.tracking import flat, stage_run
+from tuneoff.core.tracking import stage_run
 from tuneoff.evaluation.general import ability_line, general_ability
-from tuneoff.evaluation.score import RECORD_COLUMNS, load_test, score_model
+from tuneoff.evaluation.score import load_test, score_model
 from tuneoff.modeling.merge import (
     SCORED_FORMS,
     TRAINED_FORM,
@@ -107,27 +107,14 @@ def main(task: str, method: str) -> None:
         deployed = scored[chosen]
         for form, s in scored.items():
             write_jsonl(out / "forms" / f"{form}.jsonl", s.records)
-        write_jsonl(out / "predictions.jsonl", deployed.records)
-        write_json(out / "benchmark-items.json", items)
-        write_json(out / "benchmark.json", ability)
         summary = {form: {**({"n": scored[form].metrics["n"], "main": scored[form].metrics["main"],
                               "ci_low": scored[form].metrics["ci_low"], "ci_high": scored[form].metrics["ci_high"],
                               "test_loss": round(scored[form].test_loss, 6),
                               "examples_per_second": round(scored[form].examples_per_second, 3)} if form in scored else {}),
                           "val": {"n": v.metrics["n"], "main": v.metrics["main"], "loss": round(v.test_loss, 6)}}
                    for form, v in on_val.items()}
-        record = EvalRecord(
-            task=task, model=method, evaluated=str(forms[chosen].path), scorer=test.scorer, deployed_form=chosen,
-            metrics=deployed.metrics, test_loss=round(deployed.test_loss, 6), forms=summary,
-            max_new_tokens=deployed.max_new_tokens,
-            timing=EvalTiming(load_seconds=round(load_seconds[chosen], 3), generate_seconds=round(deployed.generate_seconds, 3),
-                              examples_per_second=round(deployed.examples_per_second, 3),
-                              stage_seconds=measure.process_seconds(), read_off=deployed.read_off))
-        write_json(out / "eval.json", record.model_dump(exclude_none=True))
-        tracker.summary(flat({"eval": {k: v for k, v in deployed.metrics.items() if k != "confusions"}
-                                       | {"test_loss": deployed.test_loss, "deployed_form": chosen, "forms": summary}}))
-        tracker.summary(flat({"benchmark": ability}))
-        tracker.table("eval/predictions", RECORD_COLUMNS, [[r[c] for c in RECORD_COLUMNS] for r in deployed.records])
+        write_outputs(task, method, forms[chosen].path, test, deployed, load_seconds[chosen], ability, items, tracker,
+                      deployed_form=chosen, forms=summary)
     for form, s in summary.items():
         on_test = (f"test {s['main']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}], loss {s['test_loss']:.3f}"
                    if "main" in s else "not scored on test (evaluate.all_forms_on_test)")
