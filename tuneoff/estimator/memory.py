@@ -68,7 +68,7 @@ from tuneoff.core.errors import TuneoffError
 from tuneoff.core.methods import METHODS
 from tuneoff.estimator.architectures import LAYER_LINEARS, Shape
 
-Method = Literal["full", "lora", "qlora"]
+Method = str  # a name of tuneoff/core/methods.py METHODS (checked in Setup.__post_init__)
 Precision = Literal["fp32", "bf16", "bf16-pure"]
 Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"]
 Attention = Literal["packed", "per-example", "causal"]
