@@ -2,15 +2,15 @@
 CPU launcher (`python -m torch.backends.xeon.run_cpu`) preloads it by default.
 
 A CPU train step allocates and frees a few GB of tensors whose sizes change from step to step.
-glibc's malloc serves them from its heap after the first step and keeps the freed holes resident:
-on the default task, peak RSS rose from ~3.1 GiB after the first step to 4.0 GiB (LoRA), 4.2 GiB
-(QLoRA) and 4.9 GiB (full) by the twelfth. Handing the holes back after each step (malloc_trim)
-lowers the peak but costs 10-30% of the step, since the pages fault back in. tcmalloc reuses freed
-memory by size class: 2.6, 2.2 and 4.2 GiB, and no slower (`benchmarks/peak_per_step.py`,
-docs/performance.md). jemalloc was tried too: with its defaults 11-18% slower, and told to keep its
-freed pages, full fine-tuning's peak grew by ~0.3 GiB a step. A process's allocator is fixed when it
-starts, so `python -m tuneoff.training.launch` sets it before the train stage's Python starts. On a GPU it
-only serves host memory; `allocator: system` opts out.
+glibc's malloc serves them from its heap after the first step and keeps the freed holes resident,
+so the peak RSS climbs over the first steps. Handing the holes back after each step (malloc_trim)
+lowers the peak but slows the step, since the pages fault back in. tcmalloc reuses freed memory by
+size class: a lower peak, no slower. jemalloc was slower with its defaults, and its peak grew every
+step when told to keep its freed pages. Measured per step and allocator:
+benchmarks/results/peak_per_step.txt (`benchmarks/peak_per_step.py`), docs/performance.md.
+
+A process's allocator is fixed when it starts, so `python -m tuneoff.training.launch` sets it before
+the train stage's Python starts. On a GPU it only serves host memory; `allocator: system` opts out.
 """
 
 from __future__ import annotations
