@@ -149,6 +149,28 @@ def cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_sch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass(frozen=True)
+class Run:
+    """What stays fixed through one run: the model as it trains, its optimizer and schedule, and how and
+    where it trains."""
+
+    model: torch.nn.Module  # with `acc`, as accelerate wrapped it
+    params: list[torch.Tensor]  # the trainable weights, whose gradient norm is clipped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    common: CommonTrainParams
+    steps: int
+    dev: torch.device
+    precision: str
+    label: str
+    tracker: NoTracker
+    acc: object | None  # accelerate's Accelerator, one of common.devices processes (distributed.py)
+
+    @property
+    def main_process(self) -> bool:
+        return not self.acc or self.acc.is_main_process
+
+
 def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev: torch.device, precision: str,
           log_dir: Path, label: str, tracker: NoTracker = NoTracker(), checkpointer: Checkpointer | None = None,
           acc=None) -> TrainResult:
@@ -160,59 +182,22 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     process trains on its share of each step's rows, the model and optimizer wrapped by accelerate
     (DDP, FSDP or DeepSpeed); the logs are the main process's to write, the losses the whole step's."""
     steps = plan_steps(train_rows["real_tokens"], common.batch_size, common.token_budget, common.seed)
-    rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, common.weight_decay, lr, common.optimizer)
-    if acc:  # FSDP2 shards the model in place and swaps the optimizer's parameters: both in one prepare
-        model, optimizer = acc.prepare(model, optimizer)
-        params = [p for p in model.parameters() if p.requires_grad]
-    # val loss in micro-batches too: run on a whole step's rows, its logits could outgrow a training pass
-    eval_rows = min(common.micro_batch_size or common.batch_size, common.batch_size)
-    scheduler = cosine_with_warmup(optimizer, math.ceil(common.warmup_fraction * len(steps)), len(steps))
-    if acc:
-        acc.register_for_checkpointing(scheduler)  # saved by acc.save_state with sharded checkpoints
-
-    # everything the loop carries from step to step, so a checkpoint can restore it
-    state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
-             "loss_rows": [], "val_rows": [], "train_seconds": 0.0, "eval_seconds": 0.0}
-    window_loss = torch.zeros((), device=dev)
-    four_bit = any(p.dtype == torch.uint8 for p in model.parameters())  # bitsandbytes stores 4-bit weights as uint8
+    run = prepare(model, common, lr, len(steps), dev, precision, label, tracker, acc)
+    four_bit = any(p.dtype == torch.uint8 for p in run.model.parameters())  # bitsandbytes stores 4-bit weights as uint8
     trim_heap = dev.type == "cpu" and four_bit and allocator.in_use() == "system"
-    with cpu_paths(unwrap(model), dev):
-        resumed = checkpointer.load(model, optimizer, scheduler) if checkpointer else None
-        resumed_from_step = resumed[0]["step"] if resumed else 0
-        if resumed:
-            state, tensors = resumed
-            # the window's losses so far were saved on the main process (see the save below)
-            window_loss = tensors["window_loss"].to(dev) if not acc or acc.is_main_process else window_loss
-            if not acc or acc.is_main_process:
-                print(f"{label}: resuming from the checkpoint at step {state['step']} of {len(steps)}", file=sys.stderr)
+    with cpu_paths(unwrap(run.model), dev):
+        state, window_loss = resume(run, checkpointer)
+        resumed_from_step = state["step"]
         # no val pass before the first step: that is the base model's val loss, the same for every
         # method on the base, which the quantize stage measures once per task (float and NF4)
 
-        model.train()
+        run.model.train()
         bar = tqdm(total=len(steps), initial=state["step"], desc=label, unit="step", file=sys.stderr,
-                   mininterval=1 if sys.stderr.isatty() else 15, disable=bool(acc) and not acc.is_main_process)
+                   mininterval=1 if sys.stderr.isatty() else 15, disable=not run.main_process)
         start = time.perf_counter()
         for step in range(state["step"] + 1, len(steps) + 1):
             idx = steps[step - 1]
-            n = int((train_rows["targets"][idx] != IGNORE).sum())  # the whole step's loss tokens, on the host
-            micros = micro_batches(distributed.share(idx, rank, world), common.micro_batch_size)
-            for i, micro in enumerate(micros):
-                # DDP averages the processes' gradients once, at the last micro-batch
-                with acc.no_sync(model) if acc and i < len(micros) - 1 else contextlib.nullcontext():
-                    loss_sum, _ = batch_loss(model, train_rows, micro, dev, precision)
-                    # over the step's count (times the processes, whose gradients are averaged): the
-                    # micro-batches' gradients, summed over every process, are the step's mean loss's
-                    (loss_sum * (world / n)).backward() if acc else (loss_sum / n).backward()
-                window_loss += loss_sum.detach()
-            if acc:
-                acc.clip_grad_norm_(model.parameters(), common.max_grad_norm)  # FSDP: over every shard
-            else:
-                torch.nn.utils.clip_grad_norm_(params, common.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            n = optimizer_step(run, train_rows, idx, window_loss)
             if trim_heap:
                 return_freed_memory()
             state["step"] = step
@@ -221,47 +206,22 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
             state["window_tokens"] += n
             bar.update()
             if step % common.log_every == 0 or step == len(steps):
-                window_sum = acc.reduce(window_loss, "sum") if acc else window_loss  # every process's rows
-                mean = float(window_sum) / state["window_tokens"]  # the only host sync, once per log window
-                if not math.isfinite(mean):
-                    first = step - (step - 1) % common.log_every
-                    raise TuneoffError(f"{label}: the train loss became {mean} within steps {first}-{step} of "
-                                       f"{len(steps)}: lower the learning rate (train.<method>.lr) or "
-                                       f"train.common.max_grad_norm, or train in fp32 (train.common.precision)")
-                state["recent"].append(mean)
-                state["loss_rows"].append([step, state["real_tokens"], round(mean, 6), f"{scheduler.get_last_lr()[0]:.3e}"])
-                elapsed = state["train_seconds"] + time.perf_counter() - start
-                tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens": state["real_tokens"],
-                             "train/tokens_per_second": state["real_tokens"] / elapsed,
-                             "memory/current_bytes": measure.current_memory_bytes(dev)}, step=step)
-                bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{state['real_tokens'] / elapsed:.0f}")
+                log_window(run, state, window_loss, start, bar)
                 window_loss, state["window_tokens"] = torch.zeros((), device=dev), 0
             if common.eval_every and step % common.eval_every == 0 and step != len(steps):
                 state["train_seconds"] += time.perf_counter() - start
-                t = time.perf_counter()
-                val = eval_loss(model, val_rows, eval_rows, dev, precision)
-                state["val_rows"].append([step, round(val, 6)])
-                tracker.log({"val/loss": val}, step=step)
-                state["eval_seconds"] += time.perf_counter() - t
+                val_pass(run, val_rows, state)
                 start = time.perf_counter()
             if checkpointer and checkpointer.due(step, len(steps)):
                 state["train_seconds"] += time.perf_counter() - start
-                if acc:  # the window's losses so far, all on the main process: what the checkpoint keeps
-                    total = acc.reduce(window_loss, "sum")
-                    window_loss = total if acc.is_main_process else torch.zeros_like(total)
-                checkpointer.save(model, optimizer, scheduler, {"window_loss": window_loss.cpu()}, state)
+                window_loss = save_checkpoint(run, checkpointer, state, window_loss)
                 start = time.perf_counter()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         state["train_seconds"] += time.perf_counter() - start
         bar.close()
-
-        t = time.perf_counter()
-        val_after = eval_loss(model, val_rows, eval_rows, dev, precision)
-        state["eval_seconds"] += time.perf_counter() - t
-        state["val_rows"].append([len(steps), round(val_after, 6)])
-        tracker.log({"val/loss": val_after}, step=len(steps))
-    if not acc or acc.is_main_process:
+        val_after = val_pass(run, val_rows, state)
+    if run.main_process:
         write_csv(log_dir / "loss.csv", ["step", "tokens", "train_loss", "lr"], state["loss_rows"])
         write_csv(log_dir / "val_loss.csv", ["step", "val_loss"], state["val_rows"])
     recent = state["recent"]
@@ -269,6 +229,103 @@ def train(model, train_rows, val_rows, common: CommonTrainParams, lr: float, dev
     return TrainResult(len(steps), state["real_tokens"], state["loss_tokens"], state["train_seconds"],
                        state["eval_seconds"], sum(last) / len(last), val_after,
                        resumed_from_step)
+
+
+def prepare(model, common: CommonTrainParams, lr: float, steps: int, dev: torch.device, precision: str, label: str,
+            tracker: NoTracker, acc) -> Run:
+    """The run of `steps` steps: AdamW over the model's trainable weights and its learning-rate schedule
+    (with `acc`, the model and optimizer wrapped by accelerate)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, common.weight_decay, lr, common.optimizer)
+    if acc:  # FSDP2 shards the model in place and swaps the optimizer's parameters: both in one prepare
+        model, optimizer = acc.prepare(model, optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+    scheduler = cosine_with_warmup(optimizer, math.ceil(common.warmup_fraction * steps), steps)
+    if acc:
+        acc.register_for_checkpointing(scheduler)  # saved by acc.save_state with sharded checkpoints
+    return Run(model, params, optimizer, scheduler, common, steps, dev, precision, label, tracker, acc)
+
+
+def resume(run: Run, checkpointer: Checkpointer | None) -> tuple[dict, torch.Tensor]:
+    """What the loop carries from step to step, and the summed loss of the log window so far: from the
+    checkpoint if `checkpointer` has one, else as at the start."""
+    # everything the loop carries from step to step, so a checkpoint can restore it
+    state = {"step": 0, "real_tokens": 0, "loss_tokens": 0, "window_tokens": 0, "recent": [],
+             "loss_rows": [], "val_rows": [], "train_seconds": 0.0, "eval_seconds": 0.0}
+    window_loss = torch.zeros((), device=run.dev)
+    resumed = checkpointer.load(run.model, run.optimizer, run.scheduler) if checkpointer else None
+    if resumed:
+        state, tensors = resumed
+        # the window's losses so far were saved on the main process (save_checkpoint)
+        window_loss = tensors["window_loss"].to(run.dev) if run.main_process else window_loss
+        if run.main_process:
+            print(f"{run.label}: resuming from the checkpoint at step {state['step']} of {run.steps}", file=sys.stderr)
+    return state, window_loss
+
+
+def optimizer_step(run: Run, rows: dict[str, torch.Tensor], idx: torch.Tensor, window_loss: torch.Tensor) -> int:
+    """One step on rows[idx] (this process's share, in micro-batches): backward, clip, update. Adds the
+    share's summed loss to `window_loss` in place; returns the whole step's loss tokens."""
+    rank, world = (run.acc.process_index, run.acc.num_processes) if run.acc else (0, 1)
+    n = int((rows["targets"][idx] != IGNORE).sum())  # the whole step's loss tokens, on the host
+    micros = micro_batches(distributed.share(idx, rank, world), run.common.micro_batch_size)
+    for i, micro in enumerate(micros):
+        # DDP averages the processes' gradients once, at the last micro-batch
+        with run.acc.no_sync(run.model) if run.acc and i < len(micros) - 1 else contextlib.nullcontext():
+            loss_sum, _ = batch_loss(run.model, rows, micro, run.dev, run.precision)
+            # over the step's count (times the processes, whose gradients are averaged): the
+            # micro-batches' gradients, summed over every process, are the step's mean loss's
+            (loss_sum * (world / n)).backward() if run.acc else (loss_sum / n).backward()
+        window_loss += loss_sum.detach()
+    if run.acc:
+        run.acc.clip_grad_norm_(run.model.parameters(), run.common.max_grad_norm)  # FSDP: over every shard
+    else:
+        torch.nn.utils.clip_grad_norm_(run.params, run.common.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return n
+
+
+def log_window(run: Run, state: dict, window_loss: torch.Tensor, start: float, bar: tqdm) -> None:
+    """The mean train loss of the log window that ends at state["step"] (every process's rows): into
+    loss.csv's rows, the tracker and the progress bar. A loss that is not finite stops the run."""
+    step, log_every = state["step"], run.common.log_every
+    window_sum = run.acc.reduce(window_loss, "sum") if run.acc else window_loss  # every process's rows
+    mean = float(window_sum) / state["window_tokens"]  # the only host sync, once per log window
+    if not math.isfinite(mean):
+        first = step - (step - 1) % log_every
+        raise TuneoffError(f"{run.label}: the train loss became {mean} within steps {first}-{step} of "
+                           f"{run.steps}: lower the learning rate (train.<method>.lr) or "
+                           f"train.common.max_grad_norm, or train in fp32 (train.common.precision)")
+    state["recent"].append(mean)
+    state["loss_rows"].append([step, state["real_tokens"], round(mean, 6), f"{run.scheduler.get_last_lr()[0]:.3e}"])
+    elapsed = state["train_seconds"] + time.perf_counter() - start
+    run.tracker.log({"train/loss": mean, "train/lr": run.scheduler.get_last_lr()[0], "train/tokens": state["real_tokens"],
+                     "train/tokens_per_second": state["real_tokens"] / elapsed,
+                     "memory/current_bytes": measure.current_memory_bytes(run.dev)}, step=step)
+    bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{state['real_tokens'] / elapsed:.0f}")
+
+
+def val_pass(run: Run, val_rows: dict[str, torch.Tensor], state: dict) -> float:
+    """The val loss after state["step"]: into val_loss.csv's rows and the tracker, its seconds into eval_seconds."""
+    # in micro-batches too: run on a whole step's rows, its logits could outgrow a training pass
+    eval_rows = min(run.common.micro_batch_size or run.common.batch_size, run.common.batch_size)
+    t = time.perf_counter()
+    val = eval_loss(run.model, val_rows, eval_rows, run.dev, run.precision)
+    state["eval_seconds"] += time.perf_counter() - t
+    state["val_rows"].append([state["step"], round(val, 6)])
+    run.tracker.log({"val/loss": val}, step=state["step"])
+    return val
+
+
+def save_checkpoint(run: Run, checkpointer: Checkpointer, state: dict, window_loss: torch.Tensor) -> torch.Tensor:
+    """A checkpoint after state["step"]; returns the log window's summed loss as the checkpoint keeps it."""
+    if run.acc:  # the window's losses so far, all on the main process: what the checkpoint keeps
+        total = run.acc.reduce(window_loss, "sum")
+        window_loss = total if run.acc.is_main_process else torch.zeros_like(total)
+    checkpointer.save(run.model, run.optimizer, run.scheduler, {"window_loss": window_loss.cpu()}, state)
+    return window_loss
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
