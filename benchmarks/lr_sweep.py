@@ -93,6 +93,22 @@ def plot(points: list[dict], task: str, out: Path) -> None:
     plt.close(fig)
 
 
+def table(points: list[dict], task: str) -> str:
+    """The task's points as a markdown table: val loss (val metric) per rate and method, each method's
+    lowest loss in bold."""
+    mine = [p for p in points if p["task"] == task]
+    best = {m: min((p["val_loss"] for p in mine if p["method"] == m), default=None) for m in GRIDS}
+    lines = ["| rate | " + " | ".join(GRIDS) + " |", "|---:|" + "---|" * len(GRIDS)]
+    for rate in sorted({p["lr"] for p in mine}):
+        cells = []
+        for method in GRIDS:
+            p = next((p for p in mine if (p["method"], p["lr"]) == (method, rate)), None)
+            cell = "" if p is None else f"{p['val_loss']:.3f} ({100 * p['val_main']:.0f}%)"
+            cells.append(f"**{cell}**" if p and p["val_loss"] == best[method] else cell)
+        lines.append(f"| {rate:.0e} | ".replace("e-0", "e-") + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, required=True)
@@ -100,6 +116,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, one per point; points already there are skipped")
     parser.add_argument("--plots", type=Path, help="write <plots>-<task>.png per task")
+    parser.add_argument("--tables", action="store_true", help="print each task's markdown table (docs/lr-sweep.md)")
     parser.add_argument("--rates", type=lambda text: [float(x) for x in text.split(",")],
                         help="these rates for every method instead of GRIDS (comma-separated)")
     args = parser.parse_args()
@@ -118,6 +135,8 @@ def main() -> None:
                       f"{100 * p['val_main']:.1f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         if args.plots:
             plot(done, task, args.plots.parent / f"{args.plots.name}-{task}.png")
+        if args.tables:
+            print(f"\n{task}\n\n{table(done, task)}\n")
 
 
 if __name__ == "__main__":
