@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
+from conftest import stage_command
 from hypothesis import strategies as st
 
 from tuneoff.core.errors import TuneoffError
@@ -229,7 +230,7 @@ def import_base_in(tmp_path, model_dir: Path) -> subprocess.CompletedProcess:
     project.mkdir(exist_ok=True)
     (project / "params.yaml").write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "stages.import_base"], cwd=project, env=env,
+    return subprocess.run(stage_command("import_base"), cwd=project, env=env,
                           capture_output=True, text=True)
 
 
@@ -280,7 +281,7 @@ def test_debug_env_shows_the_traceback(tmp_path, tiny_base):
     data["base_model"].update(source="path", path=str(folder))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "TUNEOFF_DEBUG": "1"}
-    proc = subprocess.run([sys.executable, "-m", "stages.import_base"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run(stage_command("import_base"), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "TuneoffError" in proc.stderr
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import random
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import yaml
@@ -122,7 +123,7 @@ def test_free_form_replies_with_several_references_get_a_verdict_on_rouge_l(proj
 
     monkeypatch.chdir(project)
     for task, items in DATA.items():
-        prepare.main(task)
+        prepare.main(task, base=Path("models/base"), out=Path("data/prepared") / task)
         out = project / "data/prepared" / task
         meta = json.loads((out / "meta.json").read_text())
         refs = {it["mr"]: it["references"] for it in items}

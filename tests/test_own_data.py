@@ -5,6 +5,7 @@ run in process on the tiny model: prepare, train (full), evaluate (own task and 
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,7 +80,7 @@ def test_records_with_different_keys_run_through_prepare_evaluate_and_report(pro
 
     monkeypatch.chdir(project)
     for task in ("slots", "slots_chat"):
-        prepare.main(task)
+        prepare.main(task, base=Path("models/base"), out=Path("data/prepared") / task)
         meta = json.loads((project / "data/prepared" / task / "meta.json").read_text())
         # test and val are 10% each, val capped at 4 before it is carved: the rest of its 10% trains
         assert meta["scorer"] == "json_fields" and meta["examples"] == {

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -38,7 +39,7 @@ def project(tmp_path_factory, tiny_base):
     here = os.getcwd()
     os.chdir(path)
     try:
-        prepare.main("extraction")
+        prepare.main("extraction", base=Path("models/base"), out=Path("data/prepared/extraction"))
     finally:
         os.chdir(here)
     return path
