@@ -145,7 +145,8 @@ def test_free_form_replies_with_several_references_get_a_verdict_on_rouge_l(proj
             by_prompt[mr(ex["messages"][-2]["content"])].append(ex["messages"][-1]["content"])
         assert all(sorted(v) == sorted(refs[k]) for k, v in by_prompt.items()) and len(by_prompt) == len(items) - n_test - 4
         assert meta["references"]["test"] == sum(len(refs[p]) for p in prompts["test"]) > n_test
-        train.main(task, "full")
+        train.main(task, "full", base=Path("models/base"), prepared=Path("data/prepared") / task,
+                   run=Path("runs") / task / "full")
         for model in ("base", "full"):
             evaluate.main(task, model)
             ev = json.loads((project / "runs" / task / model / "eval.json").read_text())

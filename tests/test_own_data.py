@@ -86,7 +86,8 @@ def test_records_with_different_keys_run_through_prepare_evaluate_and_report(pro
         assert meta["scorer"] == "json_fields" and meta["examples"] == {
             "slots": {"train": 68, "val": 4, "test": 8}, "slots_chat": {"train": 50, "val": 4, "test": 6}}[task]
     for task in ("slots", "slots_chat"):
-        train.main(task, "full")
+        train.main(task, "full", base=Path("models/base"), prepared=Path("data/prepared") / task,
+                   run=Path("runs") / task / "full")
         for model in ("base", "full"):
             evaluate.main(task, model)
     report.main()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import API_KEY, make_project, run
+from conftest import API_KEY, make_project, run, stage_command
 from huggingface_hub import ModelCard
 
 from tuneoff.modeling.merge import SCORED_FORMS, deployed_form
@@ -327,7 +327,7 @@ def test_bad_params_fail_the_stage_with_one_line(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = (project / "runs/extraction/lora/train.json").read_bytes()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([sys.executable, "-m", "stages.train", "extraction", "lora"], cwd=project, env=env,
+    proc = subprocess.run(stage_command("train", task="extraction", method="lora"), cwd=project, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml: train.lora.target_modules: ['query']")

@@ -53,7 +53,8 @@ def train_lora(project, monkeypatch, lr) -> tuple[dict, dict]:
     params["train"]["lora"]["lr"] = lr
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(project)
-    out = train_stage.main("extraction", "lora")
+    out = train_stage.main("extraction", "lora", base=Path("models/base"), prepared=Path("data/prepared/extraction"),
+                           run=Path("runs/extraction/lora"))
     return json.loads((out / "train.json").read_text()), load_file(next((out / "model").glob("*.safetensors")))
 
 
