@@ -147,15 +147,15 @@ def test_free_form_replies_with_several_references_get_a_verdict_on_rouge_l(proj
         assert meta["references"]["test"] == sum(len(refs[p]) for p in prompts["test"]) > n_test
         train.main(task, "full", base=Path("models/base"), prepared=Path("data/prepared") / task,
                    run=Path("runs") / task / "full")
-        for model in ("base", "full"):
-            evaluate.main(task, model)
+        for model, folder in (("base", Path("models/base")), ("full", Path("runs") / task / "full/model")):
+            evaluate.main(task, model, model_dir=folder, prepared=Path("data/prepared"), run=Path("runs") / task / model)
             ev = json.loads((project / "runs" / task / model / "eval.json").read_text())
             assert ev["metrics"]["main_metric"] == "rouge_l" and ev["metrics"]["main"] == ev["metrics"]["rouge_l"]
             assert all(0 <= ev["metrics"][k] <= 1 for k in ("rouge_l", "chrf", "bleu", "exact_match"))
             records = read(project / "runs" / task / model / "predictions.jsonl")
             assert all(r["score"] == r["rouge_l"] and 0 <= r["chrf"] <= 1 for r in records)
             assert all(sorted(r.get("references", [r["expected"]])) == sorted(refs[mr(r["input"])]) for r in records)
-    report.main()
+    report.main(Path("runs"), Path("data/prepared"), Path("models/quantize.json"), Path("reports"))
 
     comparison = json.loads((project / "reports/comparison.json").read_text())
     text = (project / "reports/report.md").read_text()

@@ -88,9 +88,9 @@ def test_records_with_different_keys_run_through_prepare_evaluate_and_report(pro
     for task in ("slots", "slots_chat"):
         train.main(task, "full", base=Path("models/base"), prepared=Path("data/prepared") / task,
                    run=Path("runs") / task / "full")
-        for model in ("base", "full"):
-            evaluate.main(task, model)
-    report.main()
+        for model, folder in (("base", Path("models/base")), ("full", Path("runs") / task / "full/model")):
+            evaluate.main(task, model, model_dir=folder, prepared=Path("data/prepared"), run=Path("runs") / task / model)
+    report.main(Path("runs"), Path("data/prepared"), Path("models/quantize.json"), Path("reports"))
 
     comparison = json.loads((project / "reports/comparison.json").read_text())
     text = (project / "reports/report.md").read_text()
