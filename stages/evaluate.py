@@ -3,13 +3,13 @@ general ability.
 
 <model> is `base` (the untuned base, always a row), `full`, or an adapter method trained on the
 float base, for which the merged model is evaluated: that is what would be deployed (the merge
-stage has already proved it computes what the adapter does). QLoRA has its own stage,
-evaluate_nf4, which scores each of its deployable forms. Writes runs/<task>/<model>/eval.json
+stage has already proved it computes what the adapter does): `--model-dir`. QLoRA has its own stage,
+evaluate_nf4, which scores each of its deployable forms. Writes, in `--run` (runs/<task>/<model>/), eval.json
 and predictions.jsonl: per test item, in test.jsonl order, input, expected, produced, correct
 and `loss` (the reference answer's mean per-token loss; null for an item with no loss token),
 so a person can read the failures and a paired comparison can line the items up. The same loaded
 model is then scored on the general benchmarks and the other tasks (tuneoff/evaluation/general.py):
-runs/<task>/<model>/benchmark.json and benchmark-items.json. The base is the same model for every
+benchmark.json and benchmark-items.json. The base is the same model for every
 task, so only the first task's evaluate_base scores its general benchmarks; the others' files say
 where they are (`benchmarks_of`). One process does both, so the model
 loads once and the stage's start-up (imports, W&B, DVC) is paid once.
@@ -17,7 +17,7 @@ loads once and the stage's start-up (imports, W&B, DVC) is paid once.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tuneoff.core import measure
 from tuneoff.core.atomic import write_json, write_jsonl
 from tuneoff.core.errors import TuneoffError, user_errors
-from tuneoff.core.methods import BASE, FLOAT_BASE, METHODS
+from tuneoff.core.methods import BASE, METHODS
 from tuneoff.core.params import (
     BakeoffParams,
     BenchmarkParams,
@@ -39,11 +39,10 @@ from tuneoff.core.records import EvalRecord, EvalTiming
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.evaluation.general import ability_line, general_ability
 from tuneoff.evaluation.score import RECORD_COLUMNS, Scored, TestSet, load_test, score_model
-from tuneoff.modeling.merge import deployable_dir
 
 
 @user_errors
-def main(task: str, model: str) -> None:
+def main(task: str, model: str, model_dir: Path, prepared: Path, run: Path) -> None:
     if model in METHODS and METHODS[model].quantized:
         raise TuneoffError(f"evaluate@{task}-{model}: {model} is scored in each deployable form by "
                            f"`dvc repro evaluate_nf4@{task}-{model}`")
@@ -53,28 +52,27 @@ def main(task: str, model: str) -> None:
     benchmarks = section(BenchmarkParams, "benchmarks", data=data)
     tasks = section(BakeoffParams, "bakeoff", data=data).tasks
     others = [t for t in tasks if t != task]
-    test = load_test(Path("data/prepared") / task)
-    source = FLOAT_BASE if model == BASE else deployable_dir(task, model)
-    if not (source / "config.json").is_file():
-        raise TuneoffError(f"{source}/config.json not found: run the stages before evaluate@{task}-{model}")
+    test = load_test(prepared / task)
+    if not (model_dir / "config.json").is_file():
+        raise TuneoffError(f"{model_dir}/config.json not found: run the stages before evaluate@{task}-{model}")
 
     config = {"evaluate": params.model_dump(), "benchmarks": benchmarks.model_dump()}
     with stage_run("evaluate", config, task=task, method=model, data=data) as tracker:
         dev = measure.device()
         start = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        net = AutoModelForCausalLM.from_pretrained(source, dtype=measure.eval_dtype(params.dtype, dev)).to(dev).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=measure.eval_dtype(params.dtype, dev)).to(dev).eval()
         load_seconds = time.perf_counter() - start
         scored = score_model(net, tokenizer, test, params, dev, f"evaluate {task}/{model}")
         metrics = scored.metrics
         if model == BASE and task != tasks[0]:  # the same model on the same items: scored once, by the first task's stage
-            ability, items = general_ability(net, tokenizer, model, others, benchmarks.model_copy(update={"tasks": []}),
-                                             params, dev)
+            ability, items = general_ability(net, tokenizer, model, others, prepared,
+                                             benchmarks.model_copy(update={"tasks": []}), params, dev)
             ability["benchmarks_of"] = items["benchmarks_of"] = tasks[0]
         else:
-            ability, items = general_ability(net, tokenizer, model, others, benchmarks, params, dev)
+            ability, items = general_ability(net, tokenizer, model, others, prepared, benchmarks, params, dev)
 
-        out = write_outputs(task, model, source, test, scored, load_seconds, ability, items, tracker)
+        out = write_outputs(run, task, model, model_dir, test, scored, load_seconds, ability, items, tracker)
     print(f"evaluate@{task}-{model}: {metrics['main_metric']} {metrics['main']:.3f} "
           f"[{metrics['ci_low']:.3f}, {metrics['ci_high']:.3f}] on {metrics['n']} test examples, "
           f"test loss {scored.test_loss:.3f} -> {out}/eval.json")
@@ -84,12 +82,11 @@ def main(task: str, model: str) -> None:
         print(f"evaluate@{task}-{model}: general ability {ability_line(ability)} -> {out}/benchmark.json")
 
 
-def write_outputs(task: str, model: str, evaluated: Path, test: TestSet, scored: Scored, load_seconds: float,
-                  ability: dict, items: dict, tracker, **form_fields) -> Path:
-    """runs/<task>/<model>/ predictions.jsonl, benchmark-items.json, benchmark.json and eval.json of the model
-    loaded from `evaluated` and scored as `scored`, and their summary to `tracker`; returns the folder.
+def write_outputs(out: Path, task: str, model: str, evaluated: Path, test: TestSet, scored: Scored,
+                  load_seconds: float, ability: dict, items: dict, tracker, **form_fields) -> Path:
+    """predictions.jsonl, benchmark-items.json, benchmark.json and eval.json in `out` of the model loaded
+    from `evaluated` and scored as `scored`, and their summary to `tracker`; returns `out`.
     `form_fields`: evaluate_nf4's deployed_form and forms, in eval.json and the summary too."""
-    out = Path("runs") / task / model
     write_jsonl(out / "predictions.jsonl", scored.records)
     write_json(out / "benchmark-items.json", items)
     write_json(out / "benchmark.json", ability)
@@ -108,6 +105,10 @@ def write_outputs(task: str, model: str, evaluated: Path, test: TestSet, scored:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m stages.evaluate <task> <base|full|lora>")
-    main(sys.argv[1], sys.argv[2])
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate")
+    parser.add_argument("task")
+    parser.add_argument("model", help="base, full, or an adapter method (its merged model)")
+    parser.add_argument("--model-dir", type=Path, required=True, help="the model folder scored")
+    parser.add_argument("--prepared", type=Path, required=True, help="the prepared data, a folder per task")
+    parser.add_argument("--run", type=Path, required=True, help="the folder the scores are written in")
+    main(**vars(parser.parse_args()))

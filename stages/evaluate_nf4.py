@@ -12,9 +12,10 @@ the chosen form, and chooses nothing; `evaluate.all_forms_on_test` scores every 
 report then pairs them), and with `bakeoff.more_seeds` nf4-merged is always scored there (the other
 seeds are scored as trained, and pair with it).
 
-Writes runs/<task>/<method>/eval.json: `forms` (each form's `val` main and loss, and, where scored
-on test, its n, main, CI, test loss and speed there), `deployed_form`, and the deployed form's
-`metrics`, `test_loss` and `timing` where evaluate writes them for the other models; forms/<form>.jsonl
+Reads the forms from the run folder `--run` (runs/<task>/<method>/) and writes there eval.json: `forms`
+(each form's `val` main and loss, and, where scored on test, its n, main, CI, test loss and speed there),
+`deployed_form`, and the deployed form's `metrics`, `test_loss` and `timing` where evaluate writes them for
+the other models; forms/<form>.jsonl
 for each form scored on test, and predictions.jsonl = the deployed form's (records as in
 stages/evaluate.py, with each reference's `loss`). The deployed form is then scored on the general
 benchmarks and the other tasks, as stages/evaluate.py scores the other models: benchmark.json and
@@ -23,8 +24,8 @@ benchmark-items.json.
 
 from __future__ import annotations
 
+import argparse
 import gc
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from stages.evaluate import write_outputs
 from tuneoff.core import measure
 from tuneoff.core.atomic import write_jsonl
 from tuneoff.core.errors import TuneoffError, user_errors
-from tuneoff.core.methods import METHODS, NF4_BASE
+from tuneoff.core.methods import METHODS
 from tuneoff.core.params import (
     BakeoffParams,
     BenchmarkParams,
@@ -57,9 +58,9 @@ STAGE_OF_FORM = {"nf4-merged": "merge_nf4", "float-merged": "merge"}  # what wri
 
 
 @user_errors
-def main(task: str, method: str) -> None:
+def main(task: str, method: str, base: Path, prepared: Path, run: Path) -> None:
     if method not in METHODS or not METHODS[method].quantized:
-        raise TuneoffError(f"evaluate_nf4@{task}-{method}: only methods trained on {NF4_BASE} (qlora) "
+        raise TuneoffError(f"evaluate_nf4@{task}-{method}: only methods trained on the 4-bit base (qlora) "
                            f"are scored here; `dvc repro evaluate@{task}-{method}`")
     data = read_params()
     check_task(task, data)
@@ -67,8 +68,8 @@ def main(task: str, method: str) -> None:
     benchmarks = section(BenchmarkParams, "benchmarks", data=data)
     bakeoff = section(BakeoffParams, "bakeoff", data=data)
     others = [t for t in bakeoff.tasks if t != task]
-    test, val = (load_test(Path("data/prepared") / task, split) for split in ("test", "val"))
-    forms = {form: form_deployment(task, method, form) for form in SCORED_FORMS}
+    test, val = (load_test(prepared / task, split) for split in ("test", "val"))
+    forms = {form: form_deployment(run, method, form) for form in SCORED_FORMS}
     for form, where in forms.items():
         needed = where.path / "config.json"
         if not needed.is_file():
@@ -77,7 +78,7 @@ def main(task: str, method: str) -> None:
     config = {"evaluate": params.model_dump(), "benchmarks": benchmarks.model_dump()}
     with stage_run("evaluate_nf4", config, task=task, method=method, data=data) as tracker:
         dev = measure.device()
-        tokenizer = AutoTokenizer.from_pretrained(NF4_BASE)
+        tokenizer = AutoTokenizer.from_pretrained(base)
         scored, on_val, load_seconds, loaded = {}, {}, {}, {}
 
         def use(form: str):  # the form's model, loaded once and timed; one model in memory at a time
@@ -101,30 +102,33 @@ def main(task: str, method: str) -> None:
         if chosen not in scored:
             scored[chosen] = score_model(use(chosen), tokenizer, test, params, dev, f"evaluate {task}/{method} {chosen}")
         net = use(chosen)
-        ability, items = general_ability(net, tokenizer, method, others, benchmarks, params, dev)
+        ability, items = general_ability(net, tokenizer, method, others, prepared, benchmarks, params, dev)
 
-        out = Path("runs") / task / method
         deployed = scored[chosen]
         for form, s in scored.items():
-            write_jsonl(out / "forms" / f"{form}.jsonl", s.records)
+            write_jsonl(run / "forms" / f"{form}.jsonl", s.records)
         summary = {form: {**({"n": scored[form].metrics["n"], "main": scored[form].metrics["main"],
                               "ci_low": scored[form].metrics["ci_low"], "ci_high": scored[form].metrics["ci_high"],
                               "test_loss": round(scored[form].test_loss, 6),
                               "examples_per_second": round(scored[form].examples_per_second, 3)} if form in scored else {}),
                           "val": {"n": v.metrics["n"], "main": v.metrics["main"], "loss": round(v.test_loss, 6)}}
                    for form, v in on_val.items()}
-        write_outputs(task, method, forms[chosen].path, test, deployed, load_seconds[chosen], ability, items, tracker,
+        write_outputs(run, task, method, forms[chosen].path, test, deployed, load_seconds[chosen], ability, items, tracker,
                       deployed_form=chosen, forms=summary)
     for form, s in summary.items():
         on_test = (f"test {s['main']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}], loss {s['test_loss']:.3f}"
                    if "main" in s else "not scored on test (evaluate.all_forms_on_test)")
         print(f"evaluate_nf4@{task}-{method}: {form:<12} val {deployed.metrics['main_metric']} {s['val']['main']:.3f}, "
               f"loss {s['val']['loss']:.3f}; {on_test}" + ("  <- deployed (chosen on val)" if form == chosen else ""))
-    print(f"evaluate_nf4@{task}-{method}: {summary[chosen]['n']} test examples -> {out}/eval.json")
-    print(f"evaluate_nf4@{task}-{method}: general ability of {chosen} {ability_line(ability)} -> {out}/benchmark.json")
+    print(f"evaluate_nf4@{task}-{method}: {summary[chosen]['n']} test examples -> {run}/eval.json")
+    print(f"evaluate_nf4@{task}-{method}: general ability of {chosen} {ability_line(ability)} -> {run}/benchmark.json")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m stages.evaluate_nf4 <task> <qlora>")
-    main(sys.argv[1], sys.argv[2])
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate_nf4")
+    parser.add_argument("task")
+    parser.add_argument("method")
+    parser.add_argument("--base", type=Path, required=True, help="the 4-bit base (its tokenizer)")
+    parser.add_argument("--prepared", type=Path, required=True, help="the prepared data, a folder per task")
+    parser.add_argument("--run", type=Path, required=True, help="the method's run folder: the merged forms in, scores out")
+    main(**vars(parser.parse_args()))

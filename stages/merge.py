@@ -1,6 +1,9 @@
 """DVC stages `merge@<task>-<method>` and `merge_nf4@<task>-<method>`: an adapter merged into a base,
 checked against the unmerged model on held-out val rows within merge.tolerance.
 
+Each reads the adapter from the run folder `--run` (runs/<task>/<method>/) and writes beside it; `--base` is
+the base it merges into.
+
 - `merge` (form `float-merged`, the default): into the full-precision base. Outputs
   runs/<task>/<method>/merged/ and merge.json. For qlora, merge.json also records how far this is
   from the model that trained (the adapter on the 4-bit base): quantization error, not a merge
@@ -15,7 +18,7 @@ loads without peft or bitsandbytes; evaluate (and evaluate_nf4 for qlora) score 
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ from transformers import AutoTokenizer
 from tuneoff.core import measure
 from tuneoff.core.atomic import atomic_dir, write_json
 from tuneoff.core.errors import TuneoffError, user_errors
-from tuneoff.core.methods import FLOAT_BASE, METHODS, NF4_BASE
+from tuneoff.core.methods import METHODS
 from tuneoff.core.params import MergeParams, check_task, read_params, section
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.data.rows import load_rows
@@ -41,43 +44,43 @@ STAGES = {"float-merged": "merge", "nf4-merged": "merge_nf4"}
 
 
 @user_errors
-def main(task: str, method: str, form: str = "float-merged") -> None:
+def main(task: str, method: str, form: str, base: Path, prepared: Path, run: Path) -> None:
     stage, m = f"{STAGES[form]}@{task}-{method}", METHODS.get(method)
     if form == "nf4-merged" and (m is None or not m.quantized):
-        raise TuneoffError(f"{stage}: only methods trained on {NF4_BASE} (qlora) merge here")
+        raise TuneoffError(f"{stage}: only methods trained on the 4-bit base (qlora) merge here")
     if m is None or not m.adapter:
         raise TuneoffError(f"{stage}: only adapter methods (lora, qlora) merge")
     data = read_params()
     check_task(task, data)
     params = section(MergeParams, "merge", data=data)
-    adapter = adapter_dir(task, method)
+    adapter = adapter_dir(run)
     if not (adapter / "adapter_config.json").is_file():
         raise TuneoffError(f"{adapter} has no adapter: run `dvc repro {m.train_stage(task)}` first")
     dev = measure.device()
-    rows = {k: v[: params.check_rows] for k, v in load_rows(Path("data/prepared") / task / "val.safetensors").items()}
+    rows = {k: v[: params.check_rows] for k, v in load_rows(prepared / "val.safetensors").items()}
 
-    deployed = form_deployment(task, method, form)
+    deployed = form_deployment(run, method, form)
     extra = {}
     if form == "nf4-merged":
         from peft import PeftModel
 
-        reference = logits_on(load_adapter_model(NF4_BASE, adapter, dev), rows, dev)  # the model as trained
-        merged = PeftModel.from_pretrained(quantize.dequantized(NF4_BASE, dev), adapter).merge_and_unload()
-        merged_into = f"{NF4_BASE} (dequantized)"
+        reference = logits_on(load_adapter_model(base, adapter, dev), rows, dev)  # the model as trained
+        merged = PeftModel.from_pretrained(quantize.dequantized(base, dev), adapter).merge_and_unload()
+        merged_into = f"{base} (dequantized)"
     else:
-        model = load_adapter_model(FLOAT_BASE, adapter, dev)
+        model = load_adapter_model(base, adapter, dev)
         reference = logits_on(model, rows, dev)
         merged = model.merge_and_unload()
-        merged_into = str(FLOAT_BASE)
+        merged_into = str(base)
     merged_logits = logits_on(merged, rows, dev)
     diff = check_merge(reference, merged_logits, params.tolerance, stage)
-    if form == "float-merged" and m.quantized:
+    if form == "float-merged" and m.quantized:  # the 4-bit base it trained on: not a dep (dvc.yaml says why)
         trained = logits_on(load_adapter_model(m.base, adapter, dev), rows, dev)
         extra = {"vs_trained_4bit": quantize.logit_error(trained, merged_logits)}
 
     with atomic_dir(deployed.path) as tmp:
         merged.to(getattr(torch, params.save_dtype)).save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(deployed.base).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
     metrics = {
         "task": task, "method": method, "merged_into": merged_into, "dtype": params.save_dtype,
         "max_abs_logit_diff": diff, "tolerance": params.tolerance,
@@ -85,7 +88,7 @@ def main(task: str, method: str, form: str = "float-merged") -> None:
         "weights_bytes": measure.dir_bytes(deployed.path, "*.safetensors"),
         "timing": {"stage_seconds": measure.process_seconds()},
     }
-    write_json(adapter.parent / f"{STAGES[form].replace('_', '-')}.json", metrics)
+    write_json(run / f"{STAGES[form].replace('_', '-')}.json", metrics)
     with stage_run(STAGES[form], {"merge": params.model_dump()}, task=task, method=method) as tracker:
         tracker.summary(flat({"merge": metrics}))
         tracker.artifact(f"{task}-{method}-{deployed.path.name}", "model", deployed.path,
@@ -96,6 +99,11 @@ def main(task: str, method: str, form: str = "float-merged") -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] not in STAGES):
-        sys.exit(f"usage: python -m stages.merge <task> <lora|qlora> [{'|'.join(STAGES)}]")
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m stages.merge")
+    parser.add_argument("task")
+    parser.add_argument("method")
+    parser.add_argument("form", nargs="?", default="float-merged", choices=list(STAGES))
+    parser.add_argument("--base", type=Path, required=True, help="the base the adapter merges into")
+    parser.add_argument("--prepared", type=Path, required=True, help="the task's prepared data (its val rows check the merge)")
+    parser.add_argument("--run", type=Path, required=True, help="the method's run folder: model/ in, the merged model out")
+    main(**vars(parser.parse_args()))

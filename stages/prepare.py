@@ -1,4 +1,4 @@
-"""DVC stage `prepare@<task>`: raw task data -> data/prepared/<task>/.
+"""DVC stage `prepare@<task>`: raw task data (params.yaml tasks.<task>) -> `--out` (data/prepared/<task>/).
 
 Writes the chat examples of each split as JSONL (what evaluate generates from), each split
 tokenized with the base model's chat template and packed into rows of `prepare.seq_len`
@@ -7,7 +7,7 @@ tokens (what train and the loss checks read), and meta.json (scorer, labels, cou
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -26,21 +26,17 @@ from tuneoff.core.tracking import flat, stage_run
 from tuneoff.data.packing import pack, tokenize_chat
 from tuneoff.data.tasks import SPLITS, build_task, source, split
 
-BASE = Path("models/base")
-
-
 @user_errors
-def main(task: str) -> None:
+def main(task: str, base: Path, out: Path) -> None:
     data = read_params()
     check_task(task, data)
     prep = section(PrepareParams, "prepare", data=data)
     spec = section(TaskParams, "tasks", task, data=data)
-    if not (BASE / "config.json").is_file():
-        raise TuneoffError(f"{BASE}/ has no model: run `dvc repro import_base` first")
+    if not (base / "config.json").is_file():
+        raise TuneoffError(f"{base}/ has no model: run `dvc repro import_base` first")
     built = build_task(spec, prep)
     splits, overlap = split(built.examples, prep, source(task, spec))
-    tokenizer = AutoTokenizer.from_pretrained(BASE)
-    out = Path("data/prepared") / task
+    tokenizer = AutoTokenizer.from_pretrained(base)
     meta = {"task": task, "kind": spec.kind, "scorer": built.scorer, "labels": built.labels,
             "seq_len": prep.seq_len, "examples": {k: len(v) for k, v in splits.items()}, "overlap": overlap}
     several = {k: sum(len(ex.get("references", [None])) for ex in v) for k, v in splits.items() if k != "train"}
@@ -74,6 +70,8 @@ def main(task: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m stages.prepare <task>")
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(prog="python -m stages.prepare")
+    parser.add_argument("task")
+    parser.add_argument("--base", type=Path, required=True, help="the base model folder, whose tokenizer packs the rows")
+    parser.add_argument("--out", type=Path, required=True, help="the prepared task's folder")
+    main(**vars(parser.parse_args()))

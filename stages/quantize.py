@@ -1,12 +1,14 @@
-"""DVC stage `quantize`: models/base -> models/base-nf4/, the 4-bit base every QLoRA run trains on.
+"""DVC stage `quantize`: `--base` (models/base) -> `--out` (models/base-nf4/), the 4-bit base every QLoRA
+run trains on.
 
-Writes models/quantize.json: size on disk against the float base, and the quantization error
+Writes `--metrics` (models/quantize.json): size on disk against the float base, and the quantization error
 on each task's val rows (logit difference, KL divergence, top-1 agreement, val loss before and
 after quantizing).
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.util
 import time
@@ -18,16 +20,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tuneoff.core import measure
 from tuneoff.core.atomic import atomic_dir, write_json
 from tuneoff.core.errors import TuneoffError, user_errors
-from tuneoff.core.methods import FLOAT_BASE, NF4_BASE
 from tuneoff.core.params import BakeoffParams, QuantizeParams, read_params, section
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.data.rows import load_rows
 from tuneoff.modeling import quantize
 from tuneoff.modeling.loss import eval_loss
 from tuneoff.modeling.merge import logits_on
-
-METRICS = Path("models/quantize.json")
-
 
 def measure_on(model, tasks: dict[str, dict], dev: torch.device) -> tuple[dict, dict]:
     """Logits at the check rows' loss positions, and val loss, for each task."""
@@ -37,12 +35,12 @@ def measure_on(model, tasks: dict[str, dict], dev: torch.device) -> tuple[dict, 
 
 
 @user_errors
-def main() -> None:
+def main(base: Path, prepared: Path, out: Path, metrics_file: Path) -> None:
     data = read_params()
     params = section(QuantizeParams, "quantize", data=data)
     tasks = {}
     for task in section(BakeoffParams, "bakeoff", data=data).tasks:
-        path = Path("data/prepared") / task / "val.safetensors"
+        path = prepared / task / "val.safetensors"
         if not path.is_file():
             raise TuneoffError(f"{path} not found: run `dvc repro prepare@{task}` first")
         val = load_rows(path)
@@ -52,23 +50,23 @@ def main() -> None:
 
     dev = measure.device()
     start = time.perf_counter()
-    float_model = AutoModelForCausalLM.from_pretrained(FLOAT_BASE, dtype=torch.float32).to(dev)
+    float_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(dev)
     float_logits, float_loss = measure_on(float_model, tasks, dev)
     del float_model
     gc.collect()
 
-    model = quantize.quantize(FLOAT_BASE, params, dev)
+    model = quantize.quantize(base, params, dev)
     nf4_logits, nf4_loss = measure_on(model, tasks, dev)
-    with atomic_dir(NF4_BASE) as tmp:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(FLOAT_BASE).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
         # the saved 4-bit checkpoint must load back to the model that was measured, or it is not kept
         first = next(iter(tasks))
         if not torch.equal(logits_on(quantize.load(tmp, torch.float32, dev), tasks[first]["check"], dev), nf4_logits[first]):
-            raise TuneoffError(f"{NF4_BASE}: the saved 4-bit model does not reload to the quantized weights")
+            raise TuneoffError(f"{out}: the saved 4-bit model does not reload to the quantized weights")
 
-    float_bytes = measure.dir_bytes(FLOAT_BASE, "*.safetensors")
-    nf4_bytes = measure.dir_bytes(NF4_BASE, "*.safetensors")
+    float_bytes = measure.dir_bytes(base, "*.safetensors")
+    nf4_bytes = measure.dir_bytes(out, "*.safetensors")
     metrics = {
         "quant_type": params.quant_type, "double_quant": params.double_quant,
         "size": {"float_bytes": float_bytes, "quantized_bytes": nf4_bytes,
@@ -79,15 +77,20 @@ def main() -> None:
         # the only keys a rerun changes
         "timing": {"seconds": round(time.perf_counter() - start, 3), "stage_seconds": measure.process_seconds()},
     }
-    write_json(METRICS, metrics)
+    write_json(metrics_file, metrics)
     with stage_run("quantize", {"quantize": params.model_dump(), "bakeoff.tasks": list(tasks)}, data=data) as tracker:
         tracker.summary(flat(metrics))
     for task in tasks:
         print(f"quantize: {task}: val loss {float_loss[task]:.4f} -> {nf4_loss[task]:.4f}, "
               f"mean |logit diff| {(float_logits[task] - nf4_logits[task]).abs().mean():.3f}")
     print(f"quantize: {params.quant_type}{' + double quant' if params.double_quant else ''}: "
-          f"{float_bytes / 2**20:.0f} MiB -> {nf4_bytes / 2**20:.0f} MiB -> {NF4_BASE}/")
+          f"{float_bytes / 2**20:.0f} MiB -> {nf4_bytes / 2**20:.0f} MiB -> {out}/")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(prog="python -m stages.quantize")
+    parser.add_argument("--base", type=Path, required=True, help="the float base model's folder")
+    parser.add_argument("--prepared", type=Path, required=True, help="the prepared data, a folder per task")
+    parser.add_argument("--out", type=Path, required=True, help="the 4-bit base model's folder")
+    parser.add_argument("--metrics", type=Path, required=True, dest="metrics_file", help="the quantization error's JSON")
+    main(**vars(parser.parse_args()))

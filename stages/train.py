@@ -1,12 +1,14 @@
-"""DVC stages `train@<task>-<method>` and `train_nf4@<task>-qlora`: one method on one task's prepared data.
+"""DVC stages `train@<task>-<method>` and `train_nf4@<task>-qlora`: one method on one task's prepared data
+(`--prepared`), from the base it trains on (`--base`: models/base, or models/base-nf4 for qlora).
 
-Outputs runs/<task>/<method>/: model/ (full weights for `full`, the PEFT adapter for `lora` and
+Outputs, in `--run` (runs/<task>/<method>/): model/ (full weights for `full`, the PEFT adapter for `lora` and
 `qlora`), train.json (what the run measured and the shapes it trained with: tuneoff/core/records.py
 TrainRecord; dollars and predictions are the report's) and loss.csv / val_loss.csv for `dvc plots`.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import sys
@@ -49,22 +51,21 @@ from tuneoff.training.loop import TrainResult, step_shapes, train
 
 
 @user_errors
-def main(task: str, method: str, seed: int | None = None) -> Path:
-    """Train `method` on `task` into runs/<task>/<method>/; with `seed` (one of bakeoff.more_seeds),
-    the same run with that seed into runs/<task>/<method>/seeds/<seed>/ (stages/train_seed.py)."""
+def main(task: str, method: str, base: Path, prepared: Path, run: Path, seed: int | None = None) -> Path:
+    """Train `method` on `task` into `run`; with `seed` (one of bakeoff.more_seeds), the same run with
+    that seed (stages/train_seed.py: `run` is then runs/<task>/<method>/seeds/<seed>/)."""
     spec = method_named(method)
     data = read_params()
     check_task(task, data)
     common = section(CommonTrainParams, "train", "common", data=data)
-    out, label = Path("runs") / task / method, f"{task}/{method}"
+    out, label = run, f"{task}/{method}"
     if seed is not None:
         if seed == common.seed:
             raise TuneoffError(f"params.yaml: bakeoff.more_seeds: {seed} is train.common.seed already")
-        common, out, label = common.model_copy(update={"seed": seed}), out / "seeds" / str(seed), f"{label}-seed{seed}"
+        common, label = common.model_copy(update={"seed": seed}), f"{label}-seed{seed}"
     params = section(methods.PARAMS_BY_METHOD[method], "train", method, data=data)
     checkpoint = section(CheckpointParams, "checkpoint", data=data)
-    prepared, base = Path("data/prepared") / task, spec.base
-    check_inputs(task, method, params, common, prepared)
+    check_inputs(task, method, params, common, prepared, base)
 
     # one of train.common.devices processes (tuneoff/training/distributed.py): the main one tracks and writes
     acc = distributed.accelerator()
@@ -85,7 +86,7 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
 
         build_start = time.perf_counter()
         peak.reset()
-        model, sharded = build_model(method, params, precision, dev, common, acc)
+        model, sharded = build_model(method, params, base, precision, dev, common, acc)
         load_seconds = time.perf_counter() - build_start
         load_memory = peak.read()
         counts = param_counts(model)
@@ -117,7 +118,7 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
                               steps=result.steps, batch_rows=common.batch_size),
                 loss=Loss(train_final=round(result.final_train_loss, 6), val=round(result.val_loss, 6)),
                 memory=memory_record(train_memory, load_memory, dev),
-                setup=setup_record(method, params, common, dev, train_rows),
+                setup=setup_record(method, params, base, common, dev, train_rows),
                 output=Output(path=str(out / "model"), kind=spec.kind,
                               weights_bytes=measure.dir_bytes(model_dir, "*.safetensors"),
                               folder_bytes=measure.dir_bytes(model_dir)),
@@ -133,15 +134,15 @@ def main(task: str, method: str, seed: int | None = None) -> Path:
     return out
 
 
-def check_inputs(task: str, method: str, params, common: CommonTrainParams, prepared: Path) -> None:
+def check_inputs(task: str, method: str, params, common: CommonTrainParams, prepared: Path, base: Path) -> None:
     """What the run needs before anything loads: the prepared rows, its base, and params its method can train with."""
     if not (prepared / "train.safetensors").is_file():
         raise TuneoffError(f"{prepared}/train.safetensors not found: run `dvc repro prepare@{task}` first")
     spec = method_named(method)
-    if not (spec.base / "config.json").is_file():
-        raise TuneoffError(f"{spec.base}/ has no model: run "
+    if not (base / "config.json").is_file():
+        raise TuneoffError(f"{base}/ has no model: run "
                            f"`dvc repro {'quantize' if spec.quantized else 'import_base'}` first")
-    methods.validate(method, params, spec.base)
+    methods.validate(method, params, base)
     if len(params.rates) > 1 and common.devices > 1:
         raise TuneoffError(f"params.yaml: train.{method}.lr is a list of candidates, which pilots tune on one device "
                            f"only; give one rate or set train.common.devices: 1")
@@ -177,12 +178,12 @@ def tune_rate(method: str, params, base: Path, precision: str, dev: torch.device
     return tuning
 
 
-def build_model(method: str, params, precision: str, dev: torch.device, common: CommonTrainParams, acc):
+def build_model(method: str, params, base: Path, precision: str, dev: torch.device, common: CommonTrainParams, acc):
     """The method's trainable model from the run's seed, and whether accelerate shards it (FSDP, ZeRO-3)."""
     torch.manual_seed(common.seed)
     # FSDP and ZeRO-3 take the model from host memory and move only each device's shard onto it
     sharded = acc is not None and acc.distributed_type.value in ("FSDP", "DEEPSPEED")
-    model = methods.build(method, params, method_named(method).base, precision, torch.device("cpu") if sharded else dev,
+    model = methods.build(method, params, base, precision, torch.device("cpu") if sharded else dev,
                           common.gradient_checkpointing)
     if acc:  # the same initial weights everywhere (above); each process's own dropout draws from here on
         torch.manual_seed(common.seed + acc.process_index)
@@ -210,11 +211,11 @@ def memory_record(train_memory: dict, load_memory: dict, dev: torch.device) -> M
                   load_peak_memory_bytes=load_memory["peak_bytes"], allocator=allocator.in_use())
 
 
-def setup_record(method: str, params, common: CommonTrainParams, dev: torch.device, train_rows: dict) -> Setup:
+def setup_record(method: str, params, base: Path, common: CommonTrainParams, dev: torch.device, train_rows: dict) -> Setup:
     """train.json `setup`: the shapes the run trained with, what the estimator predicts its memory and time from."""
     spec = method_named(method)
     lora = params if spec.adapter else None
-    return Setup(base=str(spec.base), gradient_checkpointing=common.gradient_checkpointing,
+    return Setup(base=str(base), gradient_checkpointing=common.gradient_checkpointing,
                  optimizer=common.optimizer, devices=common.devices,
                  distributed=(distributed.strategy(common, method, dev.type == "cuda")
                               if common.devices > 1 else None),
@@ -262,7 +263,16 @@ def out_of_memory(method: str, common: CommonTrainParams, seq_len: int, dev: tor
             + ", or ".join(advice) + "; `tuneoff estimate` compares the options before a run")
 
 
+def arguments(prog: str) -> argparse.ArgumentParser:
+    """The train stage's command line (stages/train_seed.py adds the seed)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("task")
+    parser.add_argument("method")
+    parser.add_argument("--base", type=Path, required=True, help="the base model the method trains on")
+    parser.add_argument("--prepared", type=Path, required=True, help="the task's prepared data")
+    parser.add_argument("--run", type=Path, required=True, help="the run's folder: model/, train.json, loss logs")
+    return parser
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m stages.train <task> <method>")
-    main(sys.argv[1], sys.argv[2])
+    main(**vars(arguments("python -m stages.train").parse_args()))

@@ -2,14 +2,13 @@
 stage again with one of bakeoff.more_seeds, then the model scored on the test set as trained (an
 adapter on its base: for QLoRA the NF4 base, whose function its first seed is compared in too, as nf4-merged).
 
-Outputs runs/<task>/<method>/seeds/<seed>/: model/, train.json, eval.json, predictions.jsonl and the
+Outputs, in `--run` (runs/<task>/<method>/seeds/<seed>/): model/, train.json, eval.json, predictions.jsonl and the
 loss logs. The report compares methods over all their seeds (tuneoff/decision/report.py pair_over_seeds).
 """
 
 from __future__ import annotations
 
 import gc
-import sys
 import time
 from pathlib import Path
 
@@ -27,15 +26,15 @@ from tuneoff.modeling.merge import load_adapter_model
 
 
 @user_errors
-def main(task: str, method: str, seed: int) -> None:
-    out = train.main(task, method, seed)
+def main(task: str, method: str, seed: int, base: Path, prepared: Path, run: Path) -> None:
+    out = train.main(task, method, base, prepared, run, seed)
     gc.collect()
     spec, params = method_named(method), section(EvaluateParams, "evaluate", data=read_params())
-    test, dev = load_test(Path("data/prepared") / task), measure.device()
+    test, dev = load_test(prepared), measure.device()
     start = time.perf_counter()
     dtype = measure.eval_dtype(params.dtype, dev)
     if spec.adapter:
-        net = load_adapter_model(spec.base, out / "model", dev, dtype)
+        net = load_adapter_model(base, out / "model", dev, dtype)
     else:
         net = AutoModelForCausalLM.from_pretrained(out / "model", dtype=dtype).to(dev).eval()
     load_seconds = time.perf_counter() - start
@@ -54,6 +53,6 @@ def main(task: str, method: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or not sys.argv[3].isdigit():
-        sys.exit("usage: python -m stages.train_seed <task> <method> <seed>")
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    parser = train.arguments("python -m stages.train_seed")
+    parser.add_argument("seed", type=int)
+    main(**vars(parser.parse_args()))

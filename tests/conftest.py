@@ -102,6 +102,20 @@ def run(cmd, cwd, env: dict | None = None) -> str:
     return proc.stdout + proc.stderr
 
 
+def stage_command(name: str, **item) -> list[str]:
+    """The command dvc.yaml gives stage `name` for one `item` (`task=`, `method=`, `seed=`; a foreach
+    stage's `task` is its ${item}), as this interpreter runs it: the paths it reads and writes are dvc.yaml's."""
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]
+    cmd = body.get("do", body)["cmd"]
+    for key, value in item.items():
+        cmd = cmd.replace(f"${{item.{key}}}", str(value))
+    if "task" in item:
+        cmd = cmd.replace("${item}", str(item["task"]))
+    words = cmd.split()
+    assert words[0] == "python" and "${" not in cmd, f"dvc.yaml {name}: {cmd!r} (item {item})"
+    return [sys.executable, *words[1:]]
+
+
 def make_project(dest: Path, tiny_base: Path) -> Path:
     """A copy of the project (what git would commit) in `dest`, set to the tiny model and a tiny
     budget, committed to its own git repository."""

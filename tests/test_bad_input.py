@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
+from conftest import stage_command
 from hypothesis import strategies as st
 
 from tuneoff.core.errors import TuneoffError
@@ -229,7 +230,7 @@ def import_base_in(tmp_path, model_dir: Path) -> subprocess.CompletedProcess:
     project.mkdir(exist_ok=True)
     (project / "params.yaml").write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "stages.import_base"], cwd=project, env=env,
+    return subprocess.run(stage_command("import_base"), cwd=project, env=env,
                           capture_output=True, text=True)
 
 
@@ -280,7 +281,7 @@ def test_debug_env_shows_the_traceback(tmp_path, tiny_base):
     data["base_model"].update(source="path", path=str(folder))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "TUNEOFF_DEBUG": "1"}
-    proc = subprocess.run([sys.executable, "-m", "stages.import_base"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run(stage_command("import_base"), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "TuneoffError" in proc.stderr
 
 
@@ -308,8 +309,9 @@ def test_a_bug_is_one_line_naming_its_traceback_and_the_flow_does_not_retry_it(t
     assert line.endswith(" (traceback: logs/test_bad_input-slots-lora.traceback)\n")
     saved = (tmp_path / "logs/test_bad_input-slots-lora.traceback").read_text()
     assert saved.startswith("Traceback") and "KeyError: 'album'" in saved
-    output = (f"Running stage 'evaluate@slots-lora':\n> python -m stages.evaluate slots lora\n{line}ERROR: failed to "
-              "reproduce 'evaluate@slots-lora': failed to run: python -m stages.evaluate slots lora, exited with 1\n")
+    cmd = "python -m stages.evaluate slots lora --model-dir runs/slots/lora/merged --prepared data/prepared --run runs/slots/lora"
+    output = (f"Running stage 'evaluate@slots-lora':\n> {cmd}\n{line}ERROR: failed to "
+              f"reproduce 'evaluate@slots-lora': failed to run: {cmd}, exited with 1\n")
     failed = CommandFailed(("dvc", "repro"), 1, tmp_path, output)
     assert failed.line == "evaluate@slots-lora: " + line.removeprefix("error: ").strip()
     assert not transient(None, None, Failed(data=failed))

@@ -4,6 +4,7 @@ register does with a verdict that is not decided."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -254,7 +255,8 @@ def test_a_verdict_that_is_not_decided_registers_and_promotes_nothing(tmp_path, 
     (tmp_path / "reports/comparison.json").write_text(json.dumps(
         {"tasks": [task], "decisions": {"extraction": decision}, "quantization": None}))
     monkeypatch.chdir(tmp_path)
-    register_stage.main()
+    register_stage.main(Path("reports/comparison.json"), Path("data/prepared"), Path("runs"), Path("registry"),
+                        Path("models/production"))
     written = json.loads((tmp_path / "registry/decision.json").read_text())["extraction"]
     assert written["registered"] is None and "nothing registered" in written["register"]
     assert not (tmp_path / "registry/registry.json").exists()

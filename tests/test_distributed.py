@@ -7,14 +7,13 @@ here, their sharded checkpoints are not run."""
 import importlib.util
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import make_project, run
+from conftest import make_project, run, stage_command
 from safetensors.torch import load_file
 from test_resume import kill_after_checkpoint
 
@@ -52,7 +51,7 @@ def train(project: Path, method: str, devices: int, **changes) -> dict:
     """Run the train stage as dvc.yaml does (through its launcher) on `devices` processes."""
     set_params(project, devices, **changes)
     runs_before = set(project.glob("wandb/offline-run-*"))
-    run([sys.executable, "-m", "tuneoff.training.launch", "stages.train", "extraction", method], project)
+    run(stage_command("train", task="extraction", method=method), project)
     out = project / "runs/extraction" / method
     csv = {name: [line.split(",") for line in (out / name).read_text().splitlines()[1:]]
            for name in ("loss.csv", "val_loss.csv")}

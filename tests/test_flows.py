@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import ROOT, make_project, run
+from conftest import ROOT, make_project, run, stage_command
 
 from tuneoff.serving.server import free_port
 
@@ -217,7 +217,7 @@ def test_a_second_clone_gets_the_versions_stages_and_production_model(project, s
     report = json.loads(comparison_file.read_text())
     report["decisions"]["extraction"].update(method="lora", verdict="decided")
     comparison_file.write_text(json.dumps(report))
-    run([sys.executable, "-m", "stages.register"], project)
+    run(stage_command("register"), project)
     run(["dvc", "commit", "--force", "report", "register"], project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tracking"]["upload_max_mib"] = 0  # every model a reference in W&B, as an 8B one would be

@@ -8,6 +8,7 @@ import itertools
 import json
 import random
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import yaml
@@ -122,7 +123,7 @@ def test_free_form_replies_with_several_references_get_a_verdict_on_rouge_l(proj
 
     monkeypatch.chdir(project)
     for task, items in DATA.items():
-        prepare.main(task)
+        prepare.main(task, base=Path("models/base"), out=Path("data/prepared") / task)
         out = project / "data/prepared" / task
         meta = json.loads((out / "meta.json").read_text())
         refs = {it["mr"]: it["references"] for it in items}
@@ -144,16 +145,17 @@ def test_free_form_replies_with_several_references_get_a_verdict_on_rouge_l(proj
             by_prompt[mr(ex["messages"][-2]["content"])].append(ex["messages"][-1]["content"])
         assert all(sorted(v) == sorted(refs[k]) for k, v in by_prompt.items()) and len(by_prompt) == len(items) - n_test - 4
         assert meta["references"]["test"] == sum(len(refs[p]) for p in prompts["test"]) > n_test
-        train.main(task, "full")
-        for model in ("base", "full"):
-            evaluate.main(task, model)
+        train.main(task, "full", base=Path("models/base"), prepared=Path("data/prepared") / task,
+                   run=Path("runs") / task / "full")
+        for model, folder in (("base", Path("models/base")), ("full", Path("runs") / task / "full/model")):
+            evaluate.main(task, model, model_dir=folder, prepared=Path("data/prepared"), run=Path("runs") / task / model)
             ev = json.loads((project / "runs" / task / model / "eval.json").read_text())
             assert ev["metrics"]["main_metric"] == "rouge_l" and ev["metrics"]["main"] == ev["metrics"]["rouge_l"]
             assert all(0 <= ev["metrics"][k] <= 1 for k in ("rouge_l", "chrf", "bleu", "exact_match"))
             records = read(project / "runs" / task / model / "predictions.jsonl")
             assert all(r["score"] == r["rouge_l"] and 0 <= r["chrf"] <= 1 for r in records)
             assert all(sorted(r.get("references", [r["expected"]])) == sorted(refs[mr(r["input"])]) for r in records)
-    report.main()
+    report.main(Path("runs"), Path("data/prepared"), Path("models/quantize.json"), Path("reports"))
 
     comparison = json.loads((project / "reports/comparison.json").read_text())
     text = (project / "reports/report.md").read_text()

@@ -1,6 +1,7 @@
 """What ships for each method: QLoRA's deployable forms, the one chosen, and the merge into NF4."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,21 +21,21 @@ def test_the_best_form_ships_and_a_tie_goes_to_the_function_that_trained():
 
 def test_deployment_follows_the_form_evaluate_nf4_chose(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    lora = deployment("t", "lora")
+    lora = deployment(Path("runs/t/lora"), "lora")
     assert (str(lora.path), lora.form, str(lora.base)) == ("runs/t/lora/merged", "float-merged", "models/base")
-    assert deployment("t", "full").base is None
-    with pytest.raises(TuneoffError, match=r"evaluate_nf4@t-qlora"):
-        deployment("t", "qlora")  # not scored yet: nothing to choose from
+    assert deployment(Path("runs/t/full"), "full").base is None
+    with pytest.raises(TuneoffError, match=r"runs/t/qlora/eval.json not found: run its evaluate_nf4"):
+        deployment(Path("runs/t/qlora"), "qlora")  # not scored yet: nothing to choose from
     expected = {"nf4": ("runs/t/qlora/model", "models/base-nf4"),  # the adapter itself, on the 4-bit base
                 "nf4-merged": ("runs/t/qlora/merged-nf4", "models/base-nf4"),
                 "float-merged": ("runs/t/qlora/merged", "models/base")}
     (tmp_path / "runs/t/qlora").mkdir(parents=True)
     for form, (path, base) in expected.items():
         (tmp_path / "runs/t/qlora/eval.json").write_text(json.dumps({"deployed_form": form}))
-        chosen = deployment("t", "qlora")
+        chosen = deployment(Path("runs/t/qlora"), "qlora")
         assert (str(chosen.path), chosen.form, str(chosen.base)) == (path, form, base)
     with pytest.raises(TuneoffError, match="lora has no deployable form 'nf4'"):
-        form_deployment("t", "lora", "nf4")
+        form_deployment(Path("runs/t/lora"), "lora", "nf4")
 
 
 def test_merge_into_dequantized_nf4_computes_the_adapter_as_trained(tiny_nf4, tmp_path):

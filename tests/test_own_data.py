@@ -5,6 +5,7 @@ run in process on the tiny model: prepare, train (full), evaluate (own task and 
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,16 +80,17 @@ def test_records_with_different_keys_run_through_prepare_evaluate_and_report(pro
 
     monkeypatch.chdir(project)
     for task in ("slots", "slots_chat"):
-        prepare.main(task)
+        prepare.main(task, base=Path("models/base"), out=Path("data/prepared") / task)
         meta = json.loads((project / "data/prepared" / task / "meta.json").read_text())
         # test and val are 10% each, val capped at 4 before it is carved: the rest of its 10% trains
         assert meta["scorer"] == "json_fields" and meta["examples"] == {
             "slots": {"train": 68, "val": 4, "test": 8}, "slots_chat": {"train": 50, "val": 4, "test": 6}}[task]
     for task in ("slots", "slots_chat"):
-        train.main(task, "full")
-        for model in ("base", "full"):
-            evaluate.main(task, model)
-    report.main()
+        train.main(task, "full", base=Path("models/base"), prepared=Path("data/prepared") / task,
+                   run=Path("runs") / task / "full")
+        for model, folder in (("base", Path("models/base")), ("full", Path("runs") / task / "full/model")):
+            evaluate.main(task, model, model_dir=folder, prepared=Path("data/prepared"), run=Path("runs") / task / model)
+    report.main(Path("runs"), Path("data/prepared"), Path("models/quantize.json"), Path("reports"))
 
     comparison = json.loads((project / "reports/comparison.json").read_text())
     text = (project / "reports/report.md").read_text()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import API_KEY, make_project, run
+from conftest import API_KEY, make_project, run, stage_command
 from huggingface_hub import ModelCard
 
 from tuneoff.modeling.merge import SCORED_FORMS, deployed_form
@@ -327,7 +327,7 @@ def test_bad_params_fail_the_stage_with_one_line(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = (project / "runs/extraction/lora/train.json").read_bytes()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([sys.executable, "-m", "stages.train", "extraction", "lora"], cwd=project, env=env,
+    proc = subprocess.run(stage_command("train", task="extraction", method="lora"), cwd=project, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml: train.lora.target_modules: ['query']")
@@ -354,14 +354,14 @@ def test_register_scores_production_beside_the_new_version(project, tiny_base):
     comparison_file.write_text(json.dumps(report))
     published = project / "models/production/extraction"
     try:
-        run([sys.executable, "-m", "stages.register"], project)
+        run(stage_command("register"), project)
         first = sorted(p.name for p in published.iterdir())
         card = ModelCard.load(published / "README.md")  # a Hugging Face model card, metadata and all
         lora = next(r for r in report["tasks"][0]["rows"] if r["method"] == "lora")
         assert card.data.base_model == str(tiny_base) and card.data.library_name == "transformers"  # merged
         assert card.data.eval_results[0].metric_value == lora["main"] and "# extraction-model v1" in card.text
         shutil.rmtree(published)
-        again = run([sys.executable, "-m", "stages.register"], project)
+        again = run(stage_command("register"), project)
         assert "register: extraction-model v1 (lora) -> production" in again
         assert len(json.loads((project / "registry/registry.json").read_text())["models"]["extraction-model"]) == 1
         assert sorted(p.name for p in published.iterdir()) == first
@@ -369,7 +369,7 @@ def test_register_scores_production_beside_the_new_version(project, tiny_base):
         out_entry = next(o for o in lock["stages"]["train@extraction-lora"]["outs"] if o["path"].endswith("model"))
         out_entry["md5"] = "0" * 32 + ".dir"
         lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
-        out = run([sys.executable, "-m", "stages.register"], project)
+        out = run(stage_command("register"), project)
         versions = json.loads((project / "registry/registry.json").read_text())["models"]["extraction-model"]
     finally:
         comparison_file.write_text(original)

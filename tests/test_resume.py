@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_project, run
+from conftest import make_project, run, stage_command
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,8 @@ def test_killed_training_resumes_to_the_same_result(project, method, optimizer):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # the reference run goes around DVC: from DVC's run cache the rerun below would be restored, not resumed
     run(["dvc", "repro", "--no-commit", *UPSTREAM[method]], project)
-    run([sys.executable, "-m", "stages.train", "extraction", method], project, env={"WANDB_MODE": "disabled"})
+    run(stage_command(stage(method).split("@")[0], task="extraction", method=method), project,
+        env={"WANDB_MODE": "disabled"})
     uninterrupted = outputs(project, method)
     assert uninterrupted["metrics"]["tokens"]["steps"] > 20
     assert not (project / "checkpoints/extraction" / method).exists()  # removed by the stage that finished

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -211,7 +212,7 @@ def prepare_task(tmp_path, tiny_base, monkeypatch, name, entry, files):
     (tmp_path / "models").mkdir()
     (tmp_path / "models/base").symlink_to(tiny_base)
     monkeypatch.chdir(tmp_path)
-    prepare.main(name)
+    prepare.main(name, base=Path("models/base"), out=Path("data/prepared") / name)
     return json.loads((tmp_path / "data/prepared" / name / "meta.json").read_text())
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -38,7 +39,7 @@ def project(tmp_path_factory, tiny_base):
     here = os.getcwd()
     os.chdir(path)
     try:
-        prepare.main("extraction")
+        prepare.main("extraction", base=Path("models/base"), out=Path("data/prepared/extraction"))
     finally:
         os.chdir(here)
     return path
@@ -52,7 +53,8 @@ def train_lora(project, monkeypatch, lr) -> tuple[dict, dict]:
     params["train"]["lora"]["lr"] = lr
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(project)
-    out = train_stage.main("extraction", "lora")
+    out = train_stage.main("extraction", "lora", base=Path("models/base"), prepared=Path("data/prepared/extraction"),
+                           run=Path("runs/extraction/lora"))
     return json.loads((out / "train.json").read_text()), load_file(next((out / "model").glob("*.safetensors")))
 
 

@@ -70,8 +70,10 @@ def user_errors(main):
         except Exception as e:
             if os.environ.get("TUNEOFF_DEBUG") or (transient(e) and not isinstance(e, TuneoffError)):
                 raise
-            # logs/evaluate-extraction-lora.traceback for `python -m stages.evaluate extraction lora`
-            name = "-".join([Path(main.__code__.co_filename).stem, *(a for a in args if isinstance(a, str))])
+            # logs/evaluate-extraction-lora.traceback for `python -m stages.evaluate extraction lora --run ...`
+            # (its string arguments; the paths are not)
+            name = "-".join([Path(main.__code__.co_filename).stem,
+                             *(a for a in [*args, *kwargs.values()] if isinstance(a, str))])
             print(f"error: {e if isinstance(e, TuneoffError) else bug_line(e, name)}", file=sys.stderr)
             sys.exit(1)
 

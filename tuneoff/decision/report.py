@@ -37,14 +37,15 @@ def read_json(path: Path) -> dict:
 
 
 def compare_task(task: str, methods: list[str], estimate_params: EstimateParams, prices: dict[str, float],
-                 runs: Path = Path("runs"), prepared: Path = Path("data/prepared"), bootstrap_samples: int = 2000,
+                 runs: Path, prepared: Path, bootstrap_samples: int = 2000,
                  seed: int = 0, more_seeds: tuple[int, ...] = (), sample_replies: int = 0,
                  judge_prices: dict[str, float] | None = None) -> TaskComparison:
     """Rows for the untuned base and each method, the paired comparisons the decision uses, and the
     conditions that make them comparable. Each run's dollars (at `prices`) and the estimator's
     prediction for it are computed here, from what its train.json measured. With `more_seeds`
     (bakeoff.more_seeds), the pairs cover every seed each method trained with. `sample_replies` test
-    items (decide.sample_replies) are kept with every model's reply, for a reviewer to read. A judged task's
+    items (decide.sample_replies) are kept with every model's reply, for a reviewer to read. The task's
+    runs are read from `runs`/<task>/<model>/ and its meta.json from `prepared`/<task>/. A judged task's
     rows carry what its grades cost (`judge_usd`, at `judge_prices`: cost.judge_usd_per_million_tokens)."""
     meta = read_json(prepared / task / "meta.json")
     rows, trains, items = [], {}, {}

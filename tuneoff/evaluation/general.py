@@ -67,9 +67,11 @@ def run_benchmarks(model, tokenizer, tasks: list[str], limit: int | None, batch_
     return scores
 
 
-def cross_task(net, tokenizer, other: str, limit: int, evaluate: EvaluateParams, dev: torch.device) -> dict:
-    """The model on the first `limit` test items of another bake-off task, scored as evaluate does."""
-    test = load_test(Path("data/prepared") / other)
+def cross_task(net, tokenizer, other: str, prepared: Path, limit: int, evaluate: EvaluateParams,
+               dev: torch.device) -> dict:
+    """The model on the first `limit` test items of another bake-off task (prepared in `prepared`/`other`),
+    scored as evaluate does."""
+    test = load_test(prepared / other)
     n = min(limit, len(test.conversations))
     produced = generate(net, tokenizer, test.conversations[:n], evaluate.batch_size,
                         reply_limit(tokenizer, test.references[:n], evaluate.max_new_tokens), dev, f"cross-task {other}")
@@ -78,14 +80,15 @@ def cross_task(net, tokenizer, other: str, limit: int, evaluate: EvaluateParams,
             "correct": [bool(row["correct"]) for row in per_item]}
 
 
-def general_ability(net, tokenizer, model: str, others: list[str], params: BenchmarkParams,
+def general_ability(net, tokenizer, model: str, others: list[str], prepared: Path, params: BenchmarkParams,
                     evaluate: EvaluateParams, dev: torch.device) -> tuple[dict, dict]:
     """The loaded model's benchmark.json (scores, and the seconds they took) and benchmark-items.json
-    (each item right or wrong, in item order); `others` are the bake-off's other tasks."""
+    (each item right or wrong, in item order); `others` are the bake-off's other tasks, each prepared
+    in a folder of `prepared`."""
     start = time.perf_counter()
     general = (run_benchmarks(net, tokenizer, params.tasks, params.limit or None, params.batch_size)
                if params.tasks else {})
-    retained = ({o: cross_task(net, tokenizer, o, params.cross_task_limit, evaluate, dev) for o in others}
+    retained = ({o: cross_task(net, tokenizer, o, prepared, params.cross_task_limit, evaluate, dev) for o in others}
                 if model != BASE and params.cross_task_limit else {})
     items = {"benchmarks": {b: s["correct"] for b, s in general.items()},
              "cross_task": {o: s["correct"] for o, s in retained.items()}}

@@ -47,10 +47,11 @@ def deployed_form(scores: dict[str, float | tuple]) -> str:
     return max((f for f in FORMS if f in scores), key=lambda f: (scores[f], -FORMS.index(f)))
 
 
-def form_deployment(task: str, method: str, form: str | None) -> Deployment:
-    """Where `form` of `method` on `task` lives and the base its adapter needs. LoRA has one form
-    (float-merged) and full none; a QLoRA adapter runs on the NF4 base in both nf4 forms."""
-    run, m = Path("runs") / task / method, method_named(method)
+def form_deployment(run: Path, method: str, form: str | None) -> Deployment:
+    """Where `form` of `method` lives in its run folder `run` (runs/<task>/<method>/ in dvc.yaml) and the
+    base its adapter needs. LoRA has one form (float-merged) and full none; a QLoRA adapter runs on the
+    NF4 base in both nf4 forms."""
+    m = method_named(method)
     if not m.adapter:
         return Deployment(run / "model", None, None)
     allowed = FORMS if m.quantized else ("float-merged",)
@@ -63,30 +64,24 @@ def form_deployment(task: str, method: str, form: str | None) -> Deployment:
     return Deployment(run / "merged", form, FLOAT_BASE)
 
 
-def deployment(task: str, method: str) -> Deployment:
-    """What would be deployed for `method` on `task`: for a method trained on the NF4 base, the form
-    its evaluation chose (runs/<task>/<method>/eval.json `deployed_form`)."""
+def deployment(run: Path, method: str) -> Deployment:
+    """What would be deployed of `method`'s run folder `run`: for a method trained on the NF4 base, the
+    form its evaluation chose (`run`/eval.json `deployed_form`)."""
     m = method_named(method)
     if not m.adapter:
-        return form_deployment(task, method, None)
+        return form_deployment(run, method, None)
     if not m.quantized:
-        return form_deployment(task, method, "float-merged")
-    scores = Path("runs") / task / method / "eval.json"
+        return form_deployment(run, method, "float-merged")
+    scores = run / "eval.json"
     if not scores.is_file():
-        raise TuneoffError(f"{scores} not found: run `dvc repro evaluate_nf4@{task}-{method}` first "
-                           "(it chooses the form that ships)")
-    return form_deployment(task, method, json.loads(scores.read_text())["deployed_form"])
+        raise TuneoffError(f"{scores} not found: run its evaluate_nf4 stage first (it chooses the form that ships)")
+    return form_deployment(run, method, json.loads(scores.read_text())["deployed_form"])
 
 
-def deployable_dir(task: str, method: str) -> Path:
-    """The folder that would be deployed: full weights for `full`, the merged model for LoRA, and
-    for QLoRA the form its evaluation chose (the adapter itself for nf4)."""
-    return deployment(task, method).path
-
-
-def adapter_dir(task: str, method: str) -> Path:
-    """The PEFT adapter an adapter method trained (what `tuneoff serve` loads onto one base)."""
-    return Path("runs") / task / method / "model"
+def adapter_dir(run: Path) -> Path:
+    """The PEFT adapter an adapter method trained into its run folder `run` (what `tuneoff serve` loads
+    onto one base)."""
+    return run / "model"
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""`python -m tuneoff.training.launch stages.train TASK METHOD`: run a stage module in a fresh Python started
+"""`python -m tuneoff.training.launch stages.train TASK METHOD --base ... --run ...`: run a stage module in a fresh Python started
 on the allocator `train.common.allocator` names (tuneoff/training/allocator.py). A process's malloc is fixed
 when it starts, so this sets it (LD_PRELOAD) before the stage's Python does, as PyTorch's CPU launcher
 `torch.backends.xeon.run_cpu` does; the stage then runs as `python -m stages.train ...` would.
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
     common = section(CommonTrainParams, "train", "common")
     env = {**os.environ, **allocator.environment(common.allocator)}
     command = [sys.executable, "-m", *argv]
-    if common.devices > 1 and len(argv) >= 3:  # <module> <task> <method> [seed]
+    if common.devices > 1 and len(argv) >= 3:  # <module> <task> <method> [seed] --base ... (dvc.yaml)
         from tuneoff.core import measure
         from tuneoff.training import distributed
 
