@@ -16,7 +16,8 @@ from tuneoff.modeling.merge import SCORED_FORMS, deployed_form
 from tuneoff.training import allocator
 
 pytestmark = pytest.mark.slow
-MEASURED = {"timing", "memory", "cost", "examples_per_second"}  # the keys of a metrics file a rerun may change, at any depth
+MEASURED = {"timing", "memory", "cost", "examples_per_second", "seconds"}  # the keys of a metrics file a rerun may
+# change, at any depth ("seconds": the learning-rate pilots', train.json tuning)
 TRAIN_KEYS = {
     "params": {"trainable", "total", "trainable_percent"},
     "tokens": {"budget", "real", "supervised", "steps", "batch_rows"},
