@@ -4,7 +4,7 @@ general ability.
 <model> is `base` (the untuned base, always a row), `full`, or an adapter method trained on the
 float base, for which the merged model is evaluated: that is what would be deployed (the merge
 stage has already proved it computes what the adapter does): `--model-dir`. QLoRA has its own stage,
-evaluate_nf4, which scores each of its deployable forms. Writes, in `--run` (runs/<task>/<model>/), eval.json
+evaluate_nf4, which scores each of its deployable forms. Writes, in `--run-dir` (runs/<task>/<model>/), eval.json
 and predictions.jsonl: per test item, in test.jsonl order, input, expected, produced, correct
 and `loss` (the reference answer's mean per-token loss; null for an item with no loss token),
 so a person can read the failures and a paired comparison can line the items up. The same loaded
@@ -110,5 +110,5 @@ if __name__ == "__main__":
     parser.add_argument("model", help="base, full, or an adapter method (its merged model)")
     parser.add_argument("--model-dir", type=Path, required=True, help="the model folder scored")
     parser.add_argument("--prepared", type=Path, required=True, help="the prepared data, a folder per task")
-    parser.add_argument("--run", type=Path, required=True, help="the folder the scores are written in")
+    parser.add_argument("--run-dir", dest="run", type=Path, required=True, help="the folder the scores are written in")
     main(**vars(parser.parse_args()))

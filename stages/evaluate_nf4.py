@@ -12,7 +12,7 @@ the chosen form, and chooses nothing; `evaluate.all_forms_on_test` scores every 
 report then pairs them), and with `bakeoff.more_seeds` nf4-merged is always scored there (the other
 seeds are scored as trained, and pair with it).
 
-Reads the forms from the run folder `--run` (runs/<task>/<method>/) and writes there eval.json: `forms`
+Reads the forms from the run folder `--run-dir` (runs/<task>/<method>/) and writes there eval.json: `forms`
 (each form's `val` main and loss, and, where scored on test, its n, main, CI, test loss and speed there),
 `deployed_form`, and the deployed form's `metrics`, `test_loss` and `timing` where evaluate writes them for
 the other models; forms/<form>.jsonl
@@ -130,5 +130,5 @@ if __name__ == "__main__":
     parser.add_argument("method")
     parser.add_argument("--base", type=Path, required=True, help="the 4-bit base (its tokenizer)")
     parser.add_argument("--prepared", type=Path, required=True, help="the prepared data, a folder per task")
-    parser.add_argument("--run", type=Path, required=True, help="the method's run folder: the merged forms in, scores out")
+    parser.add_argument("--run-dir", dest="run", type=Path, required=True, help="the method's run folder: the merged forms in, scores out")
     main(**vars(parser.parse_args()))

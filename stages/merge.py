@@ -1,7 +1,7 @@
 """DVC stages `merge@<task>-<method>` and `merge_nf4@<task>-<method>`: an adapter merged into a base,
 checked against the unmerged model on held-out val rows within merge.tolerance.
 
-Each reads the adapter from the run folder `--run` (runs/<task>/<method>/) and writes beside it; `--base` is
+Each reads the adapter from the run folder `--run-dir` (runs/<task>/<method>/) and writes beside it; `--base` is
 the base it merges into.
 
 - `merge` (form `float-merged`, the default): into the full-precision base. Outputs
@@ -105,5 +105,5 @@ if __name__ == "__main__":
     parser.add_argument("form", nargs="?", default="float-merged", choices=list(STAGES))
     parser.add_argument("--base", type=Path, required=True, help="the base the adapter merges into")
     parser.add_argument("--prepared", type=Path, required=True, help="the task's prepared data (its val rows check the merge)")
-    parser.add_argument("--run", type=Path, required=True, help="the method's run folder: model/ in, the merged model out")
+    parser.add_argument("--run-dir", dest="run", type=Path, required=True, help="the method's run folder: model/ in, the merged model out")
     main(**vars(parser.parse_args()))

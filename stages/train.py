@@ -1,7 +1,7 @@
 """DVC stages `train@<task>-<method>` and `train_nf4@<task>-qlora`: one method on one task's prepared data
 (`--prepared`), from the base it trains on (`--base`: models/base, or models/base-nf4 for qlora).
 
-Outputs, in `--run` (runs/<task>/<method>/): model/ (full weights for `full`, the PEFT adapter for `lora` and
+Outputs, in `--run-dir` (runs/<task>/<method>/): model/ (full weights for `full`, the PEFT adapter for `lora` and
 `qlora`), train.json (what the run measured and the shapes it trained with: tuneoff/core/records.py
 TrainRecord; dollars and predictions are the report's) and loss.csv / val_loss.csv for `dvc plots`.
 """
@@ -270,7 +270,8 @@ def arguments(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("method")
     parser.add_argument("--base", type=Path, required=True, help="the base model the method trains on")
     parser.add_argument("--prepared", type=Path, required=True, help="the task's prepared data")
-    parser.add_argument("--run", type=Path, required=True, help="the run's folder: model/, train.json, loss logs")
+    # not `--run`: torchrun (devices > 1) reads an abbreviation of its own --run-path in its script's arguments
+    parser.add_argument("--run-dir", dest="run", type=Path, required=True, help="the run's folder: model/, train.json, loss logs")
     return parser
 
 

@@ -2,7 +2,7 @@
 stage again with one of bakeoff.more_seeds, then the model scored on the test set as trained (an
 adapter on its base: for QLoRA the NF4 base, whose function its first seed is compared in too, as nf4-merged).
 
-Outputs, in `--run` (runs/<task>/<method>/seeds/<seed>/): model/, train.json, eval.json, predictions.jsonl and the
+Outputs, in `--run-dir` (runs/<task>/<method>/seeds/<seed>/): model/, train.json, eval.json, predictions.jsonl and the
 loss logs. The report compares methods over all their seeds (tuneoff/decision/report.py pair_over_seeds).
 """
 

@@ -309,7 +309,7 @@ def test_a_bug_is_one_line_naming_its_traceback_and_the_flow_does_not_retry_it(t
     assert line.endswith(" (traceback: logs/test_bad_input-slots-lora.traceback)\n")
     saved = (tmp_path / "logs/test_bad_input-slots-lora.traceback").read_text()
     assert saved.startswith("Traceback") and "KeyError: 'album'" in saved
-    cmd = "python -m stages.evaluate slots lora --model-dir runs/slots/lora/merged --prepared data/prepared --run runs/slots/lora"
+    cmd = "python -m stages.evaluate slots lora --model-dir runs/slots/lora/merged --prepared data/prepared --run-dir runs/slots/lora"
     output = (f"Running stage 'evaluate@slots-lora':\n> {cmd}\n{line}ERROR: failed to "
               f"reproduce 'evaluate@slots-lora': failed to run: {cmd}, exited with 1\n")
     failed = CommandFailed(("dvc", "repro"), 1, tmp_path, output)

@@ -70,7 +70,7 @@ def user_errors(main):
         except Exception as e:
             if os.environ.get("TUNEOFF_DEBUG") or (transient(e) and not isinstance(e, TuneoffError)):
                 raise
-            # logs/evaluate-extraction-lora.traceback for `python -m stages.evaluate extraction lora --run ...`
+            # logs/evaluate-extraction-lora.traceback for `python -m stages.evaluate extraction lora --run-dir ...`
             # (its string arguments; the paths are not)
             name = "-".join([Path(main.__code__.co_filename).stem,
                              *(a for a in [*args, *kwargs.values()] if isinstance(a, str))])

@@ -1,4 +1,4 @@
-"""`python -m tuneoff.training.launch stages.train TASK METHOD --base ... --run ...`: run a stage module in a fresh Python started
+"""`python -m tuneoff.training.launch stages.train TASK METHOD --base ... --run-dir ...`: run a stage module in a fresh Python started
 on the allocator `train.common.allocator` names (tuneoff/training/allocator.py). A process's malloc is fixed
 when it starts, so this sets it (LD_PRELOAD) before the stage's Python does, as PyTorch's CPU launcher
 `torch.backends.xeon.run_cpu` does; the stage then runs as `python -m stages.train ...` would.
