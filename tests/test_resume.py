@@ -37,6 +37,7 @@ def outputs(project: Path, method: str) -> dict:
     out = project / "runs/extraction" / method
     metrics = json.loads((out / "train.json").read_text())
     weights = next((out / "model").glob("*.safetensors"))
+    metrics["tuning"].pop("seconds")  # the learning-rate pilots' time, measured like the rest
     return {"metrics": {k: v for k, v in metrics.items() if k not in MEASURED},
             "weights": load_file(weights),
             "logs": [(out / name).read_text() for name in ("loss.csv", "val_loss.csv")]}
