@@ -31,11 +31,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import timing  # noqa: E402
 
 from tuneoff.core.methods import METHODS  # noqa: E402
 
@@ -88,20 +90,6 @@ def worker(method: str, mode: str, project: Path, task: str, steps: int) -> dict
             out["tokens_per_second"] = result.real_tokens / result.train_seconds
             out["train_seconds"] = result.train_seconds
     return out
-
-
-def gemm_tflops(dtype) -> float:
-    """Best rate of a 2048^3 matrix product on this CPU (all threads), TFLOP/s."""
-    import torch
-
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    best = 0.0
-    for _ in range(8):
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        best = max(best, 5 * 2 * 2048**3 / (time.perf_counter() - start))
-    return best / 1e12
 
 
 def predict(project: Path, task: str, method: str, steps: int | None) -> tuple[dict, dict]:
@@ -171,16 +159,18 @@ def main() -> None:
     from tuneoff.core import measure
 
     # bf16 only where the CPU has bf16 instructions: elsewhere it times a slow fallback for minutes
-    bf16 = round(gemm_tflops(torch.bfloat16), 4) if measure.cpu_has_bf16() else None
+    cpu = torch.device("cpu")
+    bf16 = round(timing.matmul_flops(2048, torch.bfloat16, cpu) / 1e12, 4) if measure.cpu_has_bf16() else None
     results = {"project": str(project), "task": args.task, "steps": args.steps, "torch": torch.__version__,
-               "cpu_gemm_tflops": {"fp32": round(gemm_tflops(torch.float32), 4), "bf16": bf16}, "methods": {}}
-    print(f"CPU GEMM (2048^3, best of 8): {results['cpu_gemm_tflops']}", flush=True)
+               "cpu_gemm_tflops": {"fp32": round(timing.matmul_flops(2048, torch.float32, cpu) / 1e12, 4), "bf16": bf16},
+               "methods": {}}
+    print(f"CPU GEMM (2048^3, timing.matmul_flops): {results['cpu_gemm_tflops']}", flush=True)
     for method in METHODS:
         row = results["methods"][method] = {}
-        estimate, timing = predict(project, args.task, method, args.steps)
+        estimate, stage_time = predict(project, args.task, method, args.steps)
         row["estimate"] = {"peak_tensor_bytes": estimate["peak_tensor_bytes"], "peak_bytes": estimate["peak_memory_bytes"],
                            "phase": estimate["phase"], "at_peak": estimate["at_peak"], "params": estimate["params"],
-                           "train_flops": estimate["train_flops"], "train_seconds": timing["train_seconds"]}
+                           "train_flops": estimate["train_flops"], "train_seconds": stage_time["train_seconds"]}
         for mode, env in (("tensors", {}), ("rss", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
             cmd = [sys.executable, __file__, "--project", str(project), "--task", args.task, "--steps", str(args.steps),
                    "--worker", method, mode]

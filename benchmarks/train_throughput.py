@@ -86,6 +86,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import timing  # noqa: E402
 
 from tuneoff.core.methods import METHODS  # noqa: E402
 
@@ -173,9 +176,9 @@ def useful_flops_per_token(project: Path, method: str, params, plan_data: dict, 
     lora = METHODS[method].adapter
     setup = memory.Setup(method=method, batch_size=1, seq_len=max(1, round(mean_len)), precision=precision,
                          device=dev_type, optimizer="adamw", gradient_checkpointing=False,
-                         rank=params.rank if lora else 16,
-                         target_modules=memory.expand_targets(params.target_modules) if lora else ("q_proj", "v_proj"),
-                         dropout=params.dropout if lora else 0.0, supervised_positions=max(1, round(mean_supervised)),
+                         rank=params.rank if lora else None,
+                         target_modules=memory.expand_targets(params.target_modules) if lora else None,
+                         dropout=params.dropout if lora else None, supervised_positions=max(1, round(mean_supervised)),
                          attention="causal", double_quant=True, gpus=1, sharded=True, accumulates=False)
     return throughput.flops_per_position(from_config(config, "base"), setup)
 
@@ -206,9 +209,8 @@ def bf16_refusal(impls: list[str], precision: str, dev_type: str, flags: set[str
 
 
 def matmul_peak() -> dict:
-    """FLOP/s of a large square matmul, fp32 and bf16 (best of a few timed runs after warm-up). bf16 is
-    timed on a GPU and on a CPU with bf16 instructions; elsewhere `bf16_flops` is None (no bf16 run is
-    allowed there)."""
+    """FLOP/s of a large square matmul, fp32 and bf16 (timing.matmul_flops). bf16 is timed on a GPU and on a
+    CPU with bf16 instructions; elsewhere `bf16_flops` is None (no bf16 run is allowed there)."""
     import torch
 
     from tuneoff.core import measure
@@ -221,19 +223,7 @@ def matmul_peak() -> dict:
         sizes.append(("bf16_8192", torch.bfloat16, 8192))
     out = {"device": measure.device_name(dev), "threads": torch.get_num_threads(), "bf16_flops": None}
     for name, dtype, n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
-        best = math.inf
-        for i in range(6):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(3 if dev.type == "cpu" else 20):
-                a @ b
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if i:  # the first is warm-up
-                best = min(best, (time.perf_counter() - t) / (3 if dev.type == "cpu" else 20))
-        out[f"{name}_flops"] = 2 * n**3 / best
+        out[f"{name}_flops"] = timing.matmul_flops(n, dtype, dev)
     return out
 
 

@@ -445,19 +445,16 @@ def test_shipped_estimate_and_plan_params_are_valid_and_checked(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_peak_within_10_percent(tmp_path):
-    """benchmarks/gpu_memory.py on Llama 3.2 1B's shape (random weights): every method's predicted peak
+    """benchmarks/gpu_check.py on Llama 3.2 1B's shape (random weights): every method's predicted peak
     within 10% of torch.cuda.max_memory_allocated."""
-    import subprocess
-    import sys
-
     out = tmp_path / "gpu.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_memory.py"), "--model", "llama-3.2-1b", "--steps", "3",
-                    "--out", str(out)], check=True, cwd=ROOT)
-    methods_run = json.loads(out.read_text())["methods"]
-    assert set(methods_run) == {"full", "lora", "qlora"}
-    for method, result in methods_run.items():
-        assert "error" not in result, result.get("error")
-        assert abs(result["error_percent"]) < 10, (method, result["error_percent"])
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--model", "llama-3.2-1b", "--steps", "3",
+                    "--cases", "full:bf16:adamw,lora:bf16:adamw,qlora:bf16:adamw", "--out", str(out)], check=True, cwd=ROOT)
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["method"] for c in cases] == ["full", "lora", "qlora"]
+    for case in cases:
+        assert "error" not in case and "skipped" not in case, case
+        assert abs(case["error_percent"]) < 10, (case["name"], case["error_percent"])
 
 
 def test_gpu_check_runs_its_cases_on_a_cpu_and_refuses_a_missing_gpu_in_one_line(tmp_path):

@@ -38,7 +38,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     dtype = value.dtype  # the projections' compute dtype (rotary embeddings can leave q and k in float32)
     if any(t.dtype != torch.float32 for t in (query, key, value)):
         # PyTorch's CPU flash attention is slower on bf16 inputs than on float32 ones
-        # (benchmarks/results/attention_packed.txt, `benchmarks/attention_packed.py --dtype bf16`): attend in
+        # (benchmarks/results/step_parts.md, `benchmarks/step_parts.py attention --dtype bf16`): attend in
         # float32, outside autocast (which would cast the inputs straight back). The projections around it stay
         # in bf16.
         query, key, value = query.float(), key.float(), value.float()

@@ -78,7 +78,7 @@ def make_optimizer(params: list[torch.Tensor], weight_decay: float, lr: float, o
 
     adamw: torch's, fused (one kernel per parameter, each state read once) on a CPU as on a GPU, as
     transformers' Trainer defaults to; several times faster than PyTorch's per-tensor CPU default
-    (benchmarks/results/adamw_step.txt, `benchmarks/adamw_step.py`). Its states have the parameters' dtype.
+    (benchmarks/results/step_parts.md, `benchmarks/step_parts.py adamw`). Its states have the parameters' dtype.
 
     adamw-8bit, paged-adamw-8bit: bitsandbytes' AdamW8bit / PagedAdamW8bit with the same groups, lr,
     betas and eps: each state is uint8 codes plus a float32 absmax per 256 values, 2 bytes a parameter
