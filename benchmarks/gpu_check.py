@@ -194,10 +194,12 @@ def predict(args, method: str, optimizer: str, positions: int, precision: str, g
     from tuneoff.estimator import memory
     from tuneoff.estimator.architectures import resolve
 
+    lora = METHODS[method].adapter  # full fine-tuning has no LoRA fields
     setup = memory.Setup(method=method, batch_size=args.batch_size, seq_len=args.seq_len, precision=precision,
                          device="cuda" if args.device.startswith("cuda") else "cpu", optimizer=optimizer,
-                         gradient_checkpointing=gradient_checkpointing, rank=args.rank,
-                         target_modules=memory.expand_targets(args.target_modules.split(",")), dropout=0.05,
+                         gradient_checkpointing=gradient_checkpointing, rank=args.rank if lora else None,
+                         target_modules=memory.expand_targets(args.target_modules.split(",")) if lora else None,
+                         dropout=0.05 if lora else None,
                          supervised_positions=positions, attention="packed", double_quant=True, gpus=1, sharded=True,
                          accumulates=False)
     return setup, memory.estimate(resolve(args.model), setup, 0)

@@ -61,9 +61,12 @@ def adamw(args) -> None:
 def attention(args) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from tuneoff.core import measure
     from tuneoff.data.packing import example_spans
     from tuneoff.training import attention as packed
 
+    if args.dtype == "bf16" and not measure.cpu_has_bf16():
+        sys.exit("attention --dtype bf16: this CPU has no bf16 instructions, so bf16 would time a slow fallback")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     lengths = [args.example_len] * args.examples_per_row
     if sum(lengths) > SEQ_LEN:
