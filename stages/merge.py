@@ -32,6 +32,7 @@ from tuneoff.core.params import MergeParams, check_task, read_params, section
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.data.rows import load_rows
 from tuneoff.modeling import quantize
+from tuneoff.modeling.base_model import save_tokenizer
 from tuneoff.modeling.merge import (
     adapter_dir,
     check_merge,
@@ -80,7 +81,7 @@ def main(task: str, method: str, form: str, base: Path, prepared: Path, run: Pat
 
     with atomic_dir(deployed.path) as tmp:
         merged.to(getattr(torch, params.save_dtype)).save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        save_tokenizer(AutoTokenizer.from_pretrained(base), tmp)
     metrics = {
         "task": task, "method": method, "merged_into": merged_into, "dtype": params.save_dtype,
         "max_abs_logit_diff": diff, "tolerance": params.tolerance,

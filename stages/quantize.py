@@ -24,6 +24,7 @@ from tuneoff.core.params import BakeoffParams, QuantizeParams, read_params, sect
 from tuneoff.core.tracking import flat, stage_run
 from tuneoff.data.rows import load_rows
 from tuneoff.modeling import quantize
+from tuneoff.modeling.base_model import save_tokenizer
 from tuneoff.modeling.loss import eval_loss
 from tuneoff.modeling.merge import logits_on
 
@@ -59,7 +60,7 @@ def main(base: Path, prepared: Path, out: Path, metrics_file: Path) -> None:
     nf4_logits, nf4_loss = measure_on(model, tasks, dev)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        save_tokenizer(AutoTokenizer.from_pretrained(base), tmp)
         # the saved 4-bit checkpoint must load back to the model that was measured, or it is not kept
         first = next(iter(tasks))
         if not torch.equal(logits_on(quantize.load(tmp, torch.float32, dev), tasks[first]["check"], dev), nf4_logits[first]):

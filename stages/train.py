@@ -45,6 +45,7 @@ from tuneoff.core.records import (
 from tuneoff.core.tracking import NoTracker, flat, stage_run
 from tuneoff.data.rows import load_rows
 from tuneoff.modeling import methods
+from tuneoff.modeling.base_model import save_tokenizer
 from tuneoff.training import allocator, distributed, tune
 from tuneoff.training.checkpoint import Checkpointer, fingerprint
 from tuneoff.training.loop import TrainResult, step_shapes, train
@@ -110,7 +111,7 @@ def main(task: str, method: str, base: Path, prepared: Path, run: Path, seed: in
             if not main_process:
                 return out
             methods.save(model, method, model_dir, state_dict)
-            AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
+            save_tokenizer(AutoTokenizer.from_pretrained(base), model_dir)
             record = TrainRecord(
                 task=task, method=method, device=measure.device_name(dev), precision=precision, seed=common.seed,
                 params=counts,

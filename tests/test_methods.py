@@ -1,4 +1,7 @@
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +117,19 @@ def test_merge_check_catches_a_wrong_merge(tiny_base, tokenizer, tmp_path):
         merged.model.layers[1].self_attn.v_proj.weight.mul_(1.05)
     with pytest.raises(TuneoffError, match="merged model's logits differ"):
         check_merge(reference, logits_on(merged, data, CPU), 1e-4, "test")
+
+
+def test_a_saved_tokenizer_does_not_depend_on_hf_hub_offline(tiny_base, tmp_path):
+    """The stages save the base's tokenizer beside each model; transformers would record the loader's
+    local_files_only, which HF_HUB_OFFLINE sets, so `make run` and a plain `dvc repro` wrote different
+    files and DVC reran everything downstream. save_tokenizer leaves it out."""
+    code = ("import sys; from pathlib import Path; from transformers import AutoTokenizer; "
+            "from tuneoff.modeling.base_model import save_tokenizer; "
+            "save_tokenizer(AutoTokenizer.from_pretrained(sys.argv[1]), Path(sys.argv[2]))")
+    for offline in ("0", "1"):
+        subprocess.run([sys.executable, "-c", code, str(tiny_base), str(tmp_path / offline)], check=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": offline})
+    files = sorted(p.name for p in (tmp_path / "0").iterdir())
+    assert "tokenizer_config.json" in files and files == sorted(p.name for p in (tmp_path / "1").iterdir())
+    for name in files:
+        assert (tmp_path / "0" / name).read_bytes() == (tmp_path / "1" / name).read_bytes(), name

@@ -42,6 +42,14 @@ def _fetch_wheel(requirement: str, into: Path) -> Path:
     return wheels[0]
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """`tokenizer.save_pretrained(folder)` without the loader's `local_files_only`: transformers writes it into
+    tokenizer_config.json, and HF_HUB_OFFLINE (the Makefile's) sets it, so a stage's output would change with the
+    environment it ran in, and DVC would rerun everything downstream of it."""
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    tokenizer.save_pretrained(folder)
+
+
 def _load_from_wheel(params: BaseModelParams, workdir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,7 +128,7 @@ def import_base(params: BaseModelParams, out_dir: Path) -> dict:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        save_tokenizer(tokenizer, out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     files = {f.name: sha256(f) for f in sorted(out_dir.iterdir()) if f.is_file()}
     return {"source": source, "architecture": model.config.architectures, "parameters": n_params,
