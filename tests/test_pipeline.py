@@ -339,8 +339,9 @@ def test_bad_params_fail_the_stage_with_one_line(project):
 def test_register_scores_production_beside_the_new_version(project, tiny_base):
     """A decided verdict registered into an empty registry: the first version is promoted and
     published. Registered again unchanged, after its published copy was lost (a crash), it is the
-    same version, published again. Then a retrain with another lineage (dvc.lock's hash of the
-    adapter edited) but the same weights is scored beside production (reloaded from
+    same version, published again; so is a retrain to the same weights (only train.json's hash differs). Then
+    a retrain with another lineage (dvc.lock's hash of the adapter edited) but the same weights is scored
+    beside production (reloaded from
     models/production) on the same test items: it answers every item alike (+0.0 points), but a
     handful of items cannot show it is within the margin, so production stays."""
     moved = {name: project / name for name in ("registry", "models/production")}
@@ -367,8 +368,13 @@ def test_register_scores_production_beside_the_new_version(project, tiny_base):
         assert len(json.loads((project / "registry/registry.json").read_text())["models"]["extraction-model"]) == 1
         assert sorted(p.name for p in published.iterdir()) == first
         lock = yaml.safe_load(original_lock)
-        out_entry = next(o for o in lock["stages"]["train@extraction-lora"]["outs"] if o["path"].endswith("model"))
-        out_entry["md5"] = "0" * 32 + ".dir"
+        outs = lock["stages"]["train@extraction-lora"]["outs"]
+        next(o for o in outs if o["path"].endswith("train.json"))["md5"] = "1" * 32  # a retrain, the same weights
+        lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
+        same = run(stage_command("register"), project)
+        assert "register: extraction-model v1 (lora) -> production" in same
+        assert len(json.loads((project / "registry/registry.json").read_text())["models"]["extraction-model"]) == 1
+        next(o for o in outs if o["path"].endswith("model"))["md5"] = "0" * 32 + ".dir"
         lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
         out = run(stage_command("register"), project)
         versions = json.loads((project / "registry/registry.json").read_text())["models"]["extraction-model"]

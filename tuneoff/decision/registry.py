@@ -26,9 +26,9 @@ def register(registry_dir: Path, name: str, entry: dict, judge, publish_to: Path
     replaces it. It runs under the registry's lock, so concurrent registrations are judged one after
     another, each against the production the one before it left.
 
-    Idempotent on lineage: an entry whose method, path and output hashes (entry["lineage"]["outs"])
-    match a registered version is that version again, not a new one (a rerun after a crash
-    between registering and publishing). A production version is published to `publish_to` under
+    Idempotent on lineage: an entry whose method, path and folder hashes (entry["lineage"]["outs"],
+    same_model) match a registered version is that version again, not a new one (a rerun after a crash
+    between registering and publishing, or a retrain that gave the same weights). A production version is published to `publish_to` under
     the same lock, so the registry and the published folder never disagree, with `card(version)`
     (text) as its README.md. Returns the version."""
     registry_dir.mkdir(parents=True, exist_ok=True)
@@ -52,10 +52,14 @@ def register(registry_dir: Path, name: str, entry: dict, judge, publish_to: Path
 
 
 def same_model(version: dict, entry: dict) -> bool:
-    """The same trained model: method, path and every lineage output hash alike (not the git
-    commit: a commit that changes nothing the model depends on does not make a new model)."""
-    outs = entry.get("lineage", {}).get("outs")
-    return (bool(outs) and version.get("lineage", {}).get("outs") == outs
+    """The same trained model: method, path and the hash of every folder in its lineage (the base, the
+    prepared data, the trained and merged weights: DVC's ".dir" hashes) alike. Not the git commit, nor the
+    runs' records (train.json and its loss curves hold measured seconds): retraining to the same weights,
+    or a commit that changes nothing the model depends on, does not make a new model."""
+    def folders(v: dict) -> dict:
+        return {p: h for p, h in v.get("lineage", {}).get("outs", {}).items() if str(h).endswith(".dir")}
+
+    return (bool(folders(entry)) and folders(version) == folders(entry)
             and (version["method"], version["path"]) == (entry["method"], entry["path"]))
 
 
