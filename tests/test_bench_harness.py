@@ -1,4 +1,4 @@
-"""benchmarks/train_throughput.py and eval_throughput.py on the tiny model: every impl and method
+"""benchmarks/train_throughput.py and eval_throughput.py on the tiny model: every impl (on QLoRA)
 runs, on identical real-token budgets, and batched generation predicts what per-example does."""
 
 from __future__ import annotations
