@@ -28,9 +28,9 @@ def register(registry_dir: Path, name: str, entry: dict, judge, publish_to: Path
 
     Idempotent on lineage: an entry whose method, path and folder hashes (entry["lineage"]["outs"],
     same_model) match a registered version is that version again, not a new one (a rerun after a crash
-    between registering and publishing, or a retrain that gave the same weights). A production version is published to `publish_to` under
-    the same lock, so the registry and the published folder never disagree, with `card(version)`
-    (text) as its README.md. Returns the version."""
+    between registering and publishing, or a retrain that gave the same weights). A production version
+    is published to `publish_to` under the same lock, so the registry and the published folder never
+    disagree, with `card(version)` (text) as its README.md. Returns the version."""
     registry_dir.mkdir(parents=True, exist_ok=True)
     path = registry_dir / "registry.json"
     with FileLock(str(registry_dir / ".registry.lock")):
